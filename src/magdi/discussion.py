@@ -1,0 +1,298 @@
+"""The ReConcile protocol: agents answer, see each other's answers, revise, until consensus.
+
+Round 0: every agent answers independently with JSON ``{reasoning, answer, confidence}``.
+Round r >= 1: every agent sees all agents' round r-1 answers, reasonings and confidences and revises.
+Stop at consensus (all agents give the same answer) or after ``max_rounds``. Team answer: a vote weighted
+by ReConcile's recalibrated confidences. Every node becomes a MAG node (``magdi.mag``).
+
+Rounds are synchronous across a chunk of questions so each agent's calls are batched; finished MAGs are
+appended durably, and every teacher call is cached, so a killed run restarts where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from tqdm.auto import tqdm
+
+from .cache import CallCache, cache_key
+from .mag import MAG, Node, append_mag, read_mags
+from .scoring import extract_answer, is_correct, normalize_gold
+from .student import ANSWER_FORMATS, Generation, chat_prompt, generate, question_text
+
+JSON_INSTRUCTION = (
+    'Reply with one JSON object: {"reasoning": "<your step-by-step reasoning>", '
+    '"answer": "<final answer only>", "confidence": <a number between 0 and 1>}.'
+)
+#: Prefilled start of a local model's reply: small models follow the format far more often with it.
+RESPONSE_PREFIX = '{"reasoning": "'
+
+
+class ChatBackend(Protocol):
+    def generate(
+        self, messages_batch: list[list[dict]], temperature: float, top_p: float, max_new_tokens: int, seed: int
+    ) -> list[dict]: ...
+
+
+@dataclass(frozen=True)
+class Agent:
+    """One discussion participant: a backend plus the sampling settings that make it a distinct voice."""
+
+    name: str
+    backend: ChatBackend | None  # None = reference agent (replays the dataset's explanation)
+    persona: str
+    temperature: float
+    top_p: float
+    seed: int
+    max_new_tokens: int
+
+    @property
+    def is_reference(self) -> bool:
+        return self.backend is None
+
+
+class LocalBackend:
+    """A transformers model on this machine, with the same cache semantics as the HTTP backend."""
+
+    def __init__(self, model, tokenizer, model_id: str, cache: CallCache, batch_size: int = 8):
+        self.model, self.tokenizer, self.model_id = model, tokenizer, model_id
+        self.cache, self.batch_size = cache, batch_size
+
+    def generate(self, messages_batch, temperature, top_p, max_new_tokens, seed):
+        sampling = {"temperature": temperature, "top_p": top_p, "max_new_tokens": max_new_tokens,
+                    "seed": seed, "prefix": RESPONSE_PREFIX}
+        keys = [cache_key(self.model_id, m, sampling) for m in messages_batch]
+        todo = [i for i, k in enumerate(keys) if self.cache.get(k) is None]
+        for start in range(0, len(todo), self.batch_size):
+            idx = todo[start : start + self.batch_size]
+            prompts = [chat_prompt(self.tokenizer, messages_batch[i]) + RESPONSE_PREFIX for i in idx]
+            # the seed mixes in the first key so that different batches draw different samples
+            gens: list[Generation] = generate(self.model, self.tokenizer, prompts, max_new_tokens,
+                                              temperature, top_p, seed=seed + int(keys[idx[0]][:6], 16))
+            for i, g in zip(idx, gens, strict=True):
+                self.cache.put(keys[i], {"text": RESPONSE_PREFIX + g.text, "n_tokens": g.n_tokens})
+        return [self.cache.get(k) for k in keys]
+
+
+# ----------------------------------------------------------------------------- prompts
+
+
+def round0_messages(agent: Agent, example: dict, answer_type: str) -> list[dict]:
+    user = f"{question_text(example)}\n{ANSWER_FORMATS[answer_type]}\n{JSON_INSTRUCTION}"
+    return [{"role": "system", "content": agent.persona}, {"role": "user", "content": user}]
+
+
+def discussion_messages(
+    agent: Agent, example: dict, answer_type: str, previous: list[Node], context_chars: int
+) -> list[dict]:
+    """ReConcile's discussion prompt: the question plus every agent's previous answer, reasoning, confidence."""
+    lines = []
+    for n in previous:
+        reasoning = n.reasoning if len(n.reasoning) <= context_chars else n.reasoning[:context_chars] + "..."
+        lines.append(f"- {n.agent}: answer {n.answer or 'none'} (confidence {n.confidence:.2f}). Reasoning: {reasoning}")
+    user = (
+        f"{question_text(example)}\n\nAnswers of all agents in the previous round:\n" + "\n".join(lines)
+        + "\n\nReview these answers and their reasoning critically, then give your updated answer.\n"
+        + f"{ANSWER_FORMATS[answer_type]}\n{JSON_INSTRUCTION}"
+    )
+    return [{"role": "system", "content": agent.persona}, {"role": "user", "content": user}]
+
+
+def reference_reply(example: dict) -> dict:
+    """The opt-in offline 'reference' agent: the dataset's own explanation and gold answer."""
+    expl = (example.get("explanation") or "").strip()
+    if not expl and example.get("choices"):
+        letter = example["answer"]
+        expl = f"The correct option is ({letter}) {example['choices'][ord(letter) - 65]}."
+    return {"text": json.dumps({"reasoning": expl, "answer": example["answer"], "confidence": 1.0}),
+            "n_tokens": len(expl.split()) + 4}
+
+
+# ----------------------------------------------------------------------------- parsing
+
+_FIELD = {
+    "reasoning": re.compile(r'"reasoning"\s*:\s*"((?:[^"\\]|\\.)*)', re.S),
+    "answer": re.compile(r'"answer"\s*:\s*"?((?:[^"\\,}\n]|\\.)*)'),
+    "confidence": re.compile(r'"confidence"\s*:\s*"?([0-9]*\.?[0-9]+)'),
+}
+
+
+def _json_object(text: str) -> dict | None:
+    start, end = text.find("{"), text.rfind("}")
+    if start < 0 or end <= start:
+        return None
+    try:
+        obj = json.loads(text[start : end + 1])
+    except json.JSONDecodeError:
+        return None
+    return obj if isinstance(obj, dict) else None
+
+
+def parse_reply(text: str, answer_type: str, choices: list[str] | None) -> dict | None:
+    """Reply text -> {reasoning, answer, confidence}, or None when no valid answer can be read.
+
+    Strict JSON first; then field-wise recovery (small models often break JSON quoting); the answer is
+    canonicalised by the task's scorer so that consensus compares like with like.
+    """
+    obj = _json_object(text) or {}
+    fields: dict[str, Any] = {k: obj.get(k) for k in ("reasoning", "answer", "confidence")}
+    for k, rx in _FIELD.items():
+        if fields[k] in (None, ""):
+            m = rx.search(text)
+            fields[k] = m.group(1).strip() if m else None
+    raw_answer = fields["answer"]
+    if raw_answer is None or str(raw_answer).strip() == "":
+        return None
+    answer = extract_answer(f"The answer is {raw_answer}", answer_type, choices)
+    if answer is None:
+        answer = extract_answer(str(raw_answer), answer_type, choices)
+    if answer is None:
+        return None
+    try:
+        conf = float(fields["confidence"])
+    except (TypeError, ValueError):
+        conf = 0.5
+    conf = conf / 100 if 1 < conf <= 100 else conf
+    reasoning = fields["reasoning"]
+    if not isinstance(reasoning, str):
+        reasoning = json.dumps(reasoning) if reasoning is not None else ""
+    return {"reasoning": reasoning.replace("\\n", "\n").strip(), "answer": answer,
+            "confidence": min(max(conf, 0.0), 1.0)}
+
+
+# ----------------------------------------------------------------------------- voting
+
+
+def recalibrate(conf: float) -> float:
+    """ReConcile's confidence recalibration (LLMs are over-confident): bucketed weights."""
+    if conf >= 1.0:
+        return 1.0
+    if conf >= 0.9:
+        return 0.8
+    if conf >= 0.8:
+        return 0.5
+    if conf > 0.6:
+        return 0.3
+    return 0.1
+
+
+def weighted_vote(nodes: list[Node]) -> str | None:
+    """Team answer: sum of recalibrated confidences per answer; ties go to the earliest agent's answer."""
+    score: dict[str, float] = defaultdict(float)
+    order: list[str] = []
+    for n in nodes:
+        if n.answer is None:
+            continue
+        if n.answer not in score:
+            order.append(n.answer)
+        score[n.answer] += recalibrate(n.confidence)
+    if not order:
+        return None
+    return max(order, key=lambda a: (score[a], -order.index(a)))
+
+
+def consensus(nodes: list[Node]) -> bool:
+    answers = {n.answer for n in nodes}
+    return len(nodes) > 0 and None not in answers and len(answers) == 1
+
+
+# ----------------------------------------------------------------------------- the protocol
+
+
+def _ask(agents: list[Agent], build: Callable[[Agent, int], list[dict]], examples: list[dict],
+         answer_type: str, round_: int, parse_retries: int) -> dict[str, list[Node]]:
+    """One round for a chunk of questions: each agent answers all of them (batched), retried when unparseable."""
+    out: dict[str, list[Node]] = {ex["id"]: [] for ex in examples}
+    for agent in agents:
+        if agent.is_reference:
+            replies = [reference_reply(ex) for ex in examples]
+            parsed = [parse_reply(r["text"], answer_type, ex.get("choices")) for r, ex in zip(replies, examples, strict=True)]
+        else:
+            msgs = [build(agent, i) for i in range(len(examples))]
+            replies = [None] * len(examples)
+            parsed = [None] * len(examples)
+            pending = list(range(len(examples)))
+            for attempt in range(parse_retries + 1):
+                if not pending:
+                    break
+                got = agent.backend.generate([msgs[i] for i in pending], agent.temperature, agent.top_p,
+                                             agent.max_new_tokens, agent.seed + 1000 * attempt)
+                for i, r in zip(pending, got, strict=True):
+                    replies[i] = r
+                    parsed[i] = parse_reply(r["text"], answer_type, examples[i].get("choices"))
+                pending = [i for i in pending if parsed[i] is None]
+        for ex, r, p in zip(examples, replies, parsed, strict=True):
+            gold = ex["answer"]
+            if p is None:  # recorded as an invalid node, never replaced with a made-up answer
+                node = Node(agent.name, round_, r["text"], None, 0.0, False, r["n_tokens"], valid=False)
+            else:
+                node = Node(agent.name, round_, p["reasoning"], p["answer"], p["confidence"],
+                            is_correct(p["answer"], gold, answer_type), r["n_tokens"])
+            out[ex["id"]].append(node)
+    return out
+
+
+def discuss_chunk(agents: list[Agent], examples: list[dict], task: str, answer_type: str, max_rounds: int,
+                  parse_retries: int = 1, context_chars: int = 600) -> list[MAG]:
+    """Run the full protocol on a chunk of questions; return one MAG per question."""
+    examples = [{**ex, "answer": normalize_gold(ex["answer"], answer_type)} for ex in examples]
+    by_id = {ex["id"]: ex for ex in examples}
+    nodes: dict[str, list[Node]] = {ex["id"]: [] for ex in examples}
+    last: dict[str, list[Node]] = _ask(agents, lambda a, i: round0_messages(a, examples[i], answer_type),
+                                       examples, answer_type, 0, parse_retries)
+    done: set[str] = set()
+    for qid, ns in last.items():
+        nodes[qid].extend(ns)
+        if consensus(ns):
+            done.add(qid)
+    for r in range(1, max_rounds + 1):
+        active = [by_id[q] for q in by_id if q not in done]
+        if not active:
+            break
+        prev = {ex["id"]: last[ex["id"]] for ex in active}
+        last = _ask(agents, lambda a, i, act=active, pv=prev: discussion_messages(
+            a, act[i], answer_type, pv[act[i]["id"]], context_chars), active, answer_type, r, parse_retries)
+        for qid, ns in last.items():
+            nodes[qid].extend(ns)
+            if consensus(ns):
+                done.add(qid)
+    mags = []
+    for ex in examples:
+        ns = nodes[ex["id"]]
+        final_round = max(n.round for n in ns)
+        voters = [n for n in ns if n.round == final_round and not _agent(agents, n.agent).is_reference]
+        team = weighted_vote(voters)
+        mags.append(MAG(
+            id=ex["id"], task=task, question=ex["question"], gold=ex["answer"], nodes=ns,
+            choices=ex.get("choices"), team_answer=team,
+            team_correct=is_correct(team, ex["answer"], answer_type) if team is not None else False,
+            consensus=consensus([n for n in ns if n.round == final_round]),
+            meta={"explanation_available": bool(ex.get("explanation"))},
+        ))
+    return mags
+
+
+def _agent(agents: list[Agent], name: str) -> Agent:
+    return next(a for a in agents if a.name == name)
+
+
+def build_mags(agents: list[Agent], examples: list[dict], task: str, answer_type: str, out_path: Path,
+               max_rounds: int, chunk_size: int, parse_retries: int = 1, context_chars: int = 600) -> list[MAG]:
+    """Resumable MAG construction: questions already in ``out_path`` are skipped, new MAGs appended."""
+    have = {m.id for m in read_mags(out_path)}
+    todo = [ex for ex in examples if ex["id"] not in have]
+    bar = tqdm(total=len(examples), initial=len(examples) - len(todo), desc=f"MAGs {task}", unit="q")
+    for start in range(0, len(todo), chunk_size):
+        for mag in discuss_chunk(agents, todo[start : start + chunk_size], task, answer_type, max_rounds,
+                                 parse_retries, context_chars):
+            append_mag(out_path, mag)
+        bar.update(len(todo[start : start + chunk_size]))
+    bar.close()
+    order = {ex["id"]: i for i, ex in enumerate(examples)}
+    return sorted((m for m in read_mags(out_path) if m.id in order), key=lambda m: order[m.id])

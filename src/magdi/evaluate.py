@@ -1,0 +1,96 @@
+"""Evaluation: the student answers each test question alone (heads dropped), we parse and score.
+
+Accuracy comes with a 95% bootstrap interval (tiny CPU test sets are noisy, so say how noisy);
+generated tokens per question are the efficiency metric of Table 2. Every prediction is saved.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+from tqdm.auto import tqdm
+
+from .scoring import extract_answer, is_correct, majority_vote
+from .student import generate, student_prompt
+
+
+@dataclass
+class Prediction:
+    id: str
+    task: str
+    output: str
+    parsed: str | None
+    gold: str
+    correct: bool
+    n_tokens: int
+    samples: list[str] | None = None
+
+
+def bootstrap_ci(correct: Sequence[bool], samples: int = 1000, seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap 95% interval of the mean."""
+    n = len(correct)
+    if n == 0:
+        return (0.0, 0.0)
+    rng = random.Random(seed)
+    vals = [float(c) for c in correct]
+    means = sorted(sum(rng.choices(vals, k=n)) / n for _ in range(samples))
+    return (means[int(0.025 * (samples - 1))], means[int(0.975 * (samples - 1))])
+
+
+def evaluate_examples(
+    model,
+    tokenizer,
+    examples: list[dict],
+    task: str,
+    answer_type: str,
+    batch_size: int,
+    max_new_tokens: int,
+    prefix: str = "",
+    k: int = 1,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: int = 0,
+) -> list[Prediction]:
+    """Greedy (k=1, T=0) or self-consistency (k seeded samples, majority vote) evaluation."""
+    preds: list[Prediction] = []
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i]["question"]))  # less padding
+    bar = tqdm(total=len(examples), desc=f"eval {task}", unit="q")
+    for start in range(0, len(order), batch_size):
+        chunk = [examples[i] for i in order[start : start + batch_size]]
+        prompts = [student_prompt(tokenizer, ex, answer_type, prefix) for ex in chunk]
+        runs = [generate(model, tokenizer, prompts, max_new_tokens, temperature, top_p, seed + 7 * s + start)
+                for s in range(k)]
+        for j, ex in enumerate(chunk):
+            outs = [r[j] for r in runs]
+            parsed = [extract_answer(g.text, answer_type, ex.get("choices")) for g in outs]
+            final = parsed[0] if k == 1 else majority_vote(parsed, answer_type)
+            preds.append(Prediction(
+                id=ex["id"], task=task, output=outs[0].text, parsed=final, gold=ex["answer"],
+                correct=is_correct(final, ex["answer"], answer_type),
+                n_tokens=sum(g.n_tokens for g in outs),
+                samples=[g.text for g in outs] if k > 1 else None,
+            ))
+        bar.update(len(chunk))
+    bar.close()
+    by_id = {p.id: p for p in preds}
+    return [by_id[ex["id"]] for ex in examples]
+
+
+def summarise(preds: list[Prediction], bootstrap_samples: int, seed: int) -> dict:
+    correct = [p.correct for p in preds]
+    lo, hi = bootstrap_ci(correct, bootstrap_samples, seed)
+    n = len(preds)
+    return {
+        "n": n,
+        "accuracy": sum(correct) / n if n else 0.0,
+        "ci95_low": lo,
+        "ci95_high": hi,
+        "mean_tokens": sum(p.n_tokens for p in preds) / n if n else 0.0,
+        "unparsed": sum(p.parsed is None for p in preds),
+    }
+
+
+def prediction_rows(preds: list[Prediction]) -> list[dict]:
+    return [asdict(p) for p in preds]

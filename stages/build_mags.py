@@ -1,0 +1,14 @@
+"""DVC stage `build_mags`: teachers discuss each training question (ReConcile) -> one MAG per question."""
+
+import argparse
+import json
+
+from magdi.config import cli_params
+from magdi.pipeline import stage_build_mags
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--task", required=True)
+    a = ap.parse_args()
+    print(json.dumps(stage_build_mags(cli_params(a.params), a.task), indent=1))

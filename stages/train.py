@@ -1,0 +1,15 @@
+"""DVC stage `train`: fine-tune the student (LoRA) with one method on one task's MAGs (or all tasks: multitask)."""
+
+import argparse
+import json
+
+from magdi.config import cli_params
+from magdi.pipeline import MT_METHOD, MT_TASK, stage_train
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--task", required=True, help=f"a task, or '{MT_TASK}' (with --method {MT_METHOD})")
+    ap.add_argument("--method", required=True, help="a method, sit_<agent>, or an ablation name from params")
+    a = ap.parse_args()
+    print(json.dumps(stage_train(cli_params(a.params), a.task, a.method), indent=1))
