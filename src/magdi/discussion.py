@@ -134,6 +134,15 @@ def _json_object(text: str) -> dict | None:
     return obj if isinstance(obj, dict) else None
 
 
+def _unescape(s: str) -> str:
+    """Decode the JSON escapes of a field recovered by regex (strictly parsed fields are already decoded;
+    decoding those again would turn LaTeX such as ``\\neq`` into a newline)."""
+    try:
+        return json.loads(f'"{s}"', strict=False)
+    except json.JSONDecodeError:  # e.g. cut off mid-escape
+        return s.replace("\\n", "\n").replace('\\"', '"')
+
+
 def parse_reply(text: str, answer_type: str, choices: list[str] | None) -> dict | None:
     """Reply text -> {reasoning, answer, confidence}, or None when no valid answer can be read.
 
@@ -145,7 +154,7 @@ def parse_reply(text: str, answer_type: str, choices: list[str] | None) -> dict 
     for k, rx in _FIELD.items():
         if fields[k] in (None, ""):
             m = rx.search(text)
-            fields[k] = m.group(1).strip() if m else None
+            fields[k] = _unescape(m.group(1).strip()) if m else None
     raw_answer = fields["answer"]
     if raw_answer is None or str(raw_answer).strip() == "":
         return None
@@ -162,7 +171,7 @@ def parse_reply(text: str, answer_type: str, choices: list[str] | None) -> dict 
     reasoning = fields["reasoning"]
     if not isinstance(reasoning, str):
         reasoning = json.dumps(reasoning) if reasoning is not None else ""
-    return {"reasoning": reasoning.replace("\\n", "\n").strip(), "answer": answer,
+    return {"reasoning": reasoning.strip(), "answer": answer,
             "confidence": min(max(conf, 0.0), 1.0)}
 
 

@@ -1,0 +1,567 @@
+"""Benchmark: the fused MAGDi training core vs the official code's three-pass pattern.
+
+"fused" is what ``magdi.train.train`` does per step: ``encode_step`` (each unique (prompt, chain) of the
+step once, right-padded), one LM pass, vocab logits only for positive rows, the pooled hidden states
+reused for L_contrastive and L_graph (``MagdiStudent.forward``), then backward, gradient clipping and an
+AdamW step.
+
+"naive" is the pattern of the authors' code, implemented here with the *same* modules (LM + LoRA, score
+head, GCN) and the same loss functions, so both variants optimise the same objective:
+
+- pass A: every positive chain (duplicates included) through ``lm(...)`` -> full-vocab logits -> L_ntp
+  (duplicates are masked out of the mean, so the value equals the fused one);
+- pass B: for every (positive, negative) pair of every MAG (``losses.pair_indices``, sampled minority
+  partners included) both chains are re-encoded, ``lm(..., output_hidden_states=True)`` -> pooled -> score
+  head -> L_contrastive;
+- pass C: every node of every MAG (duplicates included, e.g. the reference agent repeating its text
+  across rounds) through ``lm(...)`` again -> pooled -> node features padded to 12 nodes per graph with
+  zeros (masked out of the loss) -> GCN -> L_graph.
+
+Batches are left-padded and every pass computes logits for every position (as a plain HF ``model(...)``
+call does). Before timing, both variants are evaluated (eval mode, no grad) on one item and their losses
+compared, which shows the comparison is like for like.
+
+Measured per step (median over steps, after one warm-up step per variant): wall seconds, LM tokens (real
+and incl. padding), vocab-logit positions, peak RSS; "useful tokens/s" = unique real tokens of the step
+(the same numerator for both variants) / seconds, so its ratio is the speed-up.
+
+    .venv/bin/python benchmarks/bench_train_core.py              # real student + MAGs -> reports/
+    .venv/bin/python benchmarks/bench_train_core.py --smoke      # tiny random model, a few seconds
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from magdi.config import TrainCfg
+from magdi.encoders import GCNEncoder
+from magdi.losses import (
+    graph_node_loss,
+    margin_ranking_loss,
+    ntp_loss,
+    pair_indices,
+    position_weighted_mean,
+    total_loss,
+)
+from magdi.mag import MAG, Node, read_mags
+from magdi.student import attach_lora, load_student
+from magdi.train import MagdiStudent, TrainItem, build_items, encode_step, method_spec, plan_steps
+
+#: The official code pads every graph to this many nodes.
+OFFICIAL_GRAPH_NODES = 12
+LORA_TARGETS = ["q_proj", "v_proj"]
+
+
+# ----------------------------------------------------------------------------- measurement helpers
+
+
+@dataclass
+class StepStats:
+    seconds: float
+    passes: int
+    rows: int  # sequences through the LM
+    lm_tokens_real: int  # non-pad tokens through the LM
+    lm_tokens_padded: int  # incl. padding
+    logit_positions: int  # positions whose full-vocab logits were computed
+    peak_rss_mb: float | None
+    loss: float
+    rows_per_pass: dict[str, int] = field(default_factory=dict)
+
+
+def _reset_peak_rss() -> bool:
+    """Reset the kernel's RSS high-water mark (VmHWM) of this process (Linux >= 4.0)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _peak_rss_mb(reset_ok: bool) -> float | None:
+    if reset_ok:
+        try:
+            for line in Path("/proc/self/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+        except OSError:
+            pass
+    # fallback: whole-process peak (ru_maxrss is in KiB on Linux)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 if sys.platform.startswith("linux") else None
+
+
+def _trainable(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+# ----------------------------------------------------------------------------- the naive (official) pattern
+
+
+def _tokenize(tok, prompt: str, target: str, cfg: TrainCfg) -> tuple[list[int], list[int]]:
+    """Exactly the truncation of ``encode_step`` (so both variants see the same sequences)."""
+    eos = [tok.eos_token_id] if tok.eos_token_id is not None else []
+    p_ids = tok(prompt, add_special_tokens=False)["input_ids"][-cfg.max_prompt_tokens :]
+    t_ids = (tok(target, add_special_tokens=False)["input_ids"] + eos)[: cfg.max_target_tokens]
+    return p_ids, t_ids
+
+
+def _left_padded(tok, pairs: Sequence[tuple[str, str]], cfg: TrainCfg):
+    """Tokenise every (prompt, chain) again (no dedup) into one left-padded batch."""
+    seqs = [_tokenize(tok, p, t, cfg) for p, t in pairs]
+    width = max(len(p) + len(t) for p, t in seqs)
+    ids = torch.full((len(seqs), width), tok.pad_token_id, dtype=torch.long)
+    att = torch.zeros((len(seqs), width), dtype=torch.long)
+    lab = torch.full((len(seqs), width), -100, dtype=torch.long)
+    for i, (p, t) in enumerate(seqs):
+        n = len(p) + len(t)
+        ids[i, width - n :] = torch.tensor(p + t)
+        att[i, width - n :] = 1
+        lab[i, width - n + len(p) :] = torch.tensor(t)
+    return ids, att, lab
+
+
+def naive_forward(core: MagdiStudent, items: Sequence[TrainItem], tok, cfg: TrainCfg, step_seed: int):
+    """The three losses from three separate LM passes; returns (losses, counters)."""
+    lm = core.lm
+    zero = _trainable(core)[0].sum() * 0
+    cnt = {"passes": 0, "rows": 0, "real": 0, "padded": 0, "logits": 0, "rows_per_pass": {}}
+
+    def run(name: str, pairs, hidden: bool):
+        ids, att, lab = _left_padded(tok, pairs, cfg)
+        out = lm(input_ids=ids, attention_mask=att, output_hidden_states=hidden)  # full-vocab logits
+        cnt["passes"] += 1
+        cnt["rows"] += ids.shape[0]
+        cnt["real"] += int(att.sum())
+        cnt["padded"] += ids.numel()
+        cnt["logits"] += ids.numel()
+        cnt["rows_per_pass"][name] = ids.shape[0]
+        return out, lab
+
+    # pass A: positive chains -> L_ntp (a duplicate is encoded but counted once, as in the fused core)
+    pos, first = [], []
+    seen: set[tuple[str, str]] = set()
+    for it in items:
+        for t, y in zip(it.targets, it.labels, strict=True):
+            if y == 1:
+                pos.append((it.prompt, t))
+                first.append((it.prompt, t) not in seen)
+                seen.add((it.prompt, t))
+    if pos:
+        out, lab = run("A_ntp", pos, hidden=False)
+        l_ntp = ntp_loss(out.logits, lab, torch.tensor(first))
+        del out
+    else:
+        l_ntp = zero
+
+    # pass B: both chains of every pair, re-encoded per pair -> L_contrastive
+    gen = torch.Generator().manual_seed(step_seed)
+    p_seq, n_seq = [], []
+    for it in items:
+        p, n = pair_indices(it.labels, gen)
+        p_seq += [(it.prompt, it.targets[i]) for i in p.tolist()]
+        n_seq += [(it.prompt, it.targets[i]) for i in n.tolist()]
+    if p_seq:
+        out, lab = run("B_contrastive", p_seq + n_seq, hidden=True)
+        reps = position_weighted_mean(out.hidden_states[-1], lab != -100)
+        del out
+        scores = core.score_head(reps)
+        l_con = margin_ranking_loss(scores[: len(p_seq)], scores[len(p_seq) :], cfg.margin)
+    else:
+        l_con = zero
+
+    # pass C: every node of every MAG -> node features (padded to 12 per graph) -> encoder -> L_graph
+    nodes = [(it.prompt, t) for it in items for t in it.targets]
+    out, lab = run("C_graph", nodes, hidden=True)
+    hid = out.hidden_states[-1]
+    del out
+    mask = lab != -100
+    enc = core.encoder
+    if enc.takes_tokens:  # token attention: no fixed node padding in this variant
+        gid = torch.tensor([g for g, it in enumerate(items) for _ in it.targets])
+        logits = enc(hid, mask, gid)
+        y = torch.tensor([y for it in items for y in it.labels])
+    else:
+        reps = position_weighted_mean(hid, mask)
+        # fixed-size graphs with zero features on padding nodes, labels -100 (masked out). Exact for the
+        # GCN (a padding node has no edge, so it never reaches a real node); node attention has no key
+        # mask in our encoder, so there graphs keep their own size.
+        pad_to = OFFICIAL_GRAPH_NODES if isinstance(enc, GCNEncoder) else 0
+        xs, ys, es, bs, k, off = [], [], [], [], 0, 0
+        for g, it in enumerate(items):
+            n = len(it.targets)
+            size = max(n, pad_to)
+            x = reps.new_zeros(size, reps.shape[1])
+            x[:n] = reps[k : k + n]
+            yy = torch.full((size,), -100, dtype=torch.long)
+            yy[:n] = torch.tensor(it.labels)
+            if it.edge_index:
+                es.append(torch.tensor(it.edge_index, dtype=torch.long).t() + off)
+            xs.append(x)
+            ys.append(yy)
+            bs.append(torch.full((size,), g, dtype=torch.long))
+            k, off = k + n, off + size
+        e = torch.cat(es, dim=1) if es else torch.zeros(2, 0, dtype=torch.long)
+        logits = enc(torch.cat(xs), e, torch.cat(bs))
+        y = torch.cat(ys)
+    l_graph = graph_node_loss(logits, y)
+
+    w = cfg.weights
+    loss = total_loss(l_ntp, l_con, l_graph, w.ntp, w.contrastive, w.graph)
+    return {"ntp": l_ntp, "contrastive": l_con, "graph": l_graph, "loss": loss}, cnt
+
+
+# ----------------------------------------------------------------------------- one training step of each
+
+
+def _fused_counts(enc, items) -> tuple[int, int]:
+    labels = [y for it in items for y in it.labels]
+    rows = [r for rr in enc.node_rows for r in rr]
+    n_pos = len({r for r, y in zip(rows, labels, strict=True) if y == 1})
+    return n_pos, n_pos * enc.input_ids.shape[1]
+
+
+def step_fused(core, opt, items, tok, cfg, step_seed, rss_ok) -> StepStats:
+    t0 = time.perf_counter()
+    enc = encode_step(items, tok, cfg.max_prompt_tokens, cfg.max_target_tokens)
+    out = core(enc, items, step_seed)
+    out["loss"].backward()
+    torch.nn.utils.clip_grad_norm_(_trainable(core), 1.0)
+    opt.step()
+    opt.zero_grad()
+    sec = time.perf_counter() - t0
+    n_pos, logit_pos = _fused_counts(enc, items)
+    return StepStats(sec, 1, enc.input_ids.shape[0], enc.n_tokens, enc.input_ids.numel(), logit_pos,
+                     _peak_rss_mb(rss_ok), float(out["loss"].detach()),
+                     {"unique (all losses)": enc.input_ids.shape[0], "of which positive (logits)": n_pos})
+
+
+def step_naive(core, opt, items, tok, cfg, step_seed, rss_ok) -> StepStats:
+    t0 = time.perf_counter()
+    out, c = naive_forward(core, items, tok, cfg, step_seed)
+    out["loss"].backward()
+    torch.nn.utils.clip_grad_norm_(_trainable(core), 1.0)
+    opt.step()
+    opt.zero_grad()
+    sec = time.perf_counter() - t0
+    return StepStats(sec, c["passes"], c["rows"], c["real"], c["padded"], c["logits"], _peak_rss_mb(rss_ok),
+                     float(out["loss"].detach()), c["rows_per_pass"])
+
+
+# ----------------------------------------------------------------------------- inputs
+
+
+def smoke_inputs():
+    """A tiny random Llama (hidden 32, 2 layers), a WordLevel tokenizer and 6 synthetic MAGs."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    from magdi.student import ANSWER_FORMATS
+
+    mags = []
+    for q in range(6):
+        nodes, rounds = [], 1 + q % 3
+        ref = f"Fact {q}: the reference explanation says so because of reason {q} and more detail."
+        for r in range(rounds):
+            for a, agent in enumerate(["smol_careful", "smol_creative"]):
+                ok = (q + r + a) % 3 != 0
+                words = " ".join(f"step{j} word{(q * 7 + r * 3 + a + j) % 50}" for j in range(6 + 3 * a + q))
+                nodes.append(Node(agent, r, f"Agent {agent} round {r}: {words}.", "yes" if ok else "no",
+                                  0.8, ok))
+            nodes.append(Node("reference", r, ref, "yes", 1.0, True))  # repeats its text every round
+        if q == 5:  # a MAG with only correct nodes: no contrastive pair
+            nodes = [Node(n.agent, n.round, n.reasoning, "yes", 1.0, True) for n in nodes]
+        mags.append(MAG(f"smoke-{q}", "strategyqa", f"Is statement number {q} true for question {q}?",
+                        "yes", nodes))
+    corpus = [m.question for m in mags] + [n.reasoning for m in mags for n in m.nodes]
+    corpus += list(ANSWER_FORMATS.values()) + ["The answer is yes. The answer is no. user assistant"]
+    wl = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    wl.pre_tokenizer = pre_tokenizers.Whitespace()
+    specials = ["<pad>", "<eos>", "<unk>", "<|im_start|>", "<|im_end|>"]
+    wl.train_from_iterator(corpus, trainers.WordLevelTrainer(special_tokens=specials, show_progress=False))
+    tok = PreTrainedTokenizerFast(tokenizer_object=wl, eos_token="<eos>", pad_token="<pad>", unk_token="<unk>")
+    tok.chat_template = (
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    tok.padding_side = "left"
+    lm = LlamaForCausalLM(LlamaConfig(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=512, pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id, bos_token_id=None))
+    return lm, tok, mags, "tiny random LlamaForCausalLM (hidden 32, 2 layers), WordLevel tokenizer"
+
+
+def train_cfg(params: Path, mags_per_step: int, smoke: bool) -> TrainCfg:
+    """The ``train`` section of params.yaml (defaults if absent), with this run's MAGs per step."""
+    import yaml
+
+    raw = {}
+    if params.exists():
+        raw = (yaml.safe_load(params.read_text()) or {}).get("train", {}) or {}
+    over = {"mags_per_step": mags_per_step}
+    if smoke:
+        over["hidden_dim"] = 16
+    return TrainCfg(**{**raw, **over})
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def _fmt(x: float, nd: int = 2) -> str:
+    return f"{x:,.{nd}f}"
+
+
+def summarise(stats: list[StepStats], useful: list[int]) -> dict:
+    sec = statistics.median(s.seconds for s in stats)
+    return {
+        "seconds_per_step_median": sec,
+        "seconds_per_step": [s.seconds for s in stats],
+        "passes_per_step": stats[0].passes,
+        "lm_rows_per_step": statistics.mean(s.rows for s in stats),
+        "lm_tokens_real_per_step": statistics.mean(s.lm_tokens_real for s in stats),
+        "lm_tokens_padded_per_step": statistics.mean(s.lm_tokens_padded for s in stats),
+        "logit_positions_per_step": statistics.mean(s.logit_positions for s in stats),
+        "useful_tokens_per_step": statistics.mean(useful),
+        "useful_tokens_per_s": statistics.median(u / s.seconds for u, s in zip(useful, stats, strict=True)),
+        "lm_tokens_real_per_s": statistics.median(s.lm_tokens_real / s.seconds for s in stats),
+        "peak_rss_mb": max((s.peak_rss_mb for s in stats if s.peak_rss_mb is not None), default=None),
+        "rows_per_pass_first_step": stats[0].rows_per_pass,
+    }
+
+
+def write_report(out: Path, res: dict) -> str:
+    f, n, s = res["fused"], res["naive"], res["setup"]
+    rss = (lambda v: "n/a" if v is None else _fmt(v, 0))
+    rows = [
+        ("LM passes / step", str(f["passes_per_step"]), str(n["passes_per_step"])),
+        ("sequences through the LM / step", _fmt(f["lm_rows_per_step"], 1), _fmt(n["lm_rows_per_step"], 1)),
+        ("LM tokens / step, real", _fmt(f["lm_tokens_real_per_step"], 0), _fmt(n["lm_tokens_real_per_step"], 0)),
+        ("LM tokens / step, incl. padding", _fmt(f["lm_tokens_padded_per_step"], 0),
+         _fmt(n["lm_tokens_padded_per_step"], 0)),
+        ("full-vocab logit positions / step", _fmt(f["logit_positions_per_step"], 0),
+         _fmt(n["logit_positions_per_step"], 0)),
+        ("seconds / step (median)", _fmt(f["seconds_per_step_median"], 3), _fmt(n["seconds_per_step_median"], 3)),
+        ("useful tokens / s", _fmt(f["useful_tokens_per_s"], 1), _fmt(n["useful_tokens_per_s"], 1)),
+        ("peak RSS during a step (MiB)", rss(f["peak_rss_mb"]), rss(n["peak_rss_mb"])),
+    ]
+    table = "| | fused (ours) | naive (official pattern) |\n|---|---:|---:|\n"
+    table += "".join(f"| {a} | {b} | {c} |\n" for a, b, c in rows)
+    chk = res["equivalence_check"]
+    chk_rows = "".join(f"| {k} | {chk['fused'][k]:.6f} | {chk['naive'][k]:.6f} | {abs(chk['fused'][k] - chk['naive'][k]):.2e} |\n"
+                       for k in ("ntp", "contrastive", "graph", "loss"))
+    ratio = res["speedup"]
+    dup = s["duplicate_node_share"]
+    naive_pp = n["rows_per_pass_first_step"]
+    text = f"""# Training-core efficiency: fused vs naive (official-code pattern)
+
+Generated by `benchmarks/bench_train_core.py` on {s['date']}{' (**smoke run: tiny random model, numbers meaningless**)' if s['smoke'] else ''}.
+
+## Setup
+
+- Student: {s['model']} — {s['params_total']:,} parameters, {s['params_trainable']:,} trainable (LoRA r=16, alpha=32 on q/v + score head + {s['encoder']} encoder)
+- MAGs: `{s['mags']}` ({s['n_mags']} MAGs, {s['n_nodes']} nodes; {dup:.0%} of the nodes repeat a (prompt, chain) already in their MAG)
+- Method `magdi` (L_ntp + L_contrastive + L_graph, weights {s['weights']}), {s['mags_per_step']} MAGs per step, max prompt/target tokens {s['max_prompt_tokens']}/{s['max_target_tokens']}
+- {s['measured_steps']} measured steps per variant (median reported) after 1 warm-up step each; variants interleaved step by step{'; stopped early by the time budget' if s['stopped_by_budget'] else ''}
+- CPU: {s['cpu']}, torch threads {s['threads']}; torch {s['torch']}, transformers {s['transformers']}, Python {s['python']}
+
+Both variants run the same modules (one model and optimiser, stepping in turn) and the same loss functions;
+a step is tokenisation + forward + backward + gradient clipping + AdamW step, in train mode.
+"Useful tokens" are the real tokens of the unique (prompt, chain) sequences of the step
+({_fmt(f['useful_tokens_per_step'], 0)} per step on average): the same numerator for both variants, so the
+ratio of useful tokens/s is the speed-up.
+
+## Result
+
+{table}
+**Speed-up of the fused core: {ratio:.2f}×** (useful tokens/s, fused / naive; the ratio of median s/step is {res['speedup_seconds']:.2f}×).
+
+Sequences per pass in the first measured step — naive: {', '.join(f'{k} {v}' for k, v in naive_pp.items())};
+fused: {', '.join(f'{k} {v}' for k, v in f['rows_per_pass_first_step'].items())}.
+
+## Same objective (eval mode, no dropout, one item, same weights)
+
+| loss | fused | naive | abs diff |
+|---|---:|---:|---:|
+{chk_rows}
+## Where the savings come from
+
+The naive pattern runs the LM three times per step: once over the positive chains for L_ntp, once over
+both chains of every contrastive pair, and once over every node for L_graph. Each chain is therefore
+encoded up to three times, plus once more for every pair it joins: a sampled minority partner is
+re-encoded for every pair it is drawn into, and nodes that repeat a text (e.g. the reference agent
+restating its explanation each round) are encoded again in every pass. The fused core tokenises each unique
+(prompt, chain) once, runs a single forward/backward over them, and reuses the pooled hidden states for the
+score head and the GCN, so the LM processes {f['lm_tokens_real_per_step'] / n['lm_tokens_real_per_step']:.0%}
+of the naive real tokens. On top of that, every naive pass projects every position (padding included)
+onto the full vocabulary as a plain `model(...)` call does, although only pass A needs logits; the fused
+core computes logits only for the positive rows ({f['logit_positions_per_step'] / max(n['logit_positions_per_step'], 1):.0%}
+of the naive logit positions), which also shrinks the largest activations of the step and its backward.
+Left padding in three separately padded batches adds pad tokens of its own; the fixed 12-node graph
+padding costs little (the GCN is tiny next to the LM).
+
+Notes: passes are batched over all MAGs of the step (the most favourable batching for the naive pattern);
+the naive variant pools with our padding-invariant position weights (the official code weights by the
+absolute position in the left-padded batch) so that the losses match exactly; accelerate, the LR schedule
+and checkpointing are left out of both variants (no-ops or negligible on CPU in fp32).
+"""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+    out.with_suffix(".json").write_text(json.dumps(res, indent=2) + "\n")
+    return table
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--mags", type=Path, default=Path("data/mags/strategyqa.jsonl"), help="MAG JSONL")
+    ap.add_argument("--student", type=Path, default=Path("models/student"), help="converted student dir")
+    ap.add_argument("--params", type=Path, default=Path("params.yaml"), help="train section used for TrainCfg")
+    ap.add_argument("--steps", type=int, default=4, help="measured steps per variant (after 1 warm-up)")
+    ap.add_argument("--mags-per-step", type=int, default=4)
+    ap.add_argument("--time-budget", type=float, default=210.0,
+                    help="seconds for the measured steps: no new step pair starts if it would end later "
+                         "(at least one is always measured)")
+    ap.add_argument("--out", type=Path, default=None,
+                    help="markdown report (default reports/benchmark_train_core.md; a temp dir with --smoke)")
+    ap.add_argument("--smoke", action="store_true", help="tiny random model and synthetic MAGs (seconds)")
+    args = ap.parse_args(argv)
+
+    threads = os.cpu_count() or 1
+    torch.set_num_threads(threads)
+    cfg = train_cfg(args.params, args.mags_per_step, args.smoke)
+    torch.manual_seed(cfg.seed)
+    t_load = time.perf_counter()
+    if args.smoke:
+        lm, tok, mags, model_name = smoke_inputs()
+        mags_src = "synthetic (6 MAGs)"
+        out_path = args.out or Path(tempfile.mkdtemp(prefix="bench_train_core_")) / "benchmark_train_core.md"
+    else:
+        mags = read_mags(args.mags)
+        if not mags:
+            print(f"error: no MAGs in {args.mags} (run the build_mags stage first)", file=sys.stderr)
+            return 2
+        lm, tok = load_student(args.student)
+        model_name = f"`{args.student}` ({type(lm).__name__})"
+        mags_src = str(args.mags)
+        out_path = args.out or Path("reports/benchmark_train_core.md")
+    lm = attach_lora(lm, 16, 32, 0.05, LORA_TARGETS)
+    spec = method_spec("magdi")
+    core = MagdiStudent(lm, spec, cfg)
+    opt = torch.optim.AdamW(_trainable(core), lr=cfg.lr, weight_decay=0.0)
+    items = build_items(mags, spec, tok, cfg.graph)
+    print(f"loaded in {time.perf_counter() - t_load:.1f}s: {len(items)} items, {threads} threads", flush=True)
+
+    # batches: length-grouped steps as in train(), cycling over epochs until there are enough
+    batches: list[list[TrainItem]] = []
+    epoch = 0
+    while len(batches) < args.steps:
+        batches += [[items[i] for i in s] for s in plan_steps(items, cfg.mags_per_step, cfg.seed, epoch)]
+        epoch += 1
+    batches = batches[: args.steps]
+    # warm-up and equivalence check on the smallest item that has both a positive and a negative chain
+    both = [it for it in items if {0, 1} <= set(it.labels)] or items
+    warm = [min(both, key=lambda it: sum(len(t) for t in it.targets))]
+
+    core.eval()
+    with torch.no_grad():
+        enc = encode_step(warm, tok, cfg.max_prompt_tokens, cfg.max_target_tokens)
+        f_out = core(enc, warm, 12345)
+        n_out, _ = naive_forward(core, warm, tok, cfg, 12345)
+    check = {"fused": {k: float(v) for k, v in f_out.items()}, "naive": {k: float(v) for k, v in n_out.items()}}
+    diff = max(abs(check["fused"][k] - check["naive"][k]) for k in check["fused"])
+    check["max_abs_diff"] = diff
+    print(f"equivalence check (eval, one item): max |fused - naive| over losses = {diff:.2e}", flush=True)
+    core.train()
+
+    rss_ok = _reset_peak_rss()
+    base_rss = _peak_rss_mb(rss_ok)
+    variants = {"fused": step_fused, "naive": step_naive}
+    for name, fn in variants.items():  # warm-up (not measured)
+        torch.manual_seed(cfg.seed * 100003)
+        fn(core, opt, warm, tok, cfg, cfg.seed * 7919, rss_ok)
+    stats: dict[str, list[StepStats]] = {k: [] for k in variants}
+    useful: list[int] = []
+    t_start, stopped = time.perf_counter(), False
+    for i, batch in enumerate(batches):
+        elapsed = time.perf_counter() - t_start
+        if i > 0 and elapsed + elapsed / i > args.time_budget:
+            stopped = True
+            break
+        useful.append(encode_step(batch, tok, cfg.max_prompt_tokens, cfg.max_target_tokens).n_tokens)
+        order = ["fused", "naive"] if i % 2 == 0 else ["naive", "fused"]  # no systematic order bias
+        for name in order:
+            torch.manual_seed(cfg.seed * 100003 + i + 1)
+            _reset_peak_rss()
+            stats[name].append(variants[name](core, opt, batch, tok, cfg, cfg.seed * 7919 + i + 1, rss_ok))
+        f, n = stats["fused"][-1], stats["naive"][-1]
+        print(f"step {i + 1}/{len(batches)}: fused {f.seconds:.2f}s ({f.lm_tokens_real} LM tokens), "
+              f"naive {n.seconds:.2f}s ({n.lm_tokens_real} LM tokens), useful {useful[-1]} tokens", flush=True)
+
+    n_nodes = sum(len(it.targets) for it in items)
+    n_unique = sum(len(set(it.targets)) for it in items)
+    res = {
+        "setup": {
+            "date": dt.datetime.now().isoformat(timespec="seconds"),
+            "smoke": args.smoke,
+            "model": model_name,
+            "params_total": sum(p.numel() for p in core.parameters()),
+            "params_trainable": sum(p.numel() for p in _trainable(core)),
+            "encoder": cfg.encoder,
+            "mags": mags_src,
+            "n_mags": len(mags),
+            "n_items": len(items),
+            "n_nodes": n_nodes,
+            "duplicate_node_share": 1 - n_unique / max(n_nodes, 1),
+            "weights": cfg.weights.model_dump(),
+            "mags_per_step": cfg.mags_per_step,
+            "max_prompt_tokens": cfg.max_prompt_tokens,
+            "max_target_tokens": cfg.max_target_tokens,
+            "measured_steps": len(useful),
+            "stopped_by_budget": stopped,
+            "time_budget_s": args.time_budget,
+            "threads": threads,
+            "cpu": platform.processor() or platform.machine(),
+            "torch": torch.__version__,
+            "transformers": __import__("transformers").__version__,
+            "python": platform.python_version(),
+            "rss_after_load_mb": base_rss,
+        },
+        "fused": summarise(stats["fused"], useful),
+        "naive": summarise(stats["naive"], useful),
+        "equivalence_check": check,
+    }
+    try:  # a readable CPU name where the kernel gives one
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                res["setup"]["cpu"] = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    res["speedup"] = res["fused"]["useful_tokens_per_s"] / res["naive"]["useful_tokens_per_s"]
+    res["speedup_seconds"] = res["naive"]["seconds_per_step_median"] / res["fused"]["seconds_per_step_median"]
+    table = write_report(out_path, res)
+    print(table)
+    print(f"speed-up (useful tokens/s, fused / naive): {res['speedup']:.2f}x")
+    print(f"report: {out_path}  (+ {out_path.with_suffix('.json')})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,222 @@
+"""The report regenerates every table/figure from a fake-but-consistent metrics tree, copies numbers exactly,
+shows missing cells as "—" and keeps paper numbers inside the labelled reference sections."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from magdi.config import parse_params
+from magdi.mag import MAG, Node, mag_stats, write_mags
+from magdi.report import DASH, PAPER_LABEL, build_report, load_paper_numbers, md_table
+
+TASKS = ["strategyqa", "gsm8k"]
+EXPECTED = [
+    *(f"{t}.{ext}" for t in ("table1_main", "table2_tokens", "table3_teachers_vs_students", "table4_ood",
+                              "table5_self_consistency", "table6_encoder", "table7_student_scaling",
+                              "table9_graph_types", "table10_graph_structure", "table12_mag_stats",
+                              "table13_multitask") for ext in ("md", "csv")),
+    "fig2_example_mag.png", "fig4_accuracy_vs_tokens.png", "fig5_student_scaling.png",
+    "fig6_data_scaling.png", "training_curves.png", "README.md",
+]
+
+
+def _params():
+    return parse_params({
+        "profile": "test_profile",
+        "teachers": {"agents": [{"name": "a", "backend": "local"}, {"name": "b", "backend": "reference"}],
+                     "max_rounds": 2},
+        "experiments": {
+            "tasks": TASKS,
+            "methods": ["sit_a", "dss_mt", "magdi_r0", "magdi"],
+            "ablation_tasks": ["strategyqa"],
+            "ablations": {"magdi_ud": {"graph": "ud"}, "magdi_node_attention": {"encoder": "node_attention"},
+                          "magdi_frozen": {"node_repr": "frozen"}, "magdi_no_g2": {"exclude_graph_types": ["G2"]},
+                          "magdi_n2": {"max_mags": 2}},
+            "ood_tasks": ["boolq"],
+            "self_consistency_methods": ["magdi"],
+        },
+    })
+
+
+def _ev(acc: float, lo: float, hi: float, tokens: float, **extra) -> dict:
+    return {"n": 24, "accuracy": acc, "ci95_low": lo, "ci95_high": hi, "mean_tokens": tokens, "unparsed": 0,
+            **extra}
+
+
+# method -> task -> eval metrics. dss_mt has no files at all; sit_a lacks gsm8k; magdi_frozen is missing.
+EVAL = {
+    "zero_shot": {"strategyqa": _ev(0.5, 0.3, 0.7, 40.0), "gsm8k": _ev(0.125, 0.0, 0.25, 60.0),
+                  "boolq": _ev(0.375, 0.2, 0.55, 20.0)},
+    "sit_a": {"strategyqa": _ev(0.5416666666666666, 0.333, 0.75, 30.0)},
+    "magdi_r0": {"strategyqa": _ev(0.5833333333333334, 0.375, 0.7916, 31.0), "gsm8k": _ev(0.25, 0.083, 0.4166, 50.0)},
+    "magdi": {"strategyqa": _ev(0.625, 0.4166, 0.8333, 32.0, sc=_ev(0.7083333333333334, 0.5, 0.875, 33.0)),
+              "gsm8k": _ev(0.2916666666666667, 0.125, 0.5, 48.0)},
+    "magdi_mt": {"strategyqa": _ev(0.4583333333333333, 0.25, 0.6666, 35.0), "gsm8k": _ev(0.2083333333333333, 0.04, 0.375, 55.0),
+                 "boolq": _ev(0.4166666666666667, 0.2, 0.625, 22.0)},
+    "magdi_ud": {"strategyqa": _ev(0.6666666666666666, 0.4583, 0.875, 31.0)},
+    "magdi_node_attention": {"strategyqa": _ev(0.4166666666666667, 0.2083, 0.625, 30.0)},
+    "magdi_no_g2": {"strategyqa": _ev(0.5416666666666666, 0.333, 0.75, 29.0)},
+    "magdi_n2": {"strategyqa": _ev(0.4583333333333333, 0.25, 0.6666, 28.0)},
+}
+
+
+def _node(agent: str, rnd: int, correct: bool, ans: str = "yes") -> Node:
+    return Node(agent, rnd, f"{agent} thinks {ans}", ans, 0.8, correct, n_tokens=10)
+
+
+def _mags() -> list[MAG]:
+    return [
+        MAG("s0", "strategyqa", "Is water wet?", "yes", [_node("a", 0, True), _node("b", 0, True)],
+            team_answer="yes", team_correct=True, consensus=True),
+        MAG("s1", "strategyqa", "Can pigs fly?", "no",
+            [_node("a", 0, False), _node("b", 0, True, "no"), _node("a", 1, False), _node("b", 1, True, "no"),
+             _node("a", 2, True, "no"), _node("b", 2, True, "no")], team_answer="no", team_correct=True),
+        MAG("s2", "strategyqa", "Is 2 odd?", "no", [_node("a", 0, True, "no"), _node("b", 0, False)],
+            team_answer="yes", team_correct=False),
+    ]
+
+
+def _write(path: Path, obj: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj))
+
+
+@pytest.fixture
+def tree(tmp_path: Path) -> tuple[Path, Path]:
+    metrics, mags_dir = tmp_path / "metrics", tmp_path / "mags"
+    for meth, by_task in EVAL.items():
+        for task, m in by_task.items():
+            _write(metrics / "eval" / meth / f"{task}.json", {**m, "task": task, "method": meth})
+    for meth, n in (("magdi", 3), ("magdi_n2", 2), ("magdi_ud", 3)):
+        _write(metrics / "train" / meth / "strategyqa.json", {"n_mags": n, "steps": 2, "final_loss": 1.0})
+        (metrics / "train" / meth / "strategyqa_history.csv").write_text("step,loss,ntp,lr\n1,2.5,2.0,0.1\n2,2.0,1.8,0.1\n")
+    mags = _mags()
+    write_mags(mags_dir / "strategyqa.jsonl", mags)
+    stats = mag_stats(mags)
+    stats["team_accuracy"] = 2 / 3
+    stats["teacher_tokens_per_question"] = 320.0
+    _write(metrics / "mags" / "strategyqa.json", stats)  # gsm8k MAG stats deliberately missing
+    return metrics, mags_dir
+
+
+def _section(md: str, paper: bool) -> str:
+    head = f"## {PAPER_LABEL}"
+    i = md.find(head)
+    if paper:
+        return md[i:] if i >= 0 else ""
+    return md if i < 0 else md[:i]
+
+
+def _md_rows(md: str) -> dict[str, list[str]]:
+    """First table of the 'ours' part: row label -> cells."""
+    rows = {}
+    for line in _section(md, paper=False).splitlines():
+        if line.startswith("| ") and not line.startswith("| :"):
+            cells = [c.strip() for c in line.strip("|").split(" | ")]
+            rows.setdefault(cells[0], cells[1:])
+    return rows
+
+
+def test_build_report_tables_and_figures(tree: tuple[Path, Path], tmp_path: Path) -> None:
+    metrics, mags_dir = tree
+    out = tmp_path / "reports"
+    files = build_report(_params(), out, metrics, mags_dir)
+    names = {f.name for f in files}
+    for e in EXPECTED:
+        assert e in names, e
+        assert (out / e).is_file() and (out / e).stat().st_size > 0, e
+
+    t1 = (out / "table1_main.md").read_text()
+    rows = _md_rows(t1)
+    assert list(rows)[1:] == ["zero_shot", "sit_a", "dss_mt", "magdi_r0", "magdi", "magdi_mt"]
+    # numbers equal the JSON numbers, CI in brackets
+    assert rows["zero_shot"][0] == "50.0 [30.0, 70.0]"
+    assert rows["magdi"][0] == "62.5 [41.7, 83.3]"
+    assert rows["magdi"][1] == "29.2 [12.5, 50.0]"
+    # Avg = mean of the task cells
+    for meth in ("zero_shot", "magdi_r0", "magdi", "magdi_mt"):
+        accs = [EVAL[meth][t]["accuracy"] for t in TASKS]
+        assert rows[meth][-1] == f"{100 * sum(accs) / len(accs):.1f}"
+    # missing cells: a whole missing method, and a missing task (partial average flagged)
+    assert rows["dss_mt"] == [DASH, DASH, DASH]
+    assert rows["sit_a"][1] == DASH and rows["sit_a"][2] == "54.2†"
+
+    # paper numbers only in the labelled reference part; ours only outside it
+    paper = load_paper_numbers()
+    ours_part, paper_part = _section(t1, False), _section(t1, True)
+    assert paper_part and "reference only" in paper_part
+    for key, vals in paper["table1_main"].items():
+        for t in ("strategyqa", "gsm8k", "avg"):
+            s = f"{vals[t]:.2f}"
+            assert s in paper_part, (key, t)
+            assert s not in ours_part, (key, t, s)
+    df = pd.read_csv(out / "table1_main.csv")
+    ours = df[df["source"] == "ours"].set_index("method")
+    assert ours.loc["magdi", "strategyqa"] == pytest.approx(62.5)
+    assert pd.isna(ours.loc["dss_mt", "strategyqa"])
+    assert set(df[df["source"] == PAPER_LABEL]["method"]) == set(paper["table1_main"])
+    assert not (df[df["source"] == "ours"]["strategyqa"] == 74.24).any()
+
+    # Table 2: teacher tokens from MAG stats, student tokens from eval, reduction
+    t2 = _md_rows((out / "table2_tokens.md").read_text())
+    assert t2["strategyqa"] == ["320.0", "32.0", "10.0x"]
+    assert t2["gsm8k"][0] == DASH and t2["gsm8k"][2] == DASH
+    assert "924.5" in _section((out / "table2_tokens.md").read_text(), True)
+
+    # Table 3: team accuracy + round-0 accuracy per agent from the MAGs (a: 2/3 correct, b: 2/3 correct)
+    t3 = _md_rows((out / "table3_teachers_vs_students.md").read_text())
+    assert t3["ReConcile team (teachers, training questions)"][:2] == ["66.7", DASH]
+    assert t3["teacher a, round 0 (training questions)"][0] == "66.7"
+    assert t3["magdi (student, test)"][0] == "62.5"
+    assert "TRAINING questions" in (out / "table3_teachers_vs_students.md").read_text()
+
+    # Table 4, 5, 6, 9, 10, 12, 13
+    t4 = _md_rows((out / "table4_ood.md").read_text())
+    assert t4["magdi_mt"][0].startswith("41.7") and t4["magdi_mt − zero_shot (points)"][0] == "+4.2"
+    t5 = _md_rows((out / "table5_self_consistency.md").read_text())
+    assert t5["magdi"][2:] == ["62.5 [41.7, 83.3]", "70.8 [50.0, 87.5]", "+8.3"]
+    t6 = _md_rows((out / "table6_encoder.md").read_text())
+    assert t6["magdi (encoder=gcn, node_repr=live)"][0].startswith("62.5")
+    assert t6["magdi_node_attention (encoder=node_attention)"][0].startswith("41.7")
+    assert t6["magdi_frozen (node_repr=frozen)"][0] == DASH
+    t9 = _md_rows((out / "table9_graph_types.md").read_text())
+    assert t9["magdi_no_g2 (exclude_graph_types=G2)"][0].startswith("54.2")
+    t10 = _md_rows((out / "table10_graph_structure.md").read_text())
+    assert t10["magdi_ud (graph=ud)"][0].startswith("66.7") and "magdi_node_attention" not in str(t10)
+    t12 = pd.read_csv(out / "table12_mag_stats.csv")
+    s = t12[(t12["source"] == "ours") & (t12["task"] == "strategyqa")].iloc[0]
+    assert (s["n_mags"], s["G0"], s["G2"], s["round_2"], s["agent_a"]) == (3, 2, 1, 2, 5)
+    t13 = _md_rows((out / "table13_multitask.md").read_text())
+    assert t13["magdi_mt (one multi-task model)"][0].startswith("45.8")
+    t7 = (out / "table7_student_scaling.md").read_text()
+    assert "student.model" in t7
+
+    readme = (out / "README.md").read_text()
+    assert "test_profile" in readme and "n_test=" in readme and "reference only" in readme
+    assert "dss_mt/strategyqa" in readme  # missing cells are listed
+
+
+def test_build_report_with_nothing_does_not_crash(tmp_path: Path) -> None:
+    out = tmp_path / "reports"
+    files = build_report(_params(), out, tmp_path / "no_metrics", tmp_path / "no_mags")
+    assert {f.name for f in files} >= set(EXPECTED)
+    rows = _md_rows((out / "table1_main.md").read_text())
+    assert rows["magdi"] == [DASH, DASH, DASH]
+
+
+def test_corrupt_metrics_file_is_skipped(tree: tuple[Path, Path], tmp_path: Path) -> None:
+    metrics, mags_dir = tree
+    (metrics / "eval" / "magdi" / "gsm8k.json").write_text('{"accuracy": 0.5')  # torn write
+    with pytest.warns(UserWarning, match="unreadable"):
+        build_report(_params(), tmp_path / "r", metrics, mags_dir)
+    assert _md_rows((tmp_path / "r" / "table1_main.md").read_text())["magdi"][1] == DASH
+
+
+def test_md_table_escapes_and_dashes() -> None:
+    md = md_table(["a", "b"], [["x|y", None]])
+    assert "x\\|y" in md and DASH in md
+    assert md_table(["a"], []) == "_no data_\n"

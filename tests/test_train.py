@@ -1,0 +1,423 @@
+"""The shared training core (``magdi.train``): which nodes each method trains on, step encoding with
+deduplication, length-grouped planning, the one-pass MagdiStudent objective, gradient flow of the graph
+loss into LoRA (live vs frozen node representations), and checkpoint/resume of ``train()``."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from magdi.config import LossWeights, TrainCfg
+from magdi.losses import margin_ranking_loss, ntp_loss, pair_indices, position_weighted_mean
+from magdi.mag import MAG, Node, edges
+from magdi.student import student_prompt, student_target
+from magdi.train import (
+    DSS_ANSWER_PREFIX,
+    DSS_RATIONALE_PREFIX,
+    MagdiStudent,
+    MethodSpec,
+    TrainItem,
+    build_items,
+    encode_step,
+    method_spec,
+    plan_steps,
+    train,
+)
+
+QUESTION = "What is 2 plus 3?"
+
+
+def _cfg(**kw) -> TrainCfg:
+    base = {"mags_per_step": 2, "max_prompt_tokens": 32, "max_target_tokens": 16, "hidden_dim": 16,
+            "checkpoint_every": 1, "lr": 1e-2, "epochs": 1}
+    return TrainCfg(**{**base, **kw})
+
+
+def _mag(mag_id: str = "m1", question: str = QUESTION) -> MAG:
+    """G1 MAG. Round 0: a+ b- c+ (a and c wrote the same chain); round 1: a+ b+ c-."""
+    nodes = [
+        Node("a", 0, "2 plus 3 is 5", "5", 0.9, True),
+        Node("b", 0, "2 plus 3 is 6", "6", 0.8, False),
+        Node("c", 0, "2 plus 3 is 5", "5", 0.7, True),
+        Node("a", 1, "I agree, 5", "5", 0.9, True),
+        Node("b", 1, "I was wrong, 5", "5", 0.9, True),
+        Node("c", 1, "Now I think 6", "6", 0.6, False),
+    ]
+    return MAG(mag_id, "gsm8k", question, "5", nodes)
+
+
+def _prompt(tok, mag: MAG, prefix: str = "") -> str:
+    return student_prompt(tok, {"question": mag.question, "choices": None}, "number", prefix)
+
+
+def _targets(mag: MAG, idx: list[int]) -> list[str]:
+    return [student_target(mag.nodes[i].reasoning, mag.nodes[i].answer) for i in idx]
+
+
+# ============================================================================== methods -> items
+def test_method_spec_for_every_method() -> None:
+    assert method_spec("sit_a") == MethodSpec("agent_round0_correct", agent="a")
+    assert method_spec("sit_gpt4") == MethodSpec("agent_round0_correct", agent="gpt4")
+    assert method_spec("dss_mt") == MethodSpec("dss")
+    assert method_spec("magdi_r0") == MethodSpec("round0_correct")
+    assert method_spec("magdi_cn") == MethodSpec("correct")
+    assert method_spec("magdi_an") == MethodSpec("all", contrastive=True)
+    assert method_spec("magdi") == MethodSpec("all", contrastive=True, graph=True)
+    for m in ("zero_shot", "magdi_xx"):
+        with pytest.raises(ValueError, match="no training recipe"):
+            method_spec(m)
+
+
+@pytest.mark.parametrize(
+    ("method", "node_idx"),
+    [("sit_a", [0]), ("sit_c", [2]), ("magdi_r0", [0, 2]), ("magdi_cn", [0, 2, 3, 4]),
+     ("magdi_an", [0, 1, 2, 3, 4, 5]), ("magdi", [0, 1, 2, 3, 4, 5])],
+)
+def test_build_items_selects_nodes(tiny_tokenizer, method: str, node_idx: list[int]) -> None:
+    m = _mag()
+    (item,) = build_items([m], method_spec(method), tiny_tokenizer)
+    assert item.prompt == _prompt(tiny_tokenizer, m)
+    assert item.targets == _targets(m, node_idx)
+    assert item.labels == [m.nodes[i].label for i in node_idx]
+    assert item.mag_id == "m1"
+    if method.startswith("magdi_a") or method == "magdi":
+        assert item.edge_index == edges(m, "d") and len(item.edge_index) == 9
+    else:
+        assert item.edge_index == []
+
+
+def test_build_items_graph_kind_and_empty_selection(tiny_tokenizer) -> None:
+    m = _mag()
+    (item,) = build_items([m], method_spec("magdi"), tiny_tokenizer, graph_kind="fc")
+    assert len(item.edge_index) == 6 * 5
+    (item,) = build_items([m], method_spec("magdi"), tiny_tokenizer, graph_kind="ud")
+    assert len(item.edge_index) == 18
+    # agent b is wrong in round 0: sit_b has nothing to learn from this MAG; an unknown agent neither
+    assert build_items([m], method_spec("sit_b"), tiny_tokenizer) == []
+    assert build_items([m], method_spec("sit_zed"), tiny_tokenizer) == []
+
+
+def test_build_items_dss_two_tasks(tiny_tokenizer) -> None:
+    m = _mag()
+    m.nodes.append(Node("b", 2, "garbled reply", None, 0.0, False, valid=False))
+    answer, rationale = build_items([m], method_spec("dss_mt"), tiny_tokenizer)
+    assert answer.prompt == _prompt(tiny_tokenizer, m, DSS_ANSWER_PREFIX)
+    assert answer.targets == ["The answer is 5."] and answer.labels == [1]
+    assert rationale.prompt == _prompt(tiny_tokenizer, m, DSS_RATIONALE_PREFIX)
+    # every valid node's rationale once (a's and c's identical round-0 chains count once), no invalid node
+    assert rationale.targets == ["2 plus 3 is 5", "2 plus 3 is 6", "I agree, 5", "I was wrong, 5", "Now I think 6"]
+    assert rationale.labels == [1] * 5
+    assert answer.edge_index == rationale.edge_index == []
+
+
+def test_build_items_invalid_node_is_a_negative_with_unknown_answer(tiny_tokenizer) -> None:
+    m = _mag()
+    m.nodes.append(Node("b", 2, "garbled", None, 0.0, False, valid=False))
+    (item,) = build_items([m], method_spec("magdi"), tiny_tokenizer)
+    assert item.targets[-1] == "garbled\nThe answer is unknown." and item.labels[-1] == 0
+
+
+# ============================================================================== encode_step
+def test_encode_step_deduplicates_within_and_across_items(tiny_tokenizer) -> None:
+    # two MAGs of the same question with the same chains: 12 nodes, 5 distinct (prompt, chain) pairs
+    mags = [_mag("m1"), _mag("m2")]
+    items = build_items(mags, method_spec("magdi"), tiny_tokenizer)
+    enc = encode_step(items, tiny_tokenizer, 512, 64)
+    assert enc.input_ids.shape[0] == 5 < 12
+    assert enc.node_rows[0] == enc.node_rows[1] == [0, 1, 0, 2, 3, 4]
+    # a different question is a different prompt: nothing shared
+    items = build_items([_mag("m1"), _mag("m3", "What is 2 plus 4?")], method_spec("magdi"), tiny_tokenizer)
+    enc = encode_step(items, tiny_tokenizer, 512, 64)
+    assert enc.input_ids.shape[0] == 10
+    assert set(enc.node_rows[0]).isdisjoint(enc.node_rows[1])
+
+
+def test_encode_step_labels_padding_and_eos(tiny_tokenizer) -> None:
+    tok = tiny_tokenizer
+    items = build_items([_mag("m1"), _mag("m3", "What is 2 plus 4?")], method_spec("magdi"), tok)
+    enc = encode_step(items, tok, 512, 64)
+    eos, pad = tok.eos_token_id, tok.pad_token_id
+    seen = set()
+    for it, rows in zip(items, enc.node_rows, strict=True):
+        p = tok(it.prompt, add_special_tokens=False)["input_ids"]
+        for t, row in zip(it.targets, rows, strict=True):
+            seen.add(row)
+            tgt = tok(t, add_special_tokens=False)["input_ids"] + [eos]
+            n = len(p) + len(tgt)
+            assert enc.input_ids[row, :n].tolist() == p + tgt
+            assert enc.input_ids[row, n:].eq(pad).all()
+            assert enc.attention_mask[row].tolist() == [1] * n + [0] * (enc.input_ids.shape[1] - n)
+            lab = enc.labels[row]
+            assert lab[: len(p)].eq(-100).all()  # no loss on the prompt
+            assert lab[len(p) : n].tolist() == tgt  # the chain, ending with eos
+            assert lab[n:].eq(-100).all()  # nor on padding
+            assert enc.chain_mask[row].tolist() == [0] * len(p) + [1] * len(tgt) + [0] * (lab.numel() - n)
+    assert seen == set(range(enc.input_ids.shape[0]))
+    assert enc.n_tokens == int(enc.attention_mask.sum())
+
+
+def test_encode_step_truncation(tiny_tokenizer) -> None:
+    tok = tiny_tokenizer
+    (item,) = build_items([_mag()], method_spec("sit_a"), tok)
+    enc = encode_step([item], tok, 8, 4)
+    p = tok(item.prompt, add_special_tokens=False)["input_ids"]
+    t = tok(item.targets[0], add_special_tokens=False)["input_ids"]
+    assert len(p) > 8 and len(t) >= 4
+    assert enc.input_ids[0].tolist() == p[-8:] + t[:4]  # the prompt keeps its end (the assistant turn)
+    assert enc.labels[0].tolist() == [-100] * 8 + t[:4]
+
+
+# ============================================================================== plan_steps
+def test_plan_steps_groups_by_length_and_is_deterministic() -> None:
+    sizes = [7, 1, 5, 3, 6, 2, 4]  # prompt length = size, no targets
+    items = [TrainItem("x" * s, [], []) for s in sizes]
+    steps = plan_steps(items, per_step=2, seed=0, epoch=0)
+    by_size = sorted(range(7), key=lambda i: sizes[i])  # [1, 5, 3, 6, 2, 4, 0]
+    chunks = [by_size[i : i + 2] for i in range(0, 7, 2)]
+    assert sorted(steps) == sorted(chunks)  # each step holds neighbours in length
+    assert plan_steps(items, 2, 0, 0) == steps
+    for seed, epoch in [(1, 0), (0, 1), (5, 3)]:
+        assert sorted(plan_steps(items, 2, seed, epoch)) == sorted(chunks)
+    assert len({tuple(map(tuple, plan_steps(items, 2, s, 0))) for s in range(10)}) > 1  # order is shuffled
+
+
+def test_plan_steps_counts_target_characters() -> None:
+    items = [TrainItem("p", ["a" * 10], [1]), TrainItem("p", ["a"], [1]), TrainItem("p", ["a" * 5], [1])]
+    assert sorted(plan_steps(items, 1, 0, 0)) == [[0], [1], [2]]
+    assert sorted(plan_steps(items, 2, 0, 0)) == [[0], [1, 2]]
+
+
+# ============================================================================== MagdiStudent
+def _items(tok, method: str = "magdi", n: int = 2):
+    mags = [_mag(f"m{i}", f"What is 2 plus {3 + i}?") for i in range(n)]
+    return build_items(mags, method_spec(method), tok)
+
+
+def test_forward_loss_is_the_weighted_sum_of_its_parts(make_lm, tiny_tokenizer) -> None:
+    lm = make_lm()
+    cfg = _cfg(weights=LossWeights(ntp=0.7, contrastive=0.3, graph=2.0))
+    torch.manual_seed(0)
+    student = MagdiStudent(lm, method_spec("magdi"), cfg)
+    items = _items(tiny_tokenizer)
+    enc = encode_step(items, tiny_tokenizer, cfg.max_prompt_tokens, cfg.max_target_tokens)
+    out = student(enc, items, step_seed=3)
+    assert set(out) == {"ntp", "contrastive", "graph", "loss"}
+    assert all(torch.isfinite(v) and v.item() > 0 for v in out.values())
+    assert out["loss"].item() == pytest.approx(0.7 * out["ntp"].item() + 0.3 * out["contrastive"].item()
+                                               + 2.0 * out["graph"].item(), rel=1e-6)
+
+    # L_ntp from a separate, ordinary LM pass over the positive rows
+    rows = [r for rs in enc.node_rows for r in rs]
+    labels = [y for it in items for y in it.labels]
+    pos = sorted({r for r, y in zip(rows, labels, strict=True) if y == 1})
+    with torch.no_grad():
+        logits = lm(input_ids=enc.input_ids, attention_mask=enc.attention_mask).logits
+        hidden = lm.get_base_model().get_decoder()(input_ids=enc.input_ids,
+                                                   attention_mask=enc.attention_mask).last_hidden_state
+        ref_ntp = ntp_loss(logits[pos], enc.labels[pos], torch.ones(len(pos), dtype=torch.bool))
+        # L_contrastive recomputed with the same pairing seed
+        reps = position_weighted_mean(hidden, enc.chain_mask)
+        scores = student.score_head(reps)
+        gen = torch.Generator().manual_seed(3)
+        p_rows, n_rows = [], []
+        for it, rs in zip(items, enc.node_rows, strict=True):
+            p, n = pair_indices(it.labels, gen)
+            p_rows += [rs[i] for i in p.tolist()]
+            n_rows += [rs[i] for i in n.tolist()]
+        ref_con = margin_ranking_loss(scores[p_rows], scores[n_rows], cfg.margin)
+    assert len(p_rows) == 2 * 4  # 4 positives, 2 negatives per MAG -> 4 pairs each
+    assert out["ntp"].item() == pytest.approx(ref_ntp.item(), rel=1e-5)
+    assert out["contrastive"].item() == pytest.approx(ref_con.item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("method", ["magdi_cn", "magdi_an"])
+def test_forward_disabled_terms(make_lm, tiny_tokenizer, method: str) -> None:
+    cfg = _cfg(weights=LossWeights(ntp=0.5, contrastive=0.25, graph=1.0))
+    student = MagdiStudent(make_lm(), method_spec(method), cfg)
+    assert student.encoder is None
+    items = _items(tiny_tokenizer, method)
+    out = student(encode_step(items, tiny_tokenizer, 32, 16), items, 0)
+    assert "graph" not in out
+    expected = 0.5 * out["ntp"].item() + (0.25 * out["contrastive"].item() if method == "magdi_an" else 0.0)
+    assert out["loss"].item() == pytest.approx(expected, rel=1e-6)
+
+
+def _count_calls(module: torch.nn.Module, counter: list[int]):
+    return module.register_forward_hook(lambda *_: counter.append(1))
+
+
+@pytest.mark.parametrize(("node_repr", "passes"), [("live", 1), ("frozen", 2)])
+def test_one_decoder_pass_per_step(make_lm, tiny_tokenizer, node_repr: str, passes: int) -> None:
+    lm = make_lm()
+    student = MagdiStudent(lm, method_spec("magdi"), _cfg(node_repr=node_repr))
+    decoder, _ = student._backbone()
+    dec_calls, top_calls = [], []
+    hooks = [_count_calls(decoder, dec_calls), _count_calls(lm.get_base_model(), top_calls)]
+    items = _items(tiny_tokenizer)
+    out = student(encode_step(items, tiny_tokenizer, 32, 16), items, 0)
+    out["loss"].backward()
+    for h in hooks:
+        h.remove()
+    # live: L_ntp, L_contrastive and L_graph all reuse one pass; frozen adds one no-grad base-model pass
+    assert len(dec_calls) == passes
+    assert top_calls == []  # never the full-vocabulary forward of the causal-LM wrapper
+
+
+def _lora(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in module.named_parameters() if "lora_" in n}
+
+
+@pytest.mark.parametrize(
+    ("method", "weights"),
+    [("magdi", {"ntp": 0.0, "contrastive": 0.0, "graph": 1.0}),
+     ("magdi_an", {"ntp": 0.0, "contrastive": 1.0, "graph": 0.0})],
+)
+@pytest.mark.parametrize("node_repr", ["live", "frozen"])
+def test_structure_losses_reach_lora_only_when_live(make_lm, tiny_tokenizer, method, weights, node_repr) -> None:
+    lm = make_lm()
+    torch.manual_seed(0)
+    student = MagdiStudent(lm, method_spec(method), _cfg(node_repr=node_repr, weights=LossWeights(**weights)))
+    student.train()
+    params = dict(student.named_parameters())
+    trainable = {n: p for n, p in params.items() if p.requires_grad}
+    before = {n: p.detach().clone() for n, p in trainable.items()}
+    lora_a = [n for n in trainable if "lora_A" in n]
+    lora_b = [n for n in trainable if "lora_B" in n]
+    assert len(lora_a) == len(lora_b) == 2 * 2  # 2 layers x (q_proj, v_proj)
+    assert all(before[n].eq(0).all() for n in lora_b)  # peft starts lora_B at 0
+    opt = torch.optim.AdamW(list(trainable.values()), lr=1e-2, weight_decay=0.0)
+    items = _items(tiny_tokenizer, method)
+    out = student(encode_step(items, tiny_tokenizer, 32, 16), items, 0)
+    out["loss"].backward()
+    opt.step()
+    changed = {n for n, p in trainable.items() if not torch.equal(before[n], p.detach())}
+    head = "encoder." if method == "magdi" else "score_head."
+    head_params = [n for n in trainable if n.startswith(head)]
+    assert head_params and set(head_params) <= changed  # the structure head always learns
+    if node_repr == "live":
+        # gradients of the structure loss flow through the pooled hidden states into every adapter;
+        # at step 0 lora_B = 0, so only lora_B has a gradient (d/dA of B·A·x is Bᵀ·… = 0)
+        assert set(lora_b) <= changed
+        assert not set(lora_a) & changed
+    else:
+        # frozen node representations are constants: the student itself is not trained by these losses
+        assert not (set(lora_a) | set(lora_b)) & changed
+        assert all(trainable[n].grad is None or trainable[n].grad.eq(0).all() for n in lora_a + lora_b)
+
+
+def test_frozen_reps_come_from_the_base_model(make_lm, tiny_tokenizer) -> None:
+    lm = make_lm()
+    with torch.no_grad():
+        for n, p in lm.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.5)  # a trained adapter
+    items = _items(tiny_tokenizer)
+    enc = encode_step(items, tiny_tokenizer, 32, 16)
+    live = MagdiStudent(lm, method_spec("magdi"), _cfg(node_repr="live"))
+    frozen = MagdiStudent(lm, method_spec("magdi"), _cfg(node_repr="frozen"))
+    hidden = live._backbone()[0](input_ids=enc.input_ids, attention_mask=enc.attention_mask).last_hidden_state
+    r_live = live._node_reps(hidden, enc)
+    r_frozen = frozen._node_reps(hidden, enc)
+    base = make_lm(lora=False)
+    h_base = base.get_decoder()(input_ids=enc.input_ids, attention_mask=enc.attention_mask).last_hidden_state
+    assert not r_frozen.requires_grad and r_live.requires_grad
+    assert torch.allclose(r_frozen, position_weighted_mean(h_base, enc.chain_mask), atol=1e-5)
+    assert not torch.allclose(r_frozen, r_live, atol=1e-3)
+    # the adapter is enabled again afterwards
+    again = live._backbone()[0](input_ids=enc.input_ids, attention_mask=enc.attention_mask).last_hidden_state
+    assert torch.equal(again, hidden)
+
+
+# ============================================================================== train(): checkpoints and resume
+def _train_mags() -> list[MAG]:
+    """6 tiny MAGs of different shapes (G0 all-correct, G1 mixed, an invalid node)."""
+    mags = []
+    for i in range(6):
+        q = f"What is 2 plus {i}?"
+        gold = str(2 + i)
+        if i % 3 == 0:
+            nodes = [Node(a, 0, f"2 plus {i} is {gold}", gold, 0.9, True) for a in "abc"]
+        else:
+            nodes = [Node("a", 0, f"add {i} to 2", gold, 0.9, True),
+                     Node("b", 0, "I guess 9", "9", 0.5, False),
+                     Node("c", 0, "hmm", None, 0.0, False, valid=(i % 3 != 2)),
+                     Node("a", 1, f"still {gold}", gold, 0.9, True),
+                     Node("b", 1, f"ok {gold}", gold, 0.8, True),
+                     Node("c", 1, "maybe 1", "1", 0.4, False)]
+        mags.append(MAG(f"t{i}", "gsm8k", q, gold, nodes))
+    return mags
+
+
+def _run(make_lm, tok, out: Path, stop_after: int | None = None, method: str = "magdi"):
+    lm = make_lm()
+    spec = method_spec(method)
+    items = build_items(_train_mags(), spec, tok)
+    res = train(lm, tok, items, spec, _cfg(), out, stop_after=stop_after)
+    return res, _lora(lm)
+
+
+def test_train_end_to_end_writes_safetensors_checkpoints(make_lm, tiny_tokenizer, tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    init = _lora(make_lm())
+    out = tmp_path / "run"
+    res, lora = _run(make_lm, tiny_tokenizer, out)
+    assert res.steps == 3 and res.n_items == 6 and res.resumed_from == 0
+    assert [h["step"] for h in res.history] == [1, 2, 3]
+    for h in res.history:
+        assert {"loss", "ntp", "contrastive", "graph", "lr"} <= set(h)
+        assert all(math.isfinite(h[k]) for k in ("loss", "ntp", "contrastive", "graph"))
+    assert res.n_unique_sequences < sum(len(m.nodes) for m in _train_mags())  # G0 chains deduplicated
+    assert any(not torch.equal(init[n], lora[n]) for n in lora)  # it trained
+    ckpt = out / "checkpoint"
+    assert {p.name for p in ckpt.iterdir()} == {"trainable.safetensors", "optimizer.safetensors", "state.json"}
+    pickles = [p for p in out.rglob("*") if p.suffix in {".pt", ".pth", ".bin", ".pkl", ".pickle", ".ckpt"}]
+    assert pickles == []
+    state = json.loads((ckpt / "state.json").read_text())
+    assert state["step"] == 3 and state["history"] == res.history
+    saved = load_file(str(ckpt / "trainable.safetensors"))
+    assert any(k.startswith("encoder.") for k in saved) and any(k.startswith("score_head.") for k in saved)
+    lora_keys = [k for k in saved if "lora_" in k]
+    assert len(lora_keys) == 8
+    for k in lora_keys:
+        assert torch.equal(saved[k], lora[k.removeprefix("lm.")])
+    # a finished run resumes to nothing
+    again, lora_again = _run(make_lm, tiny_tokenizer, out)
+    assert again.resumed_from == 3 and again.history == res.history
+    assert all(torch.equal(lora_again[n], lora[n]) for n in lora)
+
+
+def test_train_is_deterministic(make_lm, tiny_tokenizer, tmp_path: Path) -> None:
+    r1, w1 = _run(make_lm, tiny_tokenizer, tmp_path / "one")
+    r2, w2 = _run(make_lm, tiny_tokenizer, tmp_path / "two")
+    assert r1.history == r2.history
+    assert all(torch.equal(w1[n], w2[n]) for n in w1)
+
+
+def test_train_resume_matches_uninterrupted_run(make_lm, tiny_tokenizer, tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    full, w_full = _run(make_lm, tiny_tokenizer, tmp_path / "full")
+    part, _ = _run(make_lm, tiny_tokenizer, tmp_path / "resumed", stop_after=2)  # "killed" after step 2
+    assert part.steps == 2
+    assert json.loads((tmp_path / "resumed" / "checkpoint" / "state.json").read_text())["step"] == 2
+    rest, w_rest = _run(make_lm, tiny_tokenizer, tmp_path / "resumed")  # a fresh process and model
+    assert rest.resumed_from == 2
+    assert [h["step"] for h in rest.history] == [1, 2, 3]
+    for a, b in zip(rest.history, full.history, strict=True):
+        assert a.keys() == b.keys()
+        for k in a:
+            assert a[k] == pytest.approx(b[k], abs=1e-6), k
+    for n in w_full:
+        assert torch.allclose(w_rest[n], w_full[n], atol=1e-6), n
+    # heads and optimizer state end up the same too
+    for name in ("trainable.safetensors", "optimizer.safetensors"):
+        x = load_file(str(tmp_path / "full" / "checkpoint" / name))
+        y = load_file(str(tmp_path / "resumed" / "checkpoint" / name))
+        assert x.keys() == y.keys()
+        for k in x:
+            assert torch.allclose(x[k].float(), y[k].float(), atol=1e-6), (name, k)
