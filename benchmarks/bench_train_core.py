@@ -345,7 +345,10 @@ def summarise(stats: list[StepStats], useful: list[int]) -> dict:
 
 def write_report(out: Path, res: dict) -> str:
     f, n, s = res["fused"], res["naive"], res["setup"]
-    rss = (lambda v: "n/a" if v is None else _fmt(v, 0))
+
+    def rss(v: float | None) -> str:
+        return "n/a" if v is None else _fmt(v, 0)
+
     rows = [
         ("LM passes / step", str(f["passes_per_step"]), str(n["passes_per_step"])),
         ("sequences through the LM / step", _fmt(f["lm_rows_per_step"], 1), _fmt(n["lm_rows_per_step"], 1)),
@@ -433,17 +436,23 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--mags", type=Path, default=Path("data/mags/strategyqa.jsonl"), help="MAG JSONL")
     ap.add_argument("--student", type=Path, default=Path("models/student"), help="converted student dir")
     ap.add_argument("--params", type=Path, default=Path("params.yaml"), help="train section used for TrainCfg")
-    ap.add_argument("--steps", type=int, default=4, help="measured steps per variant (after 1 warm-up)")
+    ap.add_argument("--steps", type=int, default=None,
+                    help="measured steps per variant, after 1 warm-up step (default 4; 2 with --smoke)")
     ap.add_argument("--mags-per-step", type=int, default=4)
     ap.add_argument("--time-budget", type=float, default=210.0,
                     help="seconds for the measured steps: no new step pair starts if it would end later "
                          "(at least one is always measured)")
     ap.add_argument("--out", type=Path, default=None,
                     help="markdown report (default reports/benchmark_train_core.md; a temp dir with --smoke)")
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads (default: all CPUs)")
     ap.add_argument("--smoke", action="store_true", help="tiny random model and synthetic MAGs (seconds)")
     args = ap.parse_args(argv)
+    if args.steps is None:
+        args.steps = 2 if args.smoke else 4
+    if args.steps < 1 or args.mags_per_step < 1 or args.threads < 1:
+        ap.error("--steps, --mags-per-step and --threads must be >= 1")
 
-    threads = os.cpu_count() or 1
+    threads = args.threads
     torch.set_num_threads(threads)
     cfg = train_cfg(args.params, args.mags_per_step, args.smoke)
     torch.manual_seed(cfg.seed)
@@ -493,7 +502,7 @@ def main(argv: list[str] | None = None) -> int:
     rss_ok = _reset_peak_rss()
     base_rss = _peak_rss_mb(rss_ok)
     variants = {"fused": step_fused, "naive": step_naive}
-    for name, fn in variants.items():  # warm-up (not measured)
+    for fn in variants.values():  # warm-up (not measured)
         torch.manual_seed(cfg.seed * 100003)
         fn(core, opt, warm, tok, cfg, cfg.seed * 7919, rss_ok)
     stats: dict[str, list[StepStats]] = {k: [] for k in variants}

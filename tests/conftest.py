@@ -29,6 +29,10 @@ _CORPUS = [
 
 LORA_TARGETS = ["q_proj", "v_proj"]
 
+# The test models are tiny: intra-op thread fan-out only adds overhead, and on a loaded machine spinning
+# OpenMP workers make a 3-step training run ~30x slower.
+torch.set_num_threads(1)
+
 
 def build_tokenizer():
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -82,7 +86,7 @@ def tiny_tokenizer():
     return build_tokenizer()
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def make_lm(tiny_tokenizer) -> Callable[..., torch.nn.Module]:
     """Factory: ``make_lm(seed=0, lora=True)`` builds a fresh tiny student (training mutates it)."""
 

@@ -368,6 +368,8 @@ def test_build_mags_resumes_after_crash_without_paying_twice(tmp_path: Path) -> 
     assert crash_be.paid == 14
     assert [m.id for m in read_mags(out)] == ["q1", "q2"]  # the finished chunk is on disk
     first_lines = out.read_text().splitlines()
+    with out.open("a") as f:  # and, worse, killed in the middle of appending a MAG
+        f.write('{"id": "q3", "task": "gsm8k", "nod')
 
     # run 2: a new process, same cache file
     with CallCache(cache_path) as cache:

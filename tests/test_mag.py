@@ -152,6 +152,26 @@ def test_torn_last_line_is_skipped(tmp_path: Path) -> None:
         list(iter_mags(path, strict=True))
 
 
+def test_append_after_torn_line_starts_a_clean_line(tmp_path: Path) -> None:
+    # a run killed mid-append, then resumed: the new record must not be glued onto the torn one
+    path = tmp_path / "mags.jsonl"
+    write_mags(path, [_mag(0, "q0")])
+    full = json.dumps(_mag(1, "q1").to_json())
+    with path.open("a") as f:
+        f.write(full[:40])
+    append_mag(path, _mag(2, "q2"))
+    append_mag(path, _mag(3, "q3"))
+    assert [m.id for m in read_mags(path)] == ["q0", "q2", "q3"]
+    assert len(path.read_text().splitlines()) == 3
+
+
+def test_append_after_record_missing_only_its_newline_keeps_it(tmp_path: Path) -> None:
+    path = tmp_path / "mags.jsonl"
+    path.write_text(json.dumps(_mag(0, "q0").to_json()))  # complete record, killed before the newline
+    append_mag(path, _mag(1, "q1"))
+    assert [m.id for m in read_mags(path)] == ["q0", "q1"]
+
+
 def test_bad_middle_line_errors_with_file_and_line(tmp_path: Path) -> None:
     path = tmp_path / "mags.jsonl"
     lines = [json.dumps(_mag(0, "q0").to_json()), '{"id": "q1", "nodes": [', json.dumps(_mag(0, "q2").to_json())]

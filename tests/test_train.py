@@ -421,3 +421,31 @@ def test_train_resume_matches_uninterrupted_run(make_lm, tiny_tokenizer, tmp_pat
         assert x.keys() == y.keys()
         for k in x:
             assert torch.allclose(x[k].float(), y[k].float(), atol=1e-6), (name, k)
+
+
+@pytest.mark.parametrize("encoder", ["node_attention", "token_attention"])
+def test_attention_encoders_train_the_student_when_live(make_lm, tiny_tokenizer, encoder: str) -> None:
+    lm = make_lm()
+    cfg = _cfg(encoder=encoder, weights=LossWeights(ntp=0.0, contrastive=0.0, graph=1.0))
+    student = MagdiStudent(lm, method_spec("magdi"), cfg)
+    items = _items(tiny_tokenizer)
+    out = student(encode_step(items, tiny_tokenizer, 32, 16), items, 0)
+    assert torch.isfinite(out["graph"])
+    out["loss"].backward()
+    grads = [p.grad for n, p in lm.named_parameters() if "lora_B" in n]
+    assert grads and all(g is not None and g.abs().sum() > 0 for g in grads)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("encoder", ["gcn", "node_attention", "token_attention"])
+def test_forward_backward_on_cuda(make_lm, tiny_tokenizer, encoder: str) -> None:
+    from magdi.train import Encoded
+
+    student = MagdiStudent(make_lm(), method_spec("magdi"), _cfg(encoder=encoder)).cuda()
+    items = _items(tiny_tokenizer)
+    enc = encode_step(items, tiny_tokenizer, 32, 16)
+    enc = Encoded(enc.input_ids.cuda(), enc.attention_mask.cuda(), enc.labels.cuda(), enc.chain_mask.cuda(),
+                  enc.node_rows, enc.n_tokens)
+    out = student(enc, items, 0)
+    out["loss"].backward()
+    assert out["loss"].device.type == "cuda" and torch.isfinite(out["loss"])

@@ -265,7 +265,15 @@ def load_params(path: str | os.PathLike[str] = "params.yaml", check_mirror: bool
     p = Path(path)
     if not p.exists():
         raise ConfigError(f"params file not found: {p}")
-    raw = yaml.safe_load(p.read_text()) or {}
+    try:
+        raw = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:  # a syntax error would otherwise surface as a multi-line traceback
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = " ".join(str(getattr(e, "problem", None) or "syntax error").split())
+        raise ConfigError(f"{p}: not valid YAML ({problem}{where})") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{p}: not UTF-8 text") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{p}: top level must be a mapping")
     params = parse_params(raw)

@@ -27,8 +27,8 @@ from .scoring import extract_answer, is_correct, normalize_gold
 from .student import ANSWER_FORMATS, Generation, chat_prompt, generate, question_text
 
 JSON_INSTRUCTION = (
-    'Reply with one JSON object: {"reasoning": "<your step-by-step reasoning>", '
-    '"answer": "<final answer only>", "confidence": <a number between 0 and 1>}.'
+    'Reply with one JSON object with the keys "reasoning" (your step-by-step reasoning), '
+    '"answer" (the final answer only) and "confidence" (how sure you are, from 0.0 to 1.0).'
 )
 #: Prefilled start of a local model's reply: small models follow the format far more often with it.
 RESPONSE_PREFIX = '{"reasoning": "'
@@ -129,7 +129,7 @@ def _json_object(text: str) -> dict | None:
         return None
     try:
         obj = json.loads(text[start : end + 1])
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, RecursionError):  # RecursionError: absurdly nested brackets
         return None
     return obj if isinstance(obj, dict) else None
 
@@ -141,6 +141,10 @@ def _unescape(s: str) -> str:
         return json.loads(f'"{s}"', strict=False)
     except json.JSONDecodeError:  # e.g. cut off mid-escape
         return s.replace("\\n", "\n").replace('\\"', '"')
+
+
+#: Longest tail of a reply's "answer" field that is read (see ``parse_reply``).
+MAX_ANSWER_CHARS = 1000
 
 
 def parse_reply(text: str, answer_type: str, choices: list[str] | None) -> dict | None:
@@ -158,6 +162,9 @@ def parse_reply(text: str, answer_type: str, choices: list[str] | None) -> dict 
     raw_answer = fields["answer"]
     if raw_answer is None or str(raw_answer).strip() == "":
         return None
+    # an "answer" field is a short final answer; only its tail can matter, and scanning a huge one (untrusted
+    # model text) for answer markers would take seconds per reply
+    raw_answer = str(raw_answer)[-MAX_ANSWER_CHARS:]
     answer = extract_answer(f"The answer is {raw_answer}", answer_type, choices)
     if answer is None:
         answer = extract_answer(str(raw_answer), answer_type, choices)
@@ -248,11 +255,17 @@ def _ask(agents: list[Agent], build: Callable[[Agent, int], list[dict]], example
 
 
 def discuss_chunk(agents: list[Agent], examples: list[dict], task: str, answer_type: str, max_rounds: int,
-                  parse_retries: int = 1, context_chars: int = 600) -> list[MAG]:
-    """Run the full protocol on a chunk of questions; return one MAG per question."""
+                  parse_retries: int = 1, context_chars: int = 600,
+                  on_round: Callable[[int, int], None] | None = None) -> list[MAG]:
+    """Run the full protocol on a chunk of questions; return one MAG per question.
+
+    ``on_round(round, n_active)`` is called before each round (progress display).
+    """
     examples = [{**ex, "answer": normalize_gold(ex["answer"], answer_type)} for ex in examples]
     by_id = {ex["id"]: ex for ex in examples}
     nodes: dict[str, list[Node]] = {ex["id"]: [] for ex in examples}
+    if on_round:
+        on_round(0, len(examples))
     last: dict[str, list[Node]] = _ask(agents, lambda a, i: round0_messages(a, examples[i], answer_type),
                                        examples, answer_type, 0, parse_retries)
     done: set[str] = set()
@@ -264,6 +277,8 @@ def discuss_chunk(agents: list[Agent], examples: list[dict], task: str, answer_t
         active = [by_id[q] for q in by_id if q not in done]
         if not active:
             break
+        if on_round:
+            on_round(r, len(active))
         prev = {ex["id"]: last[ex["id"]] for ex in active}
         last = _ask(agents, lambda a, i, act=active, pv=prev: discussion_messages(
             a, act[i], answer_type, pv[act[i]["id"]], context_chars), active, answer_type, r, parse_retries)
@@ -299,7 +314,8 @@ def build_mags(agents: list[Agent], examples: list[dict], task: str, answer_type
     bar = tqdm(total=len(examples), initial=len(examples) - len(todo), desc=f"MAGs {task}", unit="q")
     for start in range(0, len(todo), chunk_size):
         for mag in discuss_chunk(agents, todo[start : start + chunk_size], task, answer_type, max_rounds,
-                                 parse_retries, context_chars):
+                                 parse_retries, context_chars,
+                                 on_round=lambda r, n: bar.set_postfix(round=r, discussing=n)):
             append_mag(out_path, mag)
         bar.update(len(todo[start : start + chunk_size]))
     bar.close()

@@ -66,9 +66,35 @@ class MAG:
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> MAG:
+        """A MAG from its JSON object; ``TypeError``/``KeyError`` when a field is missing or mistyped."""
+        if not isinstance(d, dict):
+            raise TypeError(f"expected a JSON object, got {type(d).__name__}")
         d = dict(d)
-        nodes = [Node(**n) for n in d.pop("nodes")]
-        return cls(nodes=nodes, **d)
+        nodes = d.pop("nodes")
+        if not isinstance(nodes, list) or not all(isinstance(n, dict) for n in nodes):
+            raise TypeError("'nodes' must be a list of objects")
+        mag = cls(nodes=[Node(**n) for n in nodes], **d)
+        _check_types(mag)
+        return mag
+
+
+_STR, _OPT_STR, _BOOL = (str,), (str, type(None)), (bool,)
+_MAG_TYPES = {"id": _STR, "task": _STR, "question": _STR, "gold": _STR, "choices": (list, type(None)),
+              "team_answer": _OPT_STR, "team_correct": (bool, type(None)), "consensus": _BOOL, "meta": (dict,)}
+_NODE_TYPES = {"agent": _STR, "round": (int,), "reasoning": _STR, "answer": _OPT_STR,
+               "confidence": (int, float), "correct": _BOOL, "n_tokens": (int,), "valid": _BOOL}
+
+
+def _check_types(mag: MAG) -> None:
+    """Reject records whose fields have the wrong JSON type (a file edited by hand, or not a MAG file)."""
+    for obj, types, where in [(mag, _MAG_TYPES, "")] + [(n, _NODE_TYPES, f"nodes[{i}].")
+                                                      for i, n in enumerate(mag.nodes)]:
+        for name, allowed in types.items():
+            value = getattr(obj, name)
+            if not isinstance(value, allowed) or (isinstance(value, bool) and bool not in allowed):
+                raise TypeError(f"field '{where}{name}' is {type(value).__name__}")
+    if mag.choices is not None and not all(isinstance(c, str) for c in mag.choices):
+        raise TypeError("field 'choices' must be a list of strings")
 
 
 def edges(mag: MAG, kind: str = "d") -> list[tuple[int, int]]:
@@ -107,16 +133,41 @@ def to_pyg(mag: MAG, kind: str = "d"):
 def write_mags(path: Path, mags: Iterable[MAG]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
-    with tmp.open("w") as f:
+    with tmp.open("w", encoding="utf-8") as f:
         for m in mags:
             f.write(json.dumps(m.to_json(), ensure_ascii=False) + "\n")
     os.replace(tmp, path)
 
 
+def _repair_tail(path: Path) -> None:
+    """A run killed mid-append leaves a last line without its newline: complete it when it is a whole
+    record, else cut it off, so that the next append does not glue a new record onto a torn one."""
+    if not path.exists():
+        return
+    with path.open("rb+") as f:
+        size = f.seek(0, os.SEEK_END)
+        if size == 0:
+            return
+        f.seek(size - 1)
+        if f.read(1) == b"\n":
+            return
+        f.seek(0)
+        data = f.read()
+        start = data.rfind(b"\n") + 1
+        try:
+            json.loads(data[start:])
+            f.write(b"\n")
+        except ValueError:
+            f.truncate(start)
+        f.flush()
+        os.fsync(f.fileno())
+
+
 def append_mag(path: Path, mag: MAG) -> None:
     """Durable append: a MAG is either fully on disk or not at all after a crash (reader skips a torn line)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a") as f:
+    _repair_tail(path)
+    with path.open("a", encoding="utf-8") as f:
         f.write(json.dumps(mag.to_json(), ensure_ascii=False) + "\n")
         f.flush()
         os.fsync(f.fileno())
@@ -124,16 +175,24 @@ def append_mag(path: Path, mag: MAG) -> None:
 
 def iter_mags(path: Path, strict: bool = False) -> Iterator[MAG]:
     """Read MAG JSONL; a torn last line (killed mid-write) is skipped, any other bad line is an error."""
-    lines = path.read_text().splitlines()
-    for i, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
+    # Split on b"\n" only: str.splitlines() also splits on U+2028, U+0085 etc., which json.dumps leaves
+    # unescaped (ensure_ascii=False) inside model text. Decode per line, so that a last line torn in the
+    # middle of a multi-byte character is skipped like any other torn line.
+    lines = path.read_bytes().split(b"\n")
+    if lines[-1] == b"":
+        lines.pop()
+    for i, raw in enumerate(lines, 1):
+        torn_ok = i == len(lines) and not strict
         try:
-            yield MAG.from_json(json.loads(line))
-        except (json.JSONDecodeError, TypeError, KeyError) as e:
-            if i == len(lines) and not strict and isinstance(e, json.JSONDecodeError):
+            line = raw.decode("utf-8")
+            if not line.strip():
                 continue
-            raise ValueError(f"{path}:{i}: not a MAG record ({type(e).__name__}: {e})") from None
+            mag = MAG.from_json(json.loads(line))
+        except (ValueError, TypeError, KeyError, RecursionError) as e:  # JSON/UTF-8 errors are ValueErrors
+            if torn_ok and isinstance(e, (json.JSONDecodeError, UnicodeDecodeError)):
+                continue
+            raise ValueError(f"{path}:{i}: not a MAG record ({type(e).__name__}: {str(e)[:200]})") from None
+        yield mag
 
 
 def read_mags(path: Path) -> list[MAG]:

@@ -71,6 +71,7 @@ _NUMBER = re.compile(
     r"(?:\s*/\s*(?P<den>\d+(?:\.\d+)?))?"
 )
 _MAX_DIGITS = 50
+_MAX_MARKERS = 32
 _LATEX_FRAC = re.compile(r"(-?)\\[dt]?frac\s*\{\s*(-?\d+)\s*\}\s*\{\s*(\d+)\s*\}")
 _LATEX_NOISE = re.compile(r"\\[$%!,;: ]|\{,\}|\\left|\\right")
 _LATEX_DELIMS = re.compile(r"^\\[(\[]|\\[)\]]$")
@@ -323,7 +324,8 @@ def extract_answer(text: str, answer_type: str, choices: list[str] | None = None
             return answer or None
     boxed = _boxed_contents(text)
     spans = boxed if answer_type == "latex" and boxed else sorted(_marker_spans(text) + boxed)
-    for _pos, span in reversed(spans):
+    # the last marker wins; looking further back than a few dozen only costs time on flooded text
+    for _pos, span in reversed(spans[-_MAX_MARKERS:]):
         answer = span_parser(span, choices)
         if answer is not None:
             return answer or None  # "" = explicit "none of the above"

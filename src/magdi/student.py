@@ -20,10 +20,10 @@ PACKAGED = "packaged:"
 
 #: Instruction appended to every question so that answers are extractable (``magdi.scoring``).
 ANSWER_FORMATS: dict[str, str] = {
-    "yesno": "Think step by step, then finish with 'The answer is yes.' or 'The answer is no.'",
-    "choice": "Think step by step, then finish with 'The answer is X.' where X is the option letter.",
-    "number": "Think step by step, then finish with 'The answer is N.' where N is a number.",
-    "latex": "Think step by step, then finish with 'The answer is \\boxed{ANSWER}.'",
+    "yesno": "Think step by step, then end with 'The answer is yes.' or 'The answer is no.'",
+    "choice": "Think step by step, then end with 'The answer is' followed by the letter of the best option.",
+    "number": "Think step by step, then end with 'The answer is' followed by the final number.",
+    "latex": "Think step by step, then end with 'The answer is' followed by the final answer in \\boxed{}.",
 }
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

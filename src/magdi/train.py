@@ -236,7 +236,7 @@ class MagdiStudent(nn.Module):
             e = torch.tensor(it.edge_index, dtype=torch.long).t() if it.edge_index else torch.zeros(2, 0, dtype=torch.long)
             datas.append(Data(edge_index=e.reshape(2, -1), y=torch.tensor(it.labels), num_nodes=len(rows)))
             rows_all += rows
-        batch = Batch.from_data_list(datas)
+        batch = Batch.from_data_list(datas).to(reps.device)  # labels/edges are built on the CPU
         if self.encoder.takes_tokens:
             logits = self.encoder(hidden[rows_all], enc.chain_mask[rows_all], batch.batch)
         else:
@@ -247,10 +247,15 @@ class MagdiStudent(nn.Module):
 # ----------------------------------------------------------------------------- checkpoints (no pickle)
 
 
-def _save_ckpt(path: Path, model: MagdiStudent, opt: torch.optim.Optimizer, step: int, history: list) -> None:
+def _save_ckpt(final: Path, model: MagdiStudent, opt: torch.optim.Optimizer, step: int, history: list) -> None:
+    """Write into a fresh folder, then swap it in: a kill at any point leaves one complete checkpoint."""
+    import shutil
+
     from safetensors.torch import save_file
 
-    path.mkdir(parents=True, exist_ok=True)
+    path = final.with_name(final.name + ".tmp")
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(parents=True)
     trainable = {k: v.detach().contiguous() for k, v in model.named_parameters() if v.requires_grad}
     save_file(trainable, str(path / "trainable.safetensors"))
     sd = opt.state_dict()
@@ -258,9 +263,20 @@ def _save_ckpt(path: Path, model: MagdiStudent, opt: torch.optim.Optimizer, step
     save_file(tensors, str(path / "optimizer.safetensors"))
     meta = {"step": step, "param_groups": sd["param_groups"], "history": history,
             "state_keys": {str(pid): list(st) for pid, st in sd["state"].items()}}
-    tmp = path / "state.json.tmp"
-    tmp.write_text(json.dumps(meta))
-    tmp.replace(path / "state.json")  # written last: its presence marks a complete checkpoint
+    (path / "state.json").write_text(json.dumps(meta))
+    old = final.with_name(final.name + ".old")
+    if final.exists():
+        final.rename(old)  # a kill from here on finds ".old" complete (see _find_ckpt)
+    path.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _find_ckpt(final: Path) -> Path | None:
+    """The newest complete checkpoint: the final folder, or the previous one if killed mid-swap."""
+    for cand in (final, final.with_name(final.name + ".old")):
+        if (cand / "state.json").exists():
+            return cand
+    return None
 
 
 def _load_ckpt(path: Path, model: MagdiStudent, opt: torch.optim.Optimizer) -> tuple[int, list]:
@@ -325,8 +341,9 @@ def train(
         opt, lambda s: min(1.0, (s + 1) / max(1, total // 10)) * max(0.0, 1 - s / max(1, total)))
     ckpt = out_dir / "checkpoint"
     start, history = 0, []
-    if (ckpt / "state.json").exists():
-        start, history = _load_ckpt(ckpt, model, opt)
+    found = _find_ckpt(ckpt)
+    if found is not None:
+        start, history = _load_ckpt(found, model, opt)
         for _ in range(start):
             sched.step()
     model, opt = accel.prepare(model, opt)
@@ -347,8 +364,9 @@ def train(
             out = model(enc, batch_items, cfg.seed * 7919 + step)
             accel.backward(out["loss"])
             accel.clip_grad_norm_(params, 1.0)
-            opt.step()
-            sched.step()
+            opt.step()  # accelerate makes this a no-op on accumulation micro-steps
+            if accel.sync_gradients:
+                sched.step()
             opt.zero_grad()
         tokens += enc.n_tokens
         uniq += enc.input_ids.shape[0]
@@ -358,7 +376,8 @@ def train(
             log_fn(rec)
         bar.set_postfix(loss=f"{rec['loss']:.3f}")
         bar.update(1)
-        if accel.is_main_process and ((step + 1) % cfg.checkpoint_every == 0 or step + 1 == total):
+        at_boundary = accel.sync_gradients  # never checkpoint mid-accumulation: those gradients are not saved
+        if accel.is_main_process and at_boundary and ((step + 1) % cfg.checkpoint_every == 0 or step + 1 == total):
             _save_ckpt(ckpt, core, opt, step + 1, history)
     bar.close()
     return TrainResult(steps=len(history), n_items=len(items), n_unique_sequences=uniq, tokens=tokens,
