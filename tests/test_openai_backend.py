@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from _loopback import running
 from magdi.backends_openai import OpenAIChatBackend, TeacherCallError, TeacherConfigError
 from magdi.cache import CallCache, cache_key
 
@@ -147,15 +148,8 @@ class _Handler(BaseHTTPRequestHandler):
 
 @pytest.fixture
 def server() -> Iterator[FakeOpenAI]:
-    srv = FakeOpenAI()
-    th = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    th.start()
-    try:
+    with running(FakeOpenAI(), poll_interval=0.05) as srv:
         yield srv
-    finally:
-        srv.shutdown()
-        srv.server_close()
-        th.join(timeout=5)
 
 
 @pytest.fixture(autouse=True)

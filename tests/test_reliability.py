@@ -30,6 +30,7 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from _loopback import running
 from magdi.backends_openai import OpenAIChatBackend, TeacherCallError
 from magdi.cache import CallCache
 from magdi.config import ConfigError, TrainCfg, load_params, parse_params
@@ -134,16 +135,11 @@ class _TeacherHandler(BaseHTTPRequestHandler):
 
 @contextmanager
 def serve(mode: str = "ok", delay: float = 0.0) -> Iterator[Teacher]:
-    srv = Teacher(mode, delay)
-    th = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
-    th.start()
-    try:
-        yield srv
-    finally:
-        srv.release()
-        srv.shutdown()
-        srv.server_close()
-        th.join(timeout=5)
+    with running(Teacher(mode, delay)) as srv:
+        try:
+            yield srv
+        finally:
+            srv.release()  # unblock handlers still sleeping before the server shuts down
 
 
 def closed_port_url() -> str:

@@ -28,6 +28,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from _loopback import running
 from magdi.backends_openai import TeacherCallError
 from magdi.cache import CallCache
 from magdi.config import AgentCfg, StudentCfg, load_params, parse_params
@@ -265,15 +266,8 @@ class _Handler(BaseHTTPRequestHandler):
 
 @contextmanager
 def serve() -> Iterator[_Server]:
-    srv = _Server()
-    th = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
-    th.start()
-    try:
+    with running(_Server()) as srv:
         yield srv
-    finally:
-        srv.shutdown()
-        srv.server_close()
-        th.join(timeout=5)
 
 
 def test_keys_only_come_from_the_environment() -> None:
