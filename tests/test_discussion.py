@@ -438,3 +438,28 @@ def test_local_backend_caches_generations(tmp_path: Path, make_lm, tiny_tokenize
         be2 = LocalBackend(model, tiny_tokenizer, "tiny-llama", cache)
         assert be2.generate(batch, 0.7, 0.9, 4, 0) == first
     assert calls == [2, 1, 1]
+
+
+def test_agents_sharing_a_local_model_decode_in_one_batch(tmp_path: Path, make_lm, tiny_tokenizer,
+                                                          monkeypatch) -> None:
+    """Two personas of one local model: one generate call per round with both agents' rows, each row with
+    its agent's own temperature/top_p; replies are cached per agent, so a rerun pays nothing."""
+    calls: list[dict] = []
+    real_generate = disc.generate
+
+    def spy(model, tokenizer, prompts, max_new_tokens, temperature, top_p, seed=0, **kw):
+        calls.append({"rows": len(prompts), "temperature": temperature, "top_p": top_p})
+        return real_generate(model, tokenizer, prompts, max_new_tokens, temperature, top_p, seed, **kw)
+
+    monkeypatch.setattr(disc, "generate", spy)
+    model = make_lm(lora=False).eval()
+    examples = [_ex("q1"), _ex("q2"), _ex("q3")]
+    with CallCache(tmp_path / "local.jsonl") as cache:
+        be = LocalBackend(model, tiny_tokenizer, "tiny-llama", cache, batch_size=16)
+        agents = [Agent("careful", be, "Be careful.", 0.5, 0.95, seed=1, max_new_tokens=6),
+                  Agent("creative", be, "Be quick.", 0.9, 1.0, seed=2, max_new_tokens=6)]
+        mags = discuss_chunk(agents, examples, "gsm8k", "number", max_rounds=0, parse_retries=0)
+        assert calls == [{"rows": 6, "temperature": [0.5] * 3 + [0.9] * 3, "top_p": [0.95] * 3 + [1.0] * 3}]
+        assert [[n.agent for n in m.nodes] for m in mags] == [["careful", "creative"]] * 3
+        again = discuss_chunk(agents, examples, "gsm8k", "number", max_rounds=0, parse_retries=0)
+        assert len(calls) == 1 and again == mags

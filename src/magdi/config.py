@@ -161,6 +161,10 @@ class SelfConsistencyCfg(_Strict):
 
 
 class EvalCfg(_Strict):
+    #: transformers (any machine) | vllm (GPU; `pip install vllm`; LoRA adapters served without merging)
+    backend: Literal["transformers", "vllm"] = "transformers"
+    #: extra ``vllm.LLM`` engine arguments, e.g. {gpu_memory_utilization: 0.85, tensor_parallel_size: 2}
+    vllm_engine: dict[str, Any] = Field(default_factory=dict)
     batch_size: int = Field(16, ge=1)
     max_new_tokens: int = Field(160, ge=1)
     self_consistency: SelfConsistencyCfg = SelfConsistencyCfg()
@@ -177,11 +181,13 @@ class ExperimentsCfg(_Strict):
     ood_tasks: list[str] = Field(default_factory=list)
     #: methods also evaluated with self-consistency (Table 5)
     self_consistency_methods: list[str] = Field(default_factory=list)
+    #: tasks on which those methods are also decoded with self-consistency (empty: every evaluated task)
+    self_consistency_tasks: list[str] = Field(default_factory=list)
     multitask: bool = True
     #: MAGs per task for the data-scaling figure (Fig. 6), trained with method magdi on ablation_tasks
     data_scaling: list[int] = Field(default_factory=list)
 
-    @field_validator("tasks", "ablation_tasks", "ood_tasks")
+    @field_validator("tasks", "ablation_tasks", "ood_tasks", "self_consistency_tasks")
     @classmethod
     def _tasks(cls, v: list[str]) -> list[str]:
         bad = [t for t in v if t not in TASK_TYPES]

@@ -58,6 +58,39 @@ def _transformer(hidden_dim: int, num_layers: int, num_heads: int, dropout: floa
     return nn.TransformerEncoder(layer, num_layers=num_layers, enable_nested_tensor=False)
 
 
+def _attend_within_graphs(transformer: nn.TransformerEncoder, rows: Tensor, graph_ids: Tensor) -> Tensor:
+    """Self-attention among the rows (nodes or tokens) of the same MAG; output in the input row order.
+
+    A stable sort by graph id keeps each MAG's rows in their given order, ``to_dense_batch`` stacks the
+    MAGs with a padding mask, and the result is scattered back, so ``graph_ids`` need not be sorted.
+    """
+    graph_ids = _dense_ids(graph_ids)
+    order = torch.argsort(graph_ids, stable=True)
+    dense, mask = to_dense_batch(rows[order], graph_ids[order])  # [G, Lmax, H], [G, Lmax]
+    attended = transformer(dense, src_key_padding_mask=~mask)[mask]  # [L, H] in sorted order
+    out = torch.empty_like(attended)
+    out[order] = attended
+    return out
+
+
+class _AttentionEncoder(nn.Module):
+    """Shared parameters of the attention encoders: input projection, Transformer encoder, classifier."""
+
+    def __init__(
+        self,
+        in_dim: int,
+        hidden_dim: int,
+        num_classes: int = 2,
+        dropout: float = 0.0,
+        num_layers: int = 1,
+        num_heads: int = 4,
+    ) -> None:
+        super().__init__()
+        self.proj = nn.Linear(in_dim, hidden_dim)
+        self.transformer = _transformer(hidden_dim, num_layers, num_heads, dropout)
+        self.classifier = nn.Linear(hidden_dim, num_classes)
+
+
 class GCNEncoder(nn.Module):
     """Two-layer GCN + linear node classifier (paper Objective 3).
 
@@ -86,7 +119,7 @@ class GCNEncoder(nn.Module):
         return self.classifier(h)
 
 
-class NodeAttentionEncoder(nn.Module):
+class NodeAttentionEncoder(_AttentionEncoder):
     """Transformer over the node sequence of each MAG (edges ignored), then a linear node classifier.
 
     ``x → Linear(in, hidden) → TransformerEncoder`` (self-attention among the nodes of one MAG, key
@@ -97,35 +130,15 @@ class NodeAttentionEncoder(nn.Module):
 
     takes_tokens = False
 
-    def __init__(
-        self,
-        in_dim: int,
-        hidden_dim: int,
-        num_classes: int = 2,
-        dropout: float = 0.0,
-        num_layers: int = 1,
-        num_heads: int = 4,
-    ) -> None:
-        super().__init__()
-        self.proj = nn.Linear(in_dim, hidden_dim)
-        self.transformer = _transformer(hidden_dim, num_layers, num_heads, dropout)
-        self.classifier = nn.Linear(hidden_dim, num_classes)
-
     def forward(self, x: Tensor, edge_index: Tensor | None, batch: Tensor) -> Tensor:
         """``x`` ``[N, D]``, ``edge_index`` (ignored), ``batch`` ``[N]`` graph id per node → ``[N, C]``.
 
         Output rows follow the input node order (``batch`` need not be sorted).
         """
-        batch = _dense_ids(batch)
-        order = torch.argsort(batch, stable=True)
-        dense, mask = to_dense_batch(self.proj(x[order]), batch[order])  # [G, Nmax, H], [G, Nmax]
-        out = self.transformer(dense, src_key_padding_mask=~mask)[mask]  # [N, H] in sorted order
-        unsorted = torch.empty_like(out)
-        unsorted[order] = out
-        return self.classifier(unsorted)
+        return self.classifier(_attend_within_graphs(self.transformer, self.proj(x), batch))
 
 
-class TokenAttentionEncoder(nn.Module):
+class TokenAttentionEncoder(_AttentionEncoder):
     """Self-attention over the tokens of a whole MAG, pooled back per node, then a linear classifier.
 
     Each node contributes its real tokens (``token_mask``); the tokens of all nodes of one MAG are
@@ -137,20 +150,6 @@ class TokenAttentionEncoder(nn.Module):
 
     takes_tokens = True
 
-    def __init__(
-        self,
-        in_dim: int,
-        hidden_dim: int,
-        num_classes: int = 2,
-        dropout: float = 0.0,
-        num_layers: int = 1,
-        num_heads: int = 4,
-    ) -> None:
-        super().__init__()
-        self.proj = nn.Linear(in_dim, hidden_dim)
-        self.transformer = _transformer(hidden_dim, num_layers, num_heads, dropout)
-        self.classifier = nn.Linear(hidden_dim, num_classes)
-
     def forward(self, token_states: Tensor, token_mask: Tensor, node_batch: Tensor) -> Tensor:
         """``token_states`` ``[B, T, D]`` (one row per node), ``token_mask`` ``[B, T]`` 1 on the node's own
         chain tokens, ``node_batch`` ``[B]`` MAG id per node → logits ``[B, C]`` in the input node order.
@@ -159,14 +158,8 @@ class TokenAttentionEncoder(nn.Module):
         """
         mask = token_mask.to(torch.bool)
         node_idx, pos_idx = torch.nonzero(mask, as_tuple=True)  # row-major: by node, then by position
-        tokens = self.proj(token_states[node_idx, pos_idx])  # [L, H]
-        token_graph = _dense_ids(node_batch[node_idx])
-        # Stable sort by MAG keeps (node order, position order) inside each MAG: the linearisation.
-        order = torch.argsort(token_graph, stable=True)
-        dense, dense_mask = to_dense_batch(tokens[order], token_graph[order])  # [G, Lmax, H]
-        attended = self.transformer(dense, src_key_padding_mask=~dense_mask)[dense_mask]
-        flat = torch.empty_like(attended)
-        flat[order] = attended
+        tokens = self.proj(token_states[node_idx, pos_idx])  # [L, H], the linearisation of each MAG
+        flat = _attend_within_graphs(self.transformer, tokens, node_batch[node_idx])
         per_node = flat.new_zeros(token_states.shape[0], token_states.shape[1], flat.shape[-1])
         per_node[node_idx, pos_idx] = flat
         return self.classifier(position_weighted_mean(per_node, mask))

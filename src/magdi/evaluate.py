@@ -7,13 +7,22 @@ generated tokens per question are the efficiency metric of Table 2. Every predic
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
+from functools import partial
 
 from tqdm.auto import tqdm
 
 from .scoring import extract_answer, is_correct, majority_vote
-from .student import generate, student_prompt
+from .student import Generation, generate, student_prompt
+
+#: ``(prompts, max_new_tokens, temperature, top_p, seed, num_samples) -> [Generation]``, prompt-major.
+Generator = Callable[..., list[Generation]]
+
+
+def hf_generator(model, tokenizer) -> Generator:
+    """The transformers backend (``student.generate``) as a ``Generator``; ``magdi.backends_vllm`` is the other."""
+    return partial(generate, model, tokenizer)
 
 
 @dataclass
@@ -40,7 +49,7 @@ def bootstrap_ci(correct: Sequence[bool], samples: int = 1000, seed: int = 0) ->
 
 
 def evaluate_examples(
-    model,
+    generator: Generator,
     tokenizer,
     examples: list[dict],
     task: str,
@@ -53,17 +62,19 @@ def evaluate_examples(
     top_p: float = 1.0,
     seed: int = 0,
 ) -> list[Prediction]:
-    """Greedy (k=1, T=0) or self-consistency (k seeded samples, majority vote) evaluation."""
+    """Greedy (k=1, T=0) or self-consistency (k seeded samples per question, majority vote) evaluation.
+
+    With k > 1 all samples of a batch come from one sampling call (see ``magdi.student.generate``).
+    """
     preds: list[Prediction] = []
     order = sorted(range(len(examples)), key=lambda i: len(examples[i]["question"]))  # less padding
     bar = tqdm(total=len(examples), desc=f"eval {task}", unit="q")
     for start in range(0, len(order), batch_size):
         chunk = [examples[i] for i in order[start : start + batch_size]]
         prompts = [student_prompt(tokenizer, ex, answer_type, prefix) for ex in chunk]
-        runs = [generate(model, tokenizer, prompts, max_new_tokens, temperature, top_p, seed + 7 * s + start)
-                for s in range(k)]
+        gens = generator(prompts, max_new_tokens, temperature, top_p, seed + start, num_samples=k)
         for j, ex in enumerate(chunk):
-            outs = [r[j] for r in runs]
+            outs = gens[j * k : (j + 1) * k]
             parsed = [extract_answer(g.text, answer_type, ex.get("choices")) for g in outs]
             final = parsed[0] if k == 1 else majority_vote(parsed, answer_type)
             preds.append(Prediction(

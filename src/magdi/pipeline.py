@@ -100,6 +100,7 @@ def make_agents(p: Params, student=None):
 
     cache_dir = Path(p.paths.cache_dir)
     loaded: dict[str, Any] = {}
+    backends: dict[str, Any] = {}
     agents = []
     for a in p.teachers.agents:
         if a.backend == "reference":
@@ -116,8 +117,12 @@ def make_agents(p: Params, student=None):
                     loaded[path] = load_student(path, p.student.dtype, p.student.trust_remote_code)
                     loaded[path][0].eval()
             model, tok = loaded[path]
-            backend = LocalBackend(model, tok, f"local:{a.model}", CallCache(cache_dir / f"local_{_safe(a.model)}.jsonl"),
-                                   p.teachers.batch_size)
+            if path not in backends:  # one backend per model: its personas decode in shared batches
+                sharing = sum(b.backend == "local" and b.model == a.model for b in p.teachers.agents)
+                backends[path] = LocalBackend(model, tok, f"local:{a.model}",
+                                              CallCache(cache_dir / f"local_{_safe(a.model)}.jsonl"),
+                                              p.teachers.batch_size * sharing)
+            backend = backends[path]
         agents.append(Agent(a.name, backend, a.persona, a.temperature, a.top_p, a.seed, a.max_new_tokens))
     return agents
 
@@ -189,12 +194,12 @@ def stage_train(p: Params, task: str, method: str) -> dict:
     return summary
 
 
-def _eval_one(p: Params, model, tok, task: str, out: Path, prefix: str, k: int = 1) -> dict:
+def _eval_one(p: Params, generator, tok, task: str, out: Path, prefix: str, k: int = 1) -> dict:
     from .evaluate import evaluate_examples, prediction_rows, summarise
 
     sc = p.evaluate.self_consistency
     examples = load_examples(p, task, "test")
-    preds = evaluate_examples(model, tok, examples, task, TASK_TYPES[task], p.evaluate.batch_size,
+    preds = evaluate_examples(generator, tok, examples, task, TASK_TYPES[task], p.evaluate.batch_size,
                               p.evaluate.max_new_tokens, prefix, k=k,
                               temperature=sc.temperature if k > 1 else 0.0,
                               top_p=sc.top_p if k > 1 else 1.0, seed=sc.seed if k > 1 else p.evaluate.seed)
@@ -207,30 +212,52 @@ def _eval_one(p: Params, model, tok, task: str, out: Path, prefix: str, k: int =
     return res
 
 
-def stage_evaluate(p: Params, train_task: str, method: str, eval_tasks: list[str] | None = None) -> dict:
-    """Evaluate a trained adapter (or the base model for zero_shot) on its task(s); write metrics JSON."""
-    from .student import load_student
-    from .tracking import mlflow_run
-    from .train import DSS_ANSWER_PREFIX
+def wants_self_consistency(p: Params, method: str, task: str) -> bool:
+    """Table 5 rows: listed methods (by exact name, so ablations stay greedy) on the listed tasks (all if none)."""
+    sc_tasks = p.experiments.self_consistency_tasks
+    return method in p.experiments.self_consistency_methods and (not sc_tasks or task in sc_tasks)
 
-    _set_threads()
+
+def _student_generator(p: Params, adapter: Path | None):
+    """(generator, tokenizer) for the evaluated student: transformers with the LoRA merged, or vLLM with the
+    adapter served as is (``evaluate.backend``). Training heads are never used at inference."""
+    from .evaluate import hf_generator
+    from .student import load_student
+
+    if p.evaluate.backend == "vllm":
+        from transformers import AutoTokenizer
+
+        from .backends_vllm import VLLMGenerator
+
+        tok = AutoTokenizer.from_pretrained(p.paths.student_dir, trust_remote_code=p.student.trust_remote_code)
+        return VLLMGenerator(p.paths.student_dir, tok, adapter, p.student.dtype, p.student.lora.r,
+                             p.evaluate.seed, p.evaluate.vllm_engine, p.student.trust_remote_code), tok
     model, tok = load_student(p.paths.student_dir, p.student.dtype, p.student.trust_remote_code)
-    if method != "zero_shot":
+    if adapter is not None:
         from peft import PeftModel
 
-        model = PeftModel.from_pretrained(model, str(train_dir(p, train_task, method) / "adapter"))
-        model = model.merge_and_unload()  # heads dropped; plain LM answers from the question alone
+        model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
     model.eval()
+    return hf_generator(model, tok), tok
+
+
+def stage_evaluate(p: Params, train_task: str, method: str, eval_tasks: list[str] | None = None) -> dict:
+    """Evaluate a trained adapter (or the base model for zero_shot) on its task(s); write metrics JSON."""
+    from .student import DSS_ANSWER_PREFIX
+    from .tracking import mlflow_run
+
+    _set_threads()
+    adapter = None if method == "zero_shot" else train_dir(p, train_task, method) / "adapter"
+    generator, tok = _student_generator(p, adapter)
     prefix = DSS_ANSWER_PREFIX if method == "dss_mt" else ""
     tasks = eval_tasks or [train_task]
     results = {}
     with mlflow_run(p.paths.tracking_uri, "magdi-eval", f"{train_task}/{method}",
                     {"train_task": train_task, "method": method, "evaluate": p.evaluate.model_dump()}) as mlf:
         for t in tasks:
-            res = _eval_one(p, model, tok, t, eval_dir(p, train_task, method), prefix)
-            base_method = p.train_for(method)[0] if method not in ("zero_shot", MT_METHOD) else method
-            if base_method in p.experiments.self_consistency_methods or method in p.experiments.self_consistency_methods:
-                sc = _eval_one(p, model, tok, t, eval_dir(p, train_task, method), prefix,
+            res = _eval_one(p, generator, tok, t, eval_dir(p, train_task, method), prefix)
+            if wants_self_consistency(p, method, t):
+                sc = _eval_one(p, generator, tok, t, eval_dir(p, train_task, method), prefix,
                                k=p.evaluate.self_consistency.k)
                 res["sc"] = {k: v for k, v in sc.items()}
             res.update({"task": t, "method": method, "train_task": train_task})

@@ -438,8 +438,12 @@ def table5(ctx: Ctx) -> Table:
     sc = ctx.params.evaluate.self_consistency
     return Table("table5_self_consistency", "Table 5: greedy decoding vs self-consistency", secs, recs,
                  [f"Methods listed in experiments.self_consistency_methods are also decoded k={sc.k} times "
-                  f"(temperature {sc.temperature}, top_p {sc.top_p}) and majority-voted; rows appear only "
-                  "where the metrics contain an `sc` entry.", PAPER_NOTE])
+                  f"(temperature {sc.temperature}, top_p {sc.top_p}, one sampling batch) and majority-voted on "
+                  f"experiments.self_consistency_tasks ({', '.join(ctx.params.experiments.self_consistency_tasks) or 'all tasks'}); "
+                  "rows appear only where the metrics contain an `sc` entry.",
+                  "The paper's rows are the base model, the best single-teacher student (SiT-GPT4) and MAGDi on "
+                  "GSM8K; our analogues are zero_shot, sit_reference (the dataset-explanation teacher) and magdi.",
+                  PAPER_NOTE])
 
 
 def _describe(over: dict[str, Any]) -> str:
@@ -634,6 +638,17 @@ def _placeholder(path: Path, title: str, msg: str) -> Path:
     return path
 
 
+def _save(fig, ax, path: Path, legend_fontsize: int | None = None, **legend_kw: Any) -> Path:
+    """The common ending of every figure: optional legend, light grid, tight layout, 120-dpi PNG."""
+    if legend_fontsize:
+        ax.legend(fontsize=legend_fontsize, **legend_kw)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    _plt().close(fig)
+    return path
+
+
 def _pick_mag(ctx: Ctx) -> MAG | None:
     mags = [m for t in dict.fromkeys([*ctx.tasks, *ctx.abl_tasks]) for m in ctx.m.mags(t)]
 
@@ -701,11 +716,7 @@ def fig4(ctx: Ctx, out: Path) -> Path:
     ax.set_ylabel("average accuracy %")
     ax.set_title(f"Fig. 4: accuracy vs inference tokens, student {ctx.student_name()}\n"
                  f"avg over {', '.join(ctx.tasks)} (* = some tasks missing)", fontsize=9)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, ax, path)
 
 
 def fig5(ctx: Ctx, out: Path) -> Path:
@@ -725,12 +736,7 @@ def fig5(ctx: Ctx, out: Path) -> Path:
     ax.set_ylabel("average accuracy %")
     ax.set_title(title + f"\navg over {', '.join(ctx.tasks)}; other sizes: set student.model to other hub ids",
                  fontsize=8)
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, ax, path, legend_fontsize=8)
 
 
 def _scaling_runs(ctx: Ctx) -> list[tuple[str, int | None]]:
@@ -770,12 +776,7 @@ def fig6(ctx: Ctx, out: Path) -> Path:
 
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_title(f"Fig. 6: data scaling (magdi + max_mags ablations)\nstudent {ctx.student_name()}", fontsize=9)
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, ax, path, legend_fontsize=8)
 
 
 def training_curves(ctx: Ctx, out: Path) -> Path:
@@ -792,12 +793,7 @@ def training_curves(ctx: Ctx, out: Path) -> Path:
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("total training loss")
     ax.set_title(f"Training loss per method on {task}\n(metrics/train/<method>/{task}_history.csv)", fontsize=9)
-    ax.legend(fontsize=7, ncol=2)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, ax, path, legend_fontsize=7, ncol=2)
 
 
 # ----------------------------------------------------------------------------- README

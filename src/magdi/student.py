@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import LogitsProcessor, LogitsProcessorList
 
 PACKAGED = "packaged:"
 
@@ -25,6 +26,10 @@ ANSWER_FORMATS: dict[str, str] = {
     "number": "Think step by step, then end with 'The answer is' followed by the final number.",
     "latex": "Think step by step, then end with 'The answer is' followed by the final answer in \\boxed{}.",
 }
+
+#: Distilling step-by-step (dss_mt) task prefixes: the student learns both outputs, answers with the first.
+DSS_ANSWER_PREFIX = "[answer] "
+DSS_RATIONALE_PREFIX = "[rationale] "
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -150,25 +155,79 @@ class Generation:
     n_tokens: int
 
 
+def row_sampling_filter(scores: torch.Tensor, temperatures: torch.Tensor, top_ps: torch.Tensor) -> torch.Tensor:
+    """Per-row temperature and nucleus filtering of next-token logits ``[B, V]``.
+
+    Same rule as transformers' ``TopPLogitsWarper`` (keep the smallest set of tokens whose probability
+    reaches ``top_p``, always at least one), but with one temperature/top_p per row, so requests of
+    agents with different sampling settings can share one batch. A row with temperature <= 0 keeps only
+    its arg-max (greedy).
+    """
+    greedy = temperatures <= 0
+    scaled = scores / torch.where(greedy, torch.ones_like(temperatures), temperatures)[:, None]
+    sorted_logits, sorted_idx = torch.sort(scaled, descending=False, dim=-1)
+    cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+    remove_sorted = cum <= (1 - top_ps)[:, None]
+    remove_sorted[:, -1] = False
+    remove = remove_sorted.scatter(1, sorted_idx, remove_sorted)
+    not_max = scaled < scaled.max(dim=-1, keepdim=True).values
+    remove |= greedy[:, None] & not_max
+    return scaled.masked_fill(remove, float("-inf"))
+
+
+class _RowSampling(LogitsProcessor):
+    """``LogitsProcessor`` applying ``row_sampling_filter`` with fixed per-row settings."""
+
+    def __init__(self, temperatures: list[float], top_ps: list[float]) -> None:
+        self.temperatures = torch.tensor(temperatures, dtype=torch.float32)
+        self.top_ps = torch.tensor(top_ps, dtype=torch.float32)
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        t, p = self.temperatures.to(scores.device), self.top_ps.to(scores.device)
+        return row_sampling_filter(scores.float(), t, p)
+
+
 @torch.no_grad()
 def generate(
     model,
     tokenizer,
     prompts: list[str],
     max_new_tokens: int,
-    temperature: float = 0.0,
-    top_p: float = 1.0,
+    temperature: float | list[float] = 0.0,
+    top_p: float | list[float] = 1.0,
     seed: int = 0,
+    num_samples: int = 1,
 ) -> list[Generation]:
     """Batched generation with KV cache; greedy when temperature == 0, else seeded nucleus sampling.
 
+    ``temperature``/``top_p`` may be lists (one value per prompt): rows with different sampling then
+    share one batch (``row_sampling_filter``). ``num_samples`` > 1 (sampling only) returns that many
+    continuations per prompt, prompt-major (``[p0s0, p0s1, …, p1s0, …]``), from one call. Both exist
+    because decoding a small model on CPU is bound by reading the weights once per step: one batch of
+    2k rows costs far less than k batches of 2 rows.
     Counts generated tokens up to and including EOS, the efficiency metric of the paper's Table 2.
     """
+    per_row = isinstance(temperature, list | tuple) or isinstance(top_p, list | tuple)
+    if per_row:
+        temps = list(temperature) if isinstance(temperature, list | tuple) else [temperature] * len(prompts)
+        tops = list(top_p) if isinstance(top_p, list | tuple) else [top_p] * len(prompts)
+        if len(temps) != len(prompts) or len(tops) != len(prompts):
+            raise ValueError("per-row temperature/top_p need one value per prompt")
+        if num_samples > 1:
+            raise ValueError("num_samples > 1 is not supported with per-row sampling")
+        if all(t <= 0 for t in temps):
+            per_row, temperature, top_p = False, 0.0, 1.0
+    elif num_samples > 1 and temperature <= 0:
+        raise ValueError("num_samples > 1 needs temperature > 0 (greedy samples would all be identical)")
     tokenizer.padding_side = "left"
     enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
-    sample = temperature > 0
+    sample = per_row or temperature > 0
     if sample:
         torch.manual_seed(seed)
+    extra: dict[str, Any] = {}
+    if per_row:  # our processor does temperature + top-p per row; transformers' own warpers stay off
+        extra = {"logits_processor": LogitsProcessorList([_RowSampling(temps, tops)])}
+        temperature, top_p = 1.0, 1.0
     out = model.generate(
         **enc,
         max_new_tokens=max_new_tokens,
@@ -178,6 +237,8 @@ def generate(
         top_k=None,
         use_cache=True,
         pad_token_id=tokenizer.pad_token_id,
+        num_return_sequences=num_samples,
+        **extra,
     )
     new = out[:, enc["input_ids"].shape[1] :]
     results = []

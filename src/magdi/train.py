@@ -22,7 +22,6 @@ import torch
 from torch import nn
 
 from .config import TASK_TYPES, TrainCfg
-from .encoders import build_encoder
 from .losses import (
     ScoreHead,
     graph_node_loss,
@@ -33,10 +32,7 @@ from .losses import (
     total_loss,
 )
 from .mag import MAG, edges
-from .student import student_prompt, student_target
-
-DSS_ANSWER_PREFIX = "[answer] "
-DSS_RATIONALE_PREFIX = "[rationale] "
+from .student import DSS_ANSWER_PREFIX, DSS_RATIONALE_PREFIX, student_prompt, student_target
 
 
 @dataclass(frozen=True)
@@ -175,7 +171,11 @@ class MagdiStudent(nn.Module):
         self.lm, self.spec, self.cfg = lm, spec, cfg
         dim = lm.config.hidden_size
         self.score_head = ScoreHead(dim, dim) if spec.contrastive else None
-        self.encoder = build_encoder(cfg.encoder, dim, cfg.hidden_dim) if spec.graph else None
+        self.encoder = None
+        if spec.graph:  # imported here: torch_geometric costs ~2 s of start-up that non-graph methods skip
+            from .encoders import build_encoder
+
+            self.encoder = build_encoder(cfg.encoder, dim, cfg.hidden_dim)
         self.frozen_cache: dict[int, torch.Tensor] = {}
 
     def _backbone(self):

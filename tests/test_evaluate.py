@@ -1,0 +1,166 @@
+"""Evaluation rules: bootstrap interval, summary, self-consistency vote, and the batched sampling helpers."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import magdi.evaluate as ev
+from magdi.evaluate import Prediction, bootstrap_ci, evaluate_examples, summarise
+from magdi.student import Generation, generate, row_sampling_filter
+
+
+# ============================================================================== bootstrap / summary
+def test_bootstrap_ci_degenerate_cases() -> None:
+    assert bootstrap_ci([], 100, 0) == (0.0, 0.0)
+    assert bootstrap_ci([True] * 7, 200, 0) == (1.0, 1.0)
+    assert bootstrap_ci([False] * 7, 200, 0) == (0.0, 0.0)
+
+
+def test_bootstrap_ci_brackets_the_mean_and_is_seeded() -> None:
+    correct = [True] * 6 + [False] * 14  # accuracy 0.3
+    lo, hi = bootstrap_ci(correct, 1000, 0)
+    assert 0.0 <= lo < 0.3 < hi <= 1.0
+    # the normal approximation gives 0.3 +- 1.96 * sqrt(0.3 * 0.7 / 20) = [0.099, 0.501]
+    assert abs(lo - 0.099) < 0.06 and abs(hi - 0.501) < 0.06
+    assert bootstrap_ci(correct, 1000, 0) == (lo, hi)
+    # interval values are attainable means k/20
+    assert math.isclose(lo * 20, round(lo * 20)) and math.isclose(hi * 20, round(hi * 20))
+
+
+def _pred(correct: bool, parsed: str | None, n_tokens: int) -> Prediction:
+    return Prediction("q", "gsm8k", "out", parsed, "5", correct, n_tokens)
+
+
+def test_summarise_counts_accuracy_tokens_and_unparsed() -> None:
+    preds = [_pred(True, "5", 10), _pred(False, None, 30), _pred(False, "4", 20), _pred(True, "5", 40)]
+    s = summarise(preds, 100, 0)
+    assert s["n"] == 4 and s["accuracy"] == 0.5 and s["mean_tokens"] == 25.0 and s["unparsed"] == 1
+    assert summarise([], 100, 0)["accuracy"] == 0.0
+
+
+# ============================================================================== self-consistency vote
+def test_self_consistency_majority_vote_and_token_sum(monkeypatch) -> None:
+    """k samples per question arrive prompt-major from one call; the vote and token count use all of them."""
+    scripted = {
+        "q1": ["The answer is 5.", "The answer is 4.", "The answer is 5."],  # majority 5: correct
+        "q2": ["The answer is 7.", "The answer is 8.", "The answer is 8."],  # majority 8: wrong
+    }
+    calls: list[dict] = []
+
+    def fake_generator(prompts, max_new_tokens, temperature, top_p, seed, num_samples=1):
+        calls.append({"n": len(prompts), "k": num_samples, "temperature": temperature})
+        qids = ["q1" if "Tom" in p else "q2" for p in prompts]
+        return [Generation(scripted[q][s], 10 + s) for q in qids for s in range(num_samples)]
+
+    monkeypatch.setattr(ev, "student_prompt", lambda tok, ex, at, prefix="": ex["question"])
+    examples = [{"id": "q1", "question": "Tom has 5", "answer": "5"}, {"id": "q2", "question": "Ann has 7", "answer": "7"}]
+    preds = evaluate_examples(fake_generator, None, examples, "gsm8k", "number", 8, 16, k=3, temperature=0.7, top_p=0.9)
+    assert calls == [{"n": 2, "k": 3, "temperature": 0.7}]  # one sampling call for all k samples
+    assert [p.parsed for p in preds] == ["5", "8"]
+    assert [p.correct for p in preds] == [True, False]
+    assert [p.n_tokens for p in preds] == [33, 33]  # 10 + 11 + 12
+    assert preds[0].samples == scripted["q1"] and preds[0].output == scripted["q1"][0]
+
+
+# ============================================================================== per-row sampling
+def test_row_sampling_filter_matches_hand_computation() -> None:
+    scores = torch.tensor([[2.0, 1.0, 0.0]] * 4)
+    # softmax(2,1,0) = (0.665, 0.245, 0.090); ascending cumulative: 0.090, 0.335, 1.0
+    temps = torch.tensor([1.0, 1.0, 0.0, 2.0])
+    tops = torch.tensor([0.5, 0.8, 1.0, 1.0])
+    out = row_sampling_filter(scores, temps, tops)
+    inf = float("-inf")
+    assert out[0].tolist() == [2.0, inf, inf]  # top_p 0.5: remove cum <= 0.5 -> only the top token
+    assert out[1].tolist() == [2.0, 1.0, inf]  # top_p 0.8: remove cum <= 0.2 -> the last token
+    assert out[2].tolist() == [2.0, inf, inf]  # temperature 0: greedy, arg-max only
+    assert out[3].tolist() == [1.0, 0.5, 0.0]  # temperature 2, no filtering
+
+
+def test_row_sampling_filter_keeps_at_least_one_token() -> None:
+    out = row_sampling_filter(torch.tensor([[0.0, 0.0]]), torch.tensor([1.0]), torch.tensor([0.0]))
+    assert torch.isfinite(out).sum() == 1
+
+
+def test_mixed_batch_greedy_row_equals_plain_greedy(make_lm, tiny_tokenizer) -> None:
+    model = make_lm(lora=False).eval()
+    prompt = "What is 2 plus 3? Think step by step"
+    greedy = generate(model, tiny_tokenizer, [prompt, prompt], 8, 0.0)
+    mixed = generate(model, tiny_tokenizer, [prompt, prompt], 8, [0.0, 1.5], [1.0, 1.0], seed=3)
+    assert mixed[0] == greedy[0]
+    again = generate(model, tiny_tokenizer, [prompt, prompt], 8, [0.0, 1.5], [1.0, 1.0], seed=3)
+    assert again == mixed  # seeded
+
+
+def test_num_samples_are_prompt_major(make_lm, tiny_tokenizer) -> None:
+    """Near-zero temperature makes every sample the greedy output of its own prompt."""
+    model = make_lm(lora=False).eval()
+    prompts = ["What is 2 plus 3?", "Options: (A) bank (B) river"]
+    greedy = generate(model, tiny_tokenizer, prompts, 6, 0.0)
+    assert greedy[0].text != greedy[1].text
+    samples = generate(model, tiny_tokenizer, prompts, 6, 1e-6, 1.0, seed=0, num_samples=3)
+    assert [g.text for g in samples] == [greedy[0].text] * 3 + [greedy[1].text] * 3
+
+
+def test_generate_rejects_inconsistent_sampling_arguments(make_lm, tiny_tokenizer) -> None:
+    model = make_lm(lora=False).eval()
+    with pytest.raises(ValueError, match="temperature > 0"):
+        generate(model, tiny_tokenizer, ["hi"], 2, 0.0, num_samples=2)
+    with pytest.raises(ValueError, match="one value per prompt"):
+        generate(model, tiny_tokenizer, ["hi", "yo"], 2, [0.5], [1.0, 1.0])
+
+
+# ============================================================================== vLLM backend (optional)
+def test_vllm_generator_contract(monkeypatch, tiny_tokenizer, tmp_path) -> None:
+    """vLLM is not installable here (CUDA); a stand-in module records what our code asks of its API:
+    LoRA served directly, our own token ids (no second BOS), n samples per prompt, prompt-major results."""
+    import sys
+    import types
+
+    seen: dict = {}
+
+    class SamplingParams:
+        def __init__(self, **kw):
+            self.kw = kw
+
+    class LoRARequest:
+        def __init__(self, name, int_id, path):
+            self.args = (name, int_id, path)
+
+    class LLM:
+        def __init__(self, **kw):
+            seen["engine"] = kw
+
+        def generate(self, prompts, params, lora_request=None, use_tqdm=True):
+            seen.update(prompts=prompts, params=params.kw, lora=lora_request.args if lora_request else None)
+            n = params.kw["n"]
+            return [types.SimpleNamespace(outputs=[types.SimpleNamespace(text=f" p{i}s{s} ", token_ids=[1] * (i + s + 1))
+                                                   for s in range(n)]) for i in range(len(prompts))]
+
+    vllm = types.ModuleType("vllm")
+    vllm.LLM, vllm.SamplingParams = LLM, SamplingParams
+    lora_mod = types.ModuleType("vllm.lora.request")
+    lora_mod.LoRARequest = LoRARequest
+    monkeypatch.setitem(sys.modules, "vllm", vllm)
+    monkeypatch.setitem(sys.modules, "vllm.lora", types.ModuleType("vllm.lora"))
+    monkeypatch.setitem(sys.modules, "vllm.lora.request", lora_mod)
+    from magdi.backends_vllm import VLLMGenerator
+
+    gen = VLLMGenerator("models/student", tiny_tokenizer, tmp_path / "adapter", "bfloat16", 16, 0,
+                        {"gpu_memory_utilization": 0.8})
+    assert seen["engine"]["enable_lora"] is True and seen["engine"]["max_lora_rank"] == 16
+    assert seen["engine"]["gpu_memory_utilization"] == 0.8 and seen["engine"]["trust_remote_code"] is False
+    out = gen(["What is 2 plus 3?", "Options: (A) bank"], 12, 0.7, 0.9, 5, num_samples=2)
+    assert [g.text for g in out] == ["p0s0", "p0s1", "p1s0", "p1s1"]
+    assert [g.n_tokens for g in out] == [1, 2, 2, 3]
+    assert seen["params"] == {"n": 2, "temperature": 0.7, "top_p": 0.9, "max_tokens": 12, "seed": 5}
+    assert seen["prompts"][0]["prompt_token_ids"] == tiny_tokenizer("What is 2 plus 3?", add_special_tokens=False)["input_ids"]
+    assert seen["lora"] == ("magdi", 1, str(tmp_path / "adapter"))
+    gen(["hi"], 4)  # greedy: temperature 0, no seed, top_p 1
+    assert seen["params"] == {"n": 1, "temperature": 0.0, "top_p": 1.0, "max_tokens": 4, "seed": None}
+    base = VLLMGenerator("models/student", tiny_tokenizer, None)  # zero-shot: no LoRA
+    assert "enable_lora" not in seen["engine"]
+    base(["hi"], 4)
+    assert seen["lora"] is None
