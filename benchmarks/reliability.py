@@ -1,7 +1,7 @@
 """Reliability and security scenarios, measured, written to ``reports/reliability.md``.
 
-The same scenarios as ``tests/test_reliability.py`` and ``tests/test_security.py`` (the small helpers are
-duplicated here so that the tests stay self-contained), run once with every number measured at run time:
+The same scenarios as ``tests/test_reliability.py`` and ``tests/test_security.py`` (sharing their
+fault-injection helpers, ``tests/_faults.py``), run once with every number measured at run time:
 
 * faults -- SIGKILL of a real MAG build (several times, at different points) and of a real training run
   (twice), a MAG record torn mid-append, a kill *during* a checkpoint write, and a teacher endpoint that is
@@ -32,16 +32,13 @@ import os
 import platform
 import re
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import threading
 import time
 import tokenize
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -50,148 +47,22 @@ SRC = ROOT / "src"
 if str(SRC) not in sys.path:
     sys.path.insert(0, str(SRC))
 
-# ============================================================================ teacher endpoint on loopback
-ITEM = re.compile(r"Item (\d+): what is (\d+) plus (\d+)\?")
+TESTS = ROOT / "tests"
+if str(TESTS) not in sys.path:  # the fault-injection helpers are shared with tests/test_reliability.py
+    sys.path.insert(0, str(TESTS))
 
-
-def teacher_reply(model: str, messages: list[dict]) -> str:
-    """teacher-a is always right; teacher-b is stubborn on i%4==0 (G2), wrong in round 0 on i%4==1 (G1)."""
-    user = messages[-1]["content"]
-    i, a, b = (int(g) for g in ITEM.search(user).groups())  # type: ignore[union-attr]
-    wrong = model == "teacher-b" and (i % 4 == 0 or (i % 4 == 1 and "previous round" not in user))
-    ans = a + b + (1 if wrong else 0)
-    return json.dumps({"reasoning": f"{a} plus {b} makes {ans}.", "answer": str(ans), "confidence": 0.9})
-
-
-class Teacher(ThreadingHTTPServer):
-    daemon_threads = True
-
-    def __init__(self, mode: str = "ok", delay: float = 0.0) -> None:
-        super().__init__(("127.0.0.1", 0), _Handler)
-        self.mode, self.delay = mode, delay
-        self.lock = threading.Lock()
-        self.items: list[int] = []
-        self.auth: list[str | None] = []
-        self.gate = threading.Event()
-        self.gate.set()
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.server_address[1]}/v1"
-
-    @property
-    def n(self) -> int:
-        with self.lock:
-            return len(self.items)
-
-
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    server: Teacher
-
-    def log_message(self, format: str, *args: object) -> None:  # noqa: A002
-        pass
-
-    def _send(self, code: int, body: bytes, headers: dict[str, str] | None = None) -> None:
-        self.send_response(code)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        for k, v in (headers or {}).items():
-            self.send_header(k, v)
-        self.end_headers()
-        self.wfile.write(body)
-
-    def do_POST(self) -> None:  # noqa: N802
-        req = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
-        srv, auth = self.server, self.headers.get("Authorization")
-        m = ITEM.search(req["messages"][-1]["content"])
-        with srv.lock:
-            srv.items.append(int(m.group(1)) if m else -1)
-            srv.auth.append(auth)
-        srv.gate.wait(timeout=60)
-        try:
-            if srv.mode == "429":
-                self._send(429, b'{"error": {"message": "slow down", "type": "rate_limit"}}', {"Retry-After": "0"})
-            elif srv.mode == "slow":
-                time.sleep(1.5)
-                self._send(200, b"{}")
-            elif srv.mode == "garbage":
-                self._send(200, b"<html><body>502 Bad Gateway (not JSON)</body></html>")
-            elif m and m.group(1) == "99":  # a careless server echoing the credential in its error
-                self._send(401, json.dumps({"error": {"message": f"Incorrect API key provided: {auth}"}}).encode())
-            else:
-                time.sleep(srv.delay)
-                text = teacher_reply(req["model"], req["messages"])
-                body = {"id": "x", "object": "chat.completion", "created": 0, "model": req["model"],
-                        "choices": [{"index": 0, "finish_reason": "stop",
-                                     "message": {"role": "assistant", "content": text}}],
-                        "usage": {"prompt_tokens": 10, "completion_tokens": len(text.split()), "total_tokens": 20}}
-                self._send(200, json.dumps(body).encode())
-        except (BrokenPipeError, ConnectionResetError):
-            pass
-
-
-@contextmanager
-def serve(mode: str = "ok", delay: float = 0.0) -> Iterator[Teacher]:
-    srv = Teacher(mode, delay)
-    th = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
-    th.start()
-    try:
-        yield srv
-    finally:
-        srv.gate.set()
-        srv.shutdown()
-        srv.server_close()
-        th.join(timeout=5)
-
-
-def closed_port_url() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    return f"http://127.0.0.1:{port}/v1"
-
-
-def examples(n: int) -> list[dict]:
-    return [{"id": f"q{i:02d}", "question": f"Item {i}: what is {i} plus {i + 3}?", "choices": None,
-             "answer": str(2 * i + 3), "explanation": None} for i in range(n)]
-
-
-def teacher_agents(url: str, work: Path, retries: int = 2, timeout: float = 10.0) -> list:
-    from magdi.backends_openai import OpenAIChatBackend
-    from magdi.cache import CallCache
-    from magdi.discussion import Agent
-
-    return [Agent(name, OpenAIChatBackend(model, url, None, timeout_s=timeout, max_retries=retries,
-                                          cache=CallCache(work / f"cache_{model}.jsonl"), backoff_base_s=0.01,
-                                          max_backoff_s=0.05, concurrency=2),
-                  "You are a careful reasoner.", 0.7, 0.95, seed, 64)
-            for name, model, seed in (("a", "teacher-a", 1), ("b", "teacher-b", 2))]
-
-
-def close_agents(agents: list) -> None:
-    for a in agents:
-        a.backend.cache.close()
-        a.backend.close()
-
-
-def cache_entries(work: Path) -> dict[str, Any]:
-    from magdi.cache import CallCache
-
-    out = {}
-    for f in sorted(work.glob("cache_*.jsonl")):
-        with CallCache(f) as c:
-            out.update({f"{f.name}:{k}": c.get(k) for k in c})
-    return out
-
-
-def child_env() -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": str(SRC), "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1",
-            "TOKENIZERS_PARALLELISM": "false"}
-
-
-def n_lines(path: Path) -> int:
-    return path.read_bytes().count(b"\n") if path.exists() else 0
+from _faults import cache_snapshot as cache_entries  # noqa: E402
+from _faults import (  # noqa: E402
+    child_env,
+    close_agents,
+    closed_port_url,
+    examples,
+    n_lines,
+    serve,
+    teacher_agents,
+    tiny_student,
+    train_cfg,
+)
 
 
 def ids_in(path: Path) -> list[str]:
@@ -202,54 +73,10 @@ def ids_in(path: Path) -> list[str]:
 def mag_child(url: str, work: Path) -> None:
     from magdi.discussion import build_mags
 
-    agents = teacher_agents(url, work)
+    agents = teacher_agents(url, work, timeout=10.0)
     mags = build_mags(agents, examples(12), "gsm8k", "number", work / "mags.jsonl", max_rounds=2, chunk_size=2,
                       parse_retries=0, context_chars=200)
     print(json.dumps({"n": len(mags)}))
-
-
-def tiny_student(dropout: float = 0.05):
-    """(tokenizer, LoRA Llama, 8 MAGs): a WordLevel tokenizer over the MAGs' words and a hidden-32 Llama."""
-    import torch
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    from magdi.mag import MAG, Node
-    from magdi.student import ANSWER_FORMATS, attach_lora, student_target
-
-    mags = []
-    for i in range(8):
-        a, b = i, i + 3
-        nodes = [Node("x", 0, f"{a} plus {b} is {a + b}", str(a + b), 0.9, True),
-                 Node("y", 0, f"{a} plus {b} is {a + b + 1}", str(a + b + 1), 0.6, False)]
-        if i % 2:
-            nodes += [Node("x", 1, f"still {a + b}", str(a + b), 0.9, True),
-                      Node("y", 1, f"now {a + b}", str(a + b), 0.8, True)]
-        mags.append(MAG(f"m{i}", "gsm8k", f"what is {a} plus {b} ?", str(a + b), nodes))
-    corpus = [m.question for m in mags] + [ANSWER_FORMATS["number"], "user assistant : unknown"]
-    corpus += [student_target(n.reasoning, n.answer) for m in mags for n in m.nodes]
-    words = sorted({w for text in corpus for w, _ in pre_tokenizers.Whitespace().pre_tokenize_str(text)})
-    vocab = {w: i for i, w in enumerate(["<pad>", "<eos>", "<unk>"] + words)}
-    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<eos>", pad_token="<pad>", unk_token="<unk>")
-    tok.chat_template = ("{% for m in messages %}{{ m['role'] }} : {{ m['content'] }}\n{% endfor %}"
-                         "{% if add_generation_prompt %}assistant : {% endif %}")
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        lm = LlamaForCausalLM(LlamaConfig(
-            vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, pad_token_id=0,
-            eos_token_id=1, bos_token_id=None))
-        lm = attach_lora(lm, r=4, alpha=8, dropout=dropout, target_modules=["q_proj", "v_proj"])
-    return tok, lm, mags
-
-
-def train_cfg(epochs: int = 2):
-    from magdi.config import TrainCfg
-
-    return TrainCfg(epochs=epochs, lr=1e-2, mags_per_step=2, max_prompt_tokens=64, max_target_tokens=16,
-                    hidden_dim=16, checkpoint_every=1, seed=0)
 
 
 def train_child(out: Path, pause: float) -> None:
@@ -302,11 +129,11 @@ def fault_mag_kills(tmp: Path, kill_at: tuple[int, ...] = (3, 7)) -> Row:
             proc = spawn(["--mag-child", srv.url, str(run_dir)], run_dir / "stderr.txt")
             if not wait_until(lambda k=k: n_lines(mags_path) >= k, proc, 120, run_dir / "stderr.txt"):
                 break  # finished before reaching k
-            srv.gate.clear()  # calls in flight at the kill: paid for, never received
+            srv.hold()  # calls in flight at the kill: paid for, never received
             time.sleep(0.1)
             proc.send_signal(signal.SIGKILL)
             proc.wait()
-            srv.gate.set()
+            srv.release()
             at_kill.append(n_lines(mags_path))
             paid.append(srv.n - before_paid)
             in_flight += (srv.n - before_paid) - (len(cache_entries(run_dir)) - before_cached)
@@ -343,7 +170,7 @@ def fault_torn_append(tmp: Path) -> Row:
     work, out = tmp / "torn", tmp / "torn" / "mags.jsonl"
     t0 = time.monotonic()
     with serve() as srv:
-        agents = teacher_agents(srv.url, work)
+        agents = teacher_agents(srv.url, work, timeout=10.0)
         build_mags(agents, examples(4), "gsm8k", "number", out, 2, 2, 0, 200)
         full = out.read_bytes().split(b"\n")[3]
         out.write_bytes(b"\n".join(out.read_bytes().split(b"\n")[:3]) + b"\n" + full[: len(full) // 2])
@@ -471,7 +298,7 @@ def fault_endpoint(tmp: Path, fault: str) -> Row:
     work, out = tmp / f"endpoint_{fault}", tmp / f"endpoint_{fault}" / "mags.jsonl"
     ex = examples(3)
     with serve() as srv:
-        agents = teacher_agents(srv.url, work)
+        agents = teacher_agents(srv.url, work, timeout=10.0)
         build_mags(agents, ex[:2], "gsm8k", "number", out, 2, 2, 0, 200)
         close_agents(agents)
         cache_before, mags_before = cache_entries(work), out.read_bytes()
@@ -490,7 +317,7 @@ def fault_endpoint(tmp: Path, fault: str) -> Row:
         m = re.search(r"gave up after (\d+) attempts", msg)
         intact = cache_entries(work) == cache_before and out.read_bytes() == mags_before
         srv.mode = "ok"
-        agents = teacher_agents(srv.url, work)
+        agents = teacher_agents(srv.url, work, timeout=10.0)
         paid = srv.n
         build_mags(agents, ex, "gsm8k", "number", out, 2, 2, 0, 200)
         close_agents(agents)

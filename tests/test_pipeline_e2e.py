@@ -10,6 +10,7 @@ import csv
 import importlib.util
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -119,3 +120,15 @@ def test_dvc_repro_tiny(tmp_path: Path) -> None:
     # dvc sees the declared metrics and plots
     out = run(sys.executable, "-m", "dvc", "metrics", "show", "--json")
     assert "accuracy" in out
+
+    # nothing is stale after a repro, and an experiment re-runs only what depends on the edited param
+    assert "up to date" in run(sys.executable, "-m", "dvc", "status")
+    run("git", "add", "-A")
+    run("git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-q", "-m", "baseline")
+    out = run(sys.executable, "-m", "dvc", "exp", "run", "-S", "experiments.ablations.magdi_fc.graph=ud")
+    ran = set(re.findall(r"Running stage '([^']+)'", out))
+    assert "train_ablation@strategyqa-magdi_fc" in ran, out[-2000:]
+    assert ran <= {"train_ablation@strategyqa-magdi_fc", "evaluate_ablation@strategyqa-magdi_fc", "report"}, ran
+    assert yaml.safe_load((work / "params.yaml").read_text())["experiments"]["ablations"]["magdi_fc"] == {"graph": "ud"}
+    exps = run(sys.executable, "-m", "dvc", "exp", "show", "--json")
+    assert "magdi_fc" in exps

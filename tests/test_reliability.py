@@ -10,18 +10,14 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -30,9 +26,17 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from _loopback import running
-from magdi.backends_openai import OpenAIChatBackend, TeacherCallError
-from magdi.cache import CallCache
+from _faults import (
+    cache_snapshot,
+    child_env,
+    close_agents,
+    closed_port_url,
+    examples,
+    n_lines,
+    serve,
+    teacher_agents,
+)
+from magdi.backends_openai import TeacherCallError
 from magdi.config import ConfigError, TrainCfg, load_params, parse_params
 from magdi.data import LoadReport, load_benchmark, prepare_all, sample_splits
 from magdi.discussion import Agent, build_mags, discuss_chunk, parse_reply
@@ -40,140 +44,7 @@ from magdi.mag import MAG, Node, append_mag, iter_mags, read_mags
 from magdi.scoring import extract_answer, is_correct
 
 ROOT = Path(__file__).resolve().parents[1]
-SRC = ROOT / "src"
 ANSWER_TYPES = ("yesno", "choice", "number", "latex")
-
-
-# ============================================================================ a scriptable teacher endpoint
-ITEM = re.compile(r"Item (\d+): what is (\d+) plus (\d+)\?")
-
-
-def teacher_reply(model: str, messages: list[dict]) -> str:
-    """Deterministic teacher: ``teacher-a`` is always right; ``teacher-b`` is stubborn on items i%4==0 (G2
-    MAGs with max_rounds=2), wrong only in round 0 on i%4==1 (G1), right otherwise (G0)."""
-    user = messages[-1]["content"]
-    i, a, b = (int(g) for g in ITEM.search(user).groups())  # type: ignore[union-attr]
-    discussing = "previous round" in user
-    wrong = model == "teacher-b" and (i % 4 == 0 or (i % 4 == 1 and not discussing))
-    ans = a + b + (1 if wrong else 0)
-    return json.dumps({"reasoning": f"{a} plus {b} makes {ans}.", "answer": str(ans), "confidence": 0.9})
-
-
-class Teacher(ThreadingHTTPServer):
-    """``POST /v1/chat/completions`` on 127.0.0.1. Modes: ok (after ``delay`` s), 429 (forever, Retry-After 0),
-    slow (sleeps past any client timeout), garbage (HTTP 200 whose body is not JSON). ``hold()`` parks new
-    requests until ``release()``: what is parked when a client is killed was paid for and never received."""
-
-    daemon_threads = True
-
-    def __init__(self, mode: str = "ok", delay: float = 0.0) -> None:
-        super().__init__(("127.0.0.1", 0), _TeacherHandler)
-        self.mode, self.delay = mode, delay
-        self.lock = threading.Lock()
-        self.items: list[int] = []  # item index of every request, in arrival order
-        self.gate = threading.Event()
-        self.gate.set()
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.server_address[1]}/v1"
-
-    @property
-    def n(self) -> int:
-        with self.lock:
-            return len(self.items)
-
-    def hold(self) -> None:
-        self.gate.clear()
-
-    def release(self) -> None:
-        self.gate.set()
-
-
-class _TeacherHandler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    server: Teacher
-
-    def log_message(self, format: str, *args: object) -> None:  # noqa: A002
-        pass
-
-    def _send(self, code: int, body: bytes, headers: dict[str, str] | None = None) -> None:
-        self.send_response(code)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        for k, v in (headers or {}).items():
-            self.send_header(k, v)
-        self.end_headers()
-        self.wfile.write(body)
-
-    def do_POST(self) -> None:  # noqa: N802
-        req = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
-        srv = self.server
-        m = ITEM.search(req["messages"][-1]["content"])
-        with srv.lock:
-            srv.items.append(int(m.group(1)) if m else -1)
-        srv.gate.wait(timeout=60)
-        try:
-            if srv.mode == "429":
-                self._send(429, b'{"error": {"message": "slow down", "type": "rate_limit"}}', {"Retry-After": "0"})
-            elif srv.mode == "slow":
-                time.sleep(1.5)
-                self._send(200, b"{}")
-            elif srv.mode == "garbage":
-                self._send(200, b"<html><body>502 Bad Gateway (not JSON)</body></html>")
-            else:
-                time.sleep(srv.delay)
-                text = teacher_reply(req["model"], req["messages"])
-                body = {"id": "x", "object": "chat.completion", "created": 0, "model": req["model"],
-                        "choices": [{"index": 0, "finish_reason": "stop",
-                                     "message": {"role": "assistant", "content": text}}],
-                        "usage": {"prompt_tokens": 10, "completion_tokens": len(text.split()), "total_tokens": 20}}
-                self._send(200, json.dumps(body).encode())
-        except (BrokenPipeError, ConnectionResetError):  # the client died or timed out
-            pass
-
-
-@contextmanager
-def serve(mode: str = "ok", delay: float = 0.0) -> Iterator[Teacher]:
-    with running(Teacher(mode, delay)) as srv:
-        try:
-            yield srv
-        finally:
-            srv.release()  # unblock handlers still sleeping before the server shuts down
-
-
-def closed_port_url() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    return f"http://127.0.0.1:{port}/v1"
-
-
-def examples(n: int) -> list[dict]:
-    return [{"id": f"q{i:02d}", "question": f"Item {i}: what is {i} plus {i + 3}?", "choices": None,
-             "answer": str(2 * i + 3), "explanation": None} for i in range(n)]
-
-
-def teacher_agents(url: str, work: Path, retries: int = 2, timeout: float = 5.0) -> list[Agent]:
-    return [Agent(name, OpenAIChatBackend(model, url, None, timeout_s=timeout, max_retries=retries,
-                                          cache=CallCache(work / f"cache_{model}.jsonl"), backoff_base_s=0.01,
-                                          max_backoff_s=0.05, concurrency=2),
-                  "You are a careful reasoner.", 0.7, 0.95, seed, 64)
-            for name, model, seed in (("a", "teacher-a", 1), ("b", "teacher-b", 2))]
-
-
-def close_agents(agents: list[Agent]) -> None:
-    for a in agents:
-        a.backend.cache.close()  # type: ignore[union-attr]
-        a.backend.close()  # type: ignore[union-attr]
-
-
-def cache_snapshot(work: Path) -> dict[str, dict]:
-    out = {}
-    for f in sorted(work.glob("cache_*.jsonl")):
-        with CallCache(f) as c:
-            out.update({f"{f.name}:{k}": c.get(k) for k in c})
-    return out
 
 
 @pytest.fixture
@@ -189,11 +60,6 @@ def reap() -> Iterator[list[subprocess.Popen]]:
         for stream in (proc.stdout, proc.stderr):
             if stream is not None:
                 stream.close()
-
-
-def child_env() -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": str(SRC), "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1",
-            "TOKENIZERS_PARALLELISM": "false"}
 
 
 # ============================================================================ 1a. SIGKILL the MAG build
@@ -225,10 +91,6 @@ def start_mag_child(url: str, work: Path, go: Path) -> subprocess.Popen:
     with (work / "stdout.txt").open("ab") as out, (work / "stderr.txt").open("ab") as err:
         return subprocess.Popen([sys.executable, "-c", MAG_SCRIPT, url, str(work), str(go)], env=child_env(),
                                 stdout=out, stderr=err)
-
-
-def n_lines(path: Path) -> int:
-    return path.read_bytes().count(b"\n") if path.exists() else 0
 
 
 def test_mag_build_sigkill_and_restart_loses_nothing_and_pays_nothing_twice(tmp_path: Path,
@@ -292,51 +154,20 @@ import json, sys, time
 from pathlib import Path
 import torch
 torch.set_num_threads(1)
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-from magdi.config import TrainCfg
-from magdi.mag import MAG, Node
-from magdi.student import ANSWER_FORMATS, attach_lora, student_target
+out, pause, go, ref, tests_dir = Path(sys.argv[1]), float(sys.argv[2]), Path(sys.argv[3]), sys.argv[4], sys.argv[5]
+sys.path.insert(0, tests_dir)
+from _faults import tiny_student, train_cfg
 from magdi.train import build_items, method_spec, train
 
-out, pause, go, ref = Path(sys.argv[1]), float(sys.argv[2]), Path(sys.argv[3]), sys.argv[4]
-mags = []
-for i in range(8):
-    a, b = i, i + 3
-    nodes = [Node("x", 0, f"{a} plus {b} is {a + b}", str(a + b), 0.9, True),
-             Node("y", 0, f"{a} plus {b} is {a + b + 1}", str(a + b + 1), 0.6, False)]
-    if i % 2:
-        nodes += [Node("x", 1, f"still {a + b}", str(a + b), 0.9, True),
-                  Node("y", 1, f"now {a + b}", str(a + b), 0.8, True)]
-    mags.append(MAG(f"m{i}", "gsm8k", f"what is {a} plus {b} ?", str(a + b), nodes))
-corpus = [m.question for m in mags] + [ANSWER_FORMATS["number"], "user assistant :"]
-corpus += [student_target(n.reasoning, n.answer) for m in mags for n in m.nodes]
-words = sorted({w for text in corpus for w, _ in pre_tokenizers.Whitespace().pre_tokenize_str(text)})
-vocab = {w: i for i, w in enumerate(["<pad>", "<eos>", "<unk>"] + words)}
-backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-backend.pre_tokenizer = pre_tokenizers.Whitespace()
-tok = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<eos>", pad_token="<pad>", unk_token="<unk>")
-tok.chat_template = ("{% for m in messages %}{{ m['role'] }} : {{ m['content'] }}\n{% endfor %}"
-                     "{% if add_generation_prompt %}assistant : {% endif %}")
-cfg = TrainCfg(epochs=2, lr=1e-2, mags_per_step=2, max_prompt_tokens=64, max_target_tokens=16, hidden_dim=16,
-               checkpoint_every=1, seed=0)
 spec = method_spec("magdi")
+tok, lm, mags = tiny_student()
 items = build_items(mags, spec, tok)
-
-def student():
-    torch.manual_seed(0)
-    lm = LlamaForCausalLM(LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64,
-                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                      max_position_embeddings=256, pad_token_id=0, eos_token_id=1, bos_token_id=None))
-    return attach_lora(lm, r=4, alpha=8, dropout=0.05, target_modules=["q_proj", "v_proj"])
-
-lm = student()
 while not go.exists():
     time.sleep(0.01)
-res = train(lm, tok, items, spec, cfg, out, log_fn=lambda rec: time.sleep(pause))
+res = train(lm, tok, items, spec, train_cfg(), out, log_fn=lambda rec: time.sleep(pause))
 result = {"run": {"resumed_from": res.resumed_from, "steps": res.steps, "history": res.history}}
 if ref != "-":
-    res = train(student(), tok, items, spec, cfg, Path(ref))
+    res = train(tiny_student()[1], tok, items, spec, train_cfg(), Path(ref))
     result["ref"] = {"resumed_from": res.resumed_from, "steps": res.steps, "history": res.history}
 print(json.dumps(result))
 """
@@ -345,7 +176,8 @@ print(json.dumps(result))
 def start_train_child(out: Path, pause: float, go: Path, ref: Path | None = None) -> subprocess.Popen:
     out.mkdir(parents=True, exist_ok=True)
     with (out / "stderr.txt").open("ab") as err:
-        return subprocess.Popen([sys.executable, "-c", TRAIN_SCRIPT, str(out), str(pause), str(go), str(ref or "-")],
+        return subprocess.Popen([sys.executable, "-c", TRAIN_SCRIPT, str(out), str(pause), str(go), str(ref or "-"),
+                                 str(Path(__file__).resolve().parent)],
                                 env=child_env(), stdout=subprocess.PIPE, stderr=err, text=True)
 
 

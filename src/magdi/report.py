@@ -681,6 +681,23 @@ def _avg_over(ctx: Ctx, method: str, key: str) -> tuple[float | None, int]:
     return (sum(vals) / len(vals) if vals else None), len(vals)
 
 
+def _merge_close_labels(pts: list[tuple[str, float, float, str]], rel_x: float = 0.15,
+                        abs_y: float = 1.0) -> list[tuple[str, float, float, str]]:
+    """Points that (nearly) coincide get one joined label: on tiny test sets several methods often share an
+    accuracy, and overprinted names are unreadable. Each point keeps its own position."""
+    names: list[list[str]] = [[] for _ in pts]
+    anchors: list[int] = []
+    for i, (lab, x, y, c) in enumerate(pts):
+        near = [a for a in anchors if pts[a][3] == c and abs(pts[a][2] - y) <= abs_y
+                and abs(pts[a][1] - x) <= rel_x * max(abs(pts[a][1]), 1e-9)]
+        if near:
+            names[near[0]].append(lab)
+        else:
+            anchors.append(i)
+            names[i].append(lab)
+    return [(", ".join(names[i]), x, y, c) for i, (_, x, y, c) in enumerate(pts)]
+
+
 def fig4(ctx: Ctx, out: Path) -> Path:
     path = out / "fig4_accuracy_vs_tokens.png"
     pts = []
@@ -701,7 +718,7 @@ def fig4(ctx: Ctx, out: Path) -> Path:
         return _placeholder(path, "Fig. 4: accuracy vs tokens", "no evaluation metrics yet")
     plt = _plt()
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for lab, x, y, c in pts:
+    for lab, x, y, c in _merge_close_labels(pts):
         ax.scatter([x], [y], color=c, s=40, zorder=3)
         ax.annotate(lab, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=7)
     xs = [p[1] for p in pts]
