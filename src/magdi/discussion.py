@@ -76,9 +76,18 @@ class LocalBackend:
     rows, so two agents together take about the time of one.
     """
 
-    def __init__(self, model, tokenizer, model_id: str, cache: CallCache, batch_size: int = 8):
+    def __init__(self, model, tokenizer, model_id: str, cache: CallCache, batch_size: int = 8,
+                 loader: Callable[[], tuple[Any, Any]] | None = None):
+        if model is None and loader is None:
+            raise ValueError("LocalBackend needs a model or a loader")
         self.model, self.tokenizer, self.model_id = model, tokenizer, model_id
         self.cache, self.batch_size = cache, batch_size
+        self._loader = loader
+
+    def _ensure_loaded(self) -> None:
+        """Load the model on the first cache miss: a fully cached discussion never pays for loading it."""
+        if self.model is None:
+            self.model, self.tokenizer = self._loader()  # type: ignore[misc]
 
     def generate(self, messages_batch, temperature, top_p, max_new_tokens, seed):
         return self.generate_many([Request(m, temperature, top_p, max_new_tokens, seed) for m in messages_batch])
@@ -89,6 +98,8 @@ class LocalBackend:
         by_len: dict[int, list[int]] = defaultdict(list)  # one generate call per max_new_tokens
         for i in todo:
             by_len[requests[i].max_new_tokens].append(i)
+        if todo:
+            self._ensure_loaded()
         for max_new, rows in by_len.items():
             for start in range(0, len(rows), self.batch_size):
                 idx = rows[start : start + self.batch_size]

