@@ -449,3 +449,62 @@ def test_forward_backward_on_cuda(make_lm, tiny_tokenizer, encoder: str) -> None
     out = student(enc, items, 0)
     out["loss"].backward()
     assert out["loss"].device.type == "cuda" and torch.isfinite(out["loss"])
+
+
+# ============================================================================== lr schedule and accumulation
+# 6 MAGs, 1 per micro-step, 2 epochs = 12 micro-steps; warm-up 25 % of the updates. By hand, per update u
+# of n with W = round(0.25 n) warm-up updates: lr = u / W while u < W, then (n - u) / (n - W).
+_LR_BY_HAND = {
+    1: [0, 1 / 3, 2 / 3, 1, 8 / 9, 7 / 9, 6 / 9, 5 / 9, 4 / 9, 3 / 9, 2 / 9, 1 / 9],  # n=12, W=3
+    2: [0, 1 / 2, 1, 3 / 4, 2 / 4, 1 / 4],  # n=6, W=2 (round(1.5) = 2)
+    4: [0, 1, 1 / 2],  # n=3, W=1
+}
+
+
+def _sched_run(make_lm, tok, out: Path, grad_accum: int, stop_after: int | None = None):
+    spec = method_spec("magdi_cn")
+    items = build_items(_train_mags(), spec, tok)
+    cfg = _cfg(mags_per_step=1, epochs=2, grad_accum=grad_accum, warmup_ratio=0.25, checkpoint_every=1)
+    return train(make_lm(), tok, items, spec, cfg, out, stop_after=stop_after)
+
+
+@pytest.mark.parametrize("grad_accum", [1, 2, 4])
+def test_lr_schedule_by_hand_with_accumulation_and_resume(make_lm, tiny_tokenizer, tmp_path: Path,
+                                                          grad_accum: int, monkeypatch) -> None:
+    from accelerate import Accelerator
+
+    clips: list[int] = []
+    real_clip = Accelerator.clip_grad_norm_
+    monkeypatch.setattr(Accelerator, "clip_grad_norm_",
+                        lambda self, *a, **k: clips.append(1) or real_clip(self, *a, **k))
+    full = _sched_run(make_lm, tiny_tokenizer, tmp_path / "full", grad_accum)
+    peak = _cfg().lr
+    # every micro-step of one update trains under that update's lr
+    expected = [peak * f for f in _LR_BY_HAND[grad_accum] for _ in range(grad_accum)][:12]
+    assert [h["lr"] for h in full.history] == pytest.approx(expected, abs=1e-12)
+    # clipping (and the update) happen once per accumulated gradient, never on a micro-step's part
+    assert len(clips) == len(_LR_BY_HAND[grad_accum])
+    assert [h["step"] for h in full.history if "grad_norm" in h] == list(range(grad_accum, 13, grad_accum))
+
+    # a kill after micro-step 4 (an update boundary for 1, 2 and 4) resumes onto the same lr sequence
+    _sched_run(make_lm, tiny_tokenizer, tmp_path / "resumed", grad_accum, stop_after=4)
+    rest = _sched_run(make_lm, tiny_tokenizer, tmp_path / "resumed", grad_accum)
+    assert rest.resumed_from == 4
+    assert [h["lr"] for h in rest.history] == pytest.approx(expected, abs=1e-12)
+    for a, b in zip(rest.history, full.history, strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-6)
+
+
+def test_accumulated_update_equals_one_big_step(make_lm, tiny_tokenizer, tmp_path: Path) -> None:
+    """grad_accum=2 over 1-item micro-steps gives the gradient of the mean loss of the pair: the first
+    update (lr 0 in warm-up aside) is the same as with 2 items per step when warm-up is off."""
+    spec = method_spec("magdi_r0")
+    items = build_items(_train_mags()[:2], spec, tiny_tokenizer)
+    lm1, lm2 = make_lm(), make_lm()
+    cfg = dict(epochs=1, warmup_ratio=0.0, checkpoint_every=1)
+    train(lm1, tiny_tokenizer, items, spec, _cfg(mags_per_step=1, grad_accum=2, **cfg), tmp_path / "a")
+    train(lm2, tiny_tokenizer, items, spec, _cfg(mags_per_step=2, grad_accum=1, **cfg), tmp_path / "b")
+    w1, w2 = _lora(lm1), _lora(lm2)
+    assert any(not torch.equal(w1[n], _lora(make_lm())[n]) for n in w1)
+    for n in w1:
+        assert torch.allclose(w1[n], w2[n], atol=1e-6), n

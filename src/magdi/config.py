@@ -128,6 +128,8 @@ class TrainCfg(_Strict):
     lr: float = Field(2e-4, gt=0)
     mags_per_step: int = Field(4, ge=1)
     grad_accum: int = Field(1, ge=1)
+    #: share of the optimiser updates spent warming the lr up linearly from 0 (then linear decay to 0)
+    warmup_ratio: float = Field(0.1, ge=0.0, lt=1.0)
     max_prompt_tokens: int = Field(160, ge=8)
     max_target_tokens: int = Field(160, ge=8)
     seed: int = 0

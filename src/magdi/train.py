@@ -9,10 +9,12 @@ safetensors + JSON (no pickle) and resume bit-exactly on CPU.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import random
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -327,8 +329,8 @@ def train(
     from tqdm.auto import tqdm
 
     torch.manual_seed(cfg.seed)
+    # accumulation is counted here, not by accelerate: its counter has no "last micro-step of the run"
     accel = Accelerator(mixed_precision="bf16" if cfg.bf16 else "no",
-                        gradient_accumulation_steps=cfg.grad_accum,
                         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
     model = MagdiStudent(lm, spec, cfg)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -337,15 +339,17 @@ def train(
     # every process takes its share of each step's items (DDP); one process on CPU takes all
     flat_steps = [s for p in plans for s in p]
     total = len(flat_steps)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / max(1, total // 10)) * max(0.0, 1 - s / max(1, total)))
+    n_updates = optimizer_steps(total, cfg.grad_accum)
+    sched = lr_schedule(opt, n_updates, cfg.warmup_ratio)
     ckpt = out_dir / "checkpoint"
     start, history = 0, []
     found = _find_ckpt(ckpt)
     if found is not None:
         start, history = _load_ckpt(found, model, opt)
-        for _ in range(start):
-            sched.step()
+        with warnings.catch_warnings():  # replaying the schedule before any opt.step() of this process
+            warnings.simplefilter("ignore", UserWarning)
+            for _ in range(optimizer_steps(start, cfg.grad_accum)):  # it counts updates, not micro-steps
+                sched.step()
     model, opt = accel.prepare(model, opt)
     core: MagdiStudent = accel.unwrap_model(model)
     model.train()
@@ -360,24 +364,26 @@ def train(
         enc = encode_step(batch_items, tokenizer, cfg.max_prompt_tokens, cfg.max_target_tokens)
         enc = Encoded(enc.input_ids.to(accel.device), enc.attention_mask.to(accel.device),
                       enc.labels.to(accel.device), enc.chain_mask.to(accel.device), enc.node_rows, enc.n_tokens)
-        with accel.accumulate(model):
+        boundary = is_update_step(step, total, cfg.grad_accum)
+        window = accumulation_window(step, total, cfg.grad_accum)
+        with contextlib.nullcontext() if boundary else accel.no_sync(model):
             out = model(enc, batch_items, cfg.seed * 7919 + step)
-            accel.backward(out["loss"])
-            accel.clip_grad_norm_(params, 1.0)
-            opt.step()  # accelerate makes this a no-op on accumulation micro-steps
-            if accel.sync_gradients:
-                sched.step()
+            accel.backward(out["loss"] / window)  # the update is the mean over its micro-steps
+        rec = {"step": step + 1, **{k: float(v.detach()) for k, v in out.items()}, "lr": sched.get_last_lr()[0]}
+        if boundary:  # clip the accumulated gradient only, then one update and one scheduler step
+            rec["grad_norm"] = float(accel.clip_grad_norm_(params, 1.0))
+            opt.step()
+            sched.step()
             opt.zero_grad()
         tokens += enc.n_tokens
         uniq += enc.input_ids.shape[0]
-        rec = {"step": step + 1, **{k: float(v.detach()) for k, v in out.items()}, "lr": sched.get_last_lr()[0]}
         history.append(rec)
         if log_fn:
             log_fn(rec)
         bar.set_postfix(loss=f"{rec['loss']:.3f}")
         bar.update(1)
-        at_boundary = accel.sync_gradients  # never checkpoint mid-accumulation: those gradients are not saved
-        if accel.is_main_process and at_boundary and ((step + 1) % cfg.checkpoint_every == 0 or step + 1 == total):
+        # never checkpoint mid-accumulation: those gradients are not saved
+        if accel.is_main_process and boundary and ((step + 1) % cfg.checkpoint_every == 0 or step + 1 == total):
             _save_ckpt(ckpt, core, opt, step + 1, history)
     bar.close()
     return TrainResult(steps=len(history), n_items=len(items), n_unique_sequences=uniq, tokens=tokens,
@@ -387,6 +393,34 @@ def train(
 def save_adapter(lm: nn.Module, out_dir: Path) -> None:
     """LoRA weights only (safetensors); the base student is referenced, not copied."""
     lm.save_pretrained(str(out_dir), safe_serialization=True)
+
+
+def optimizer_steps(micro_steps: int, grad_accum: int) -> int:
+    """Updates made by ``micro_steps`` micro-steps: one per ``grad_accum``, plus one for a partial tail."""
+    return math.ceil(micro_steps / grad_accum)
+
+
+def is_update_step(step: int, total: int, grad_accum: int) -> bool:
+    """Micro-step ``step`` (0-based) ends an accumulation window (or the run) and so makes an update."""
+    return (step + 1) % grad_accum == 0 or step + 1 == total
+
+
+def accumulation_window(step: int, total: int, grad_accum: int) -> int:
+    """How many micro-steps share the update that ``step`` belongs to (the last window may be short)."""
+    first = (step // grad_accum) * grad_accum
+    return min(grad_accum, total - first)
+
+
+def lr_schedule(opt: torch.optim.Optimizer, n_updates: int, warmup_ratio: float):
+    """The official recipe (HF Trainer's default): linear warm-up from 0 to the peak, then linear decay to 0.
+
+    Stepped once per optimiser update. The warm-up is ``round(warmup_ratio * n_updates)`` updates (the
+    official run used a fixed 100 of its ~630); the lr of update ``u`` is ``lr · u / W`` while ``u < W``,
+    then ``lr · (n - u) / (n - W)``: it reaches the peak exactly at ``u = W`` and 0 after the last update.
+    """
+    from transformers import get_linear_schedule_with_warmup
+
+    return get_linear_schedule_with_warmup(opt, round(warmup_ratio * n_updates), n_updates)
 
 
 def steps_per_epoch(n_items: int, per_step: int) -> int:
