@@ -250,21 +250,23 @@ def _count_calls(module: torch.nn.Module, counter: list[int]):
     return module.register_forward_hook(lambda *_: counter.append(1))
 
 
-@pytest.mark.parametrize(("node_repr", "passes"), [("live", 1), ("frozen", 2)])
-def test_one_decoder_pass_per_step(make_lm, tiny_tokenizer, node_repr: str, passes: int) -> None:
+@pytest.mark.parametrize(("node_repr", "passes"), [("live", [1, 1]), ("frozen", [2, 1])])
+def test_one_decoder_pass_per_step(make_lm, tiny_tokenizer, node_repr: str, passes: list[int]) -> None:
     lm = make_lm()
     student = MagdiStudent(lm, method_spec("magdi"), _cfg(node_repr=node_repr))
     decoder, _ = student._backbone()
-    dec_calls, top_calls = [], []
-    hooks = [_count_calls(decoder, dec_calls), _count_calls(lm.get_base_model(), top_calls)]
     items = _items(tiny_tokenizer)
-    out = student(encode_step(items, tiny_tokenizer, 32, 16), items, 0)
-    out["loss"].backward()
-    for h in hooks:
-        h.remove()
-    # live: L_ntp, L_contrastive and L_graph all reuse one pass; frozen adds one no-grad base-model pass
-    assert len(dec_calls) == passes
-    assert top_calls == []  # never the full-vocabulary forward of the causal-LM wrapper
+    for expected in passes:  # the same step twice (e.g. the next epoch)
+        dec_calls, top_calls = [], []
+        hooks = [_count_calls(decoder, dec_calls), _count_calls(lm.get_base_model(), top_calls)]
+        out = student(encode_step(items, tiny_tokenizer, 32, 16), items, 0)
+        out["loss"].backward()
+        for h in hooks:
+            h.remove()
+        # live: L_ntp, L_contrastive and L_graph all reuse one pass; frozen adds one no-grad base-model
+        # pass the first time a chain is seen, then reads the cache
+        assert len(dec_calls) == expected
+        assert top_calls == []  # never the full-vocabulary forward of the causal-LM wrapper
 
 
 def _lora(module: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -272,15 +274,18 @@ def _lora(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize(
-    ("method", "weights"),
-    [("magdi", {"ntp": 0.0, "contrastive": 0.0, "graph": 1.0}),
-     ("magdi_an", {"ntp": 0.0, "contrastive": 1.0, "graph": 0.0})],
+    ("method", "weights", "encoder"),
+    [("magdi", {"ntp": 0.0, "contrastive": 0.0, "graph": 1.0}, "gcn"),
+     ("magdi", {"ntp": 0.0, "contrastive": 0.0, "graph": 1.0}, "token_attention"),
+     ("magdi_an", {"ntp": 0.0, "contrastive": 1.0, "graph": 0.0}, "gcn")],
 )
 @pytest.mark.parametrize("node_repr", ["live", "frozen"])
-def test_structure_losses_reach_lora_only_when_live(make_lm, tiny_tokenizer, method, weights, node_repr) -> None:
+def test_structure_losses_reach_lora_only_when_live(make_lm, tiny_tokenizer, method, weights, encoder,
+                                                    node_repr) -> None:
     lm = make_lm()
     torch.manual_seed(0)
-    student = MagdiStudent(lm, method_spec(method), _cfg(node_repr=node_repr, weights=LossWeights(**weights)))
+    cfg = _cfg(node_repr=node_repr, encoder=encoder, weights=LossWeights(**weights))
+    student = MagdiStudent(lm, method_spec(method), cfg)
     student.train()
     params = dict(student.named_parameters())
     trainable = {n: p for n, p in params.items() if p.requires_grad}
@@ -298,18 +303,21 @@ def test_structure_losses_reach_lora_only_when_live(make_lm, tiny_tokenizer, met
     head = "encoder." if method == "magdi" else "score_head."
     head_params = [n for n in trainable if n.startswith(head)]
     assert head_params and set(head_params) <= changed  # the structure head always learns
-    if node_repr == "live":
-        # gradients of the structure loss flow through the pooled hidden states into every adapter;
-        # at step 0 lora_B = 0, so only lora_B has a gradient (d/dA of B·A·x is Bᵀ·… = 0)
+    if node_repr == "live" or method == "magdi_an":
+        # gradients flow through the pooled hidden states into every adapter (the contrastive loss always
+        # uses the live student, as in the official code); at step 0 lora_B = 0, so only lora_B has a
+        # gradient (d/dA of B·A·x is Bᵀ·… = 0)
         assert set(lora_b) <= changed
         assert not set(lora_a) & changed
     else:
-        # frozen node representations are constants: the student itself is not trained by these losses
+        # frozen: the structure encoder reads constants, so L_graph does not train the student itself,
+        # whatever the encoder (token_attention included)
         assert not (set(lora_a) | set(lora_b)) & changed
         assert all(trainable[n].grad is None or trainable[n].grad.eq(0).all() for n in lora_a + lora_b)
 
 
-def test_frozen_reps_come_from_the_base_model(make_lm, tiny_tokenizer) -> None:
+@pytest.mark.parametrize("encoder", ["gcn", "token_attention"])
+def test_frozen_reps_come_from_the_base_model(make_lm, tiny_tokenizer, encoder: str) -> None:
     lm = make_lm()
     with torch.no_grad():
         for n, p in lm.named_parameters():
@@ -317,19 +325,32 @@ def test_frozen_reps_come_from_the_base_model(make_lm, tiny_tokenizer) -> None:
                 p.normal_(0, 0.5)  # a trained adapter
     items = _items(tiny_tokenizer)
     enc = encode_step(items, tiny_tokenizer, 32, 16)
-    live = MagdiStudent(lm, method_spec("magdi"), _cfg(node_repr="live"))
-    frozen = MagdiStudent(lm, method_spec("magdi"), _cfg(node_repr="frozen"))
+    live = MagdiStudent(lm, method_spec("magdi"), _cfg(node_repr="live", encoder=encoder))
+    frozen = MagdiStudent(lm, method_spec("magdi"), _cfg(node_repr="frozen", encoder=encoder))
     hidden = live._backbone()[0](input_ids=enc.input_ids, attention_mask=enc.attention_mask).last_hidden_state
-    r_live = live._node_reps(hidden, enc)
-    r_frozen = frozen._node_reps(hidden, enc)
+    reps_live = position_weighted_mean(hidden, enc.chain_mask)
+    r_live, h_live, m_live = live._graph_inputs(hidden, reps_live, enc, items)
+    r_frozen, h_frozen, m_frozen = frozen._graph_inputs(hidden, reps_live, enc, items)
     base = make_lm(lora=False)
     h_base = base.get_decoder()(input_ids=enc.input_ids, attention_mask=enc.attention_mask).last_hidden_state
+    assert r_live is reps_live and h_live is hidden
     assert not r_frozen.requires_grad and r_live.requires_grad
     assert torch.allclose(r_frozen, position_weighted_mean(h_base, enc.chain_mask), atol=1e-5)
     assert not torch.allclose(r_frozen, r_live, atol=1e-3)
+    if encoder == "token_attention":  # the chain's own base-model token states, left-aligned
+        assert not h_frozen.requires_grad
+        for i in range(enc.input_ids.shape[0]):
+            want = h_base[i][enc.chain_mask[i].bool()]
+            assert int(m_frozen[i].sum()) == want.shape[0]
+            assert torch.allclose(h_frozen[i, : want.shape[0]], want, atol=1e-5)
     # the adapter is enabled again afterwards
     again = live._backbone()[0](input_ids=enc.input_ids, attention_mask=enc.attention_mask).last_hidden_state
     assert torch.equal(again, hidden)
+    # a cached chain keeps its value when it comes back in another batch (another padding width)
+    one = [items[1]]
+    enc1 = encode_step(one, tiny_tokenizer, 32, 16)
+    r1, _, _ = frozen._graph_inputs(None, None, enc1, one)
+    assert torch.equal(r1[enc1.node_rows[0]], r_frozen[enc.node_rows[1]])
 
 
 # ============================================================================== train(): checkpoints and resume

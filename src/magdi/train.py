@@ -165,6 +165,15 @@ def plan_steps(items: Sequence[TrainItem], per_step: int, seed: int, epoch: int)
 # ----------------------------------------------------------------------------- the model
 
 
+def _row_keys(enc: Encoded, items: Sequence[TrainItem]) -> list[tuple[str, str]]:
+    """The (prompt, chain) text behind each encoded row: the key of the frozen-representation cache."""
+    keys: list[tuple[str, str] | None] = [None] * enc.input_ids.shape[0]
+    for it, rows in zip(items, enc.node_rows, strict=True):
+        for t, r in zip(it.targets, rows, strict=True):
+            keys[r] = (it.prompt, t)
+    return keys  # type: ignore[return-value]
+
+
 class MagdiStudent(nn.Module):
     """LM (+LoRA) with the score head and structure encoder used only during training."""
 
@@ -178,7 +187,8 @@ class MagdiStudent(nn.Module):
             from .encoders import build_encoder
 
             self.encoder = build_encoder(cfg.encoder, dim, cfg.hidden_dim)
-        self.frozen_cache: dict[int, torch.Tensor] = {}
+        #: node_repr=frozen: (prompt, chain) -> (pooled base-model rep, its chain token states or None)
+        self.frozen_cache: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor | None]] = {}
 
     def _backbone(self):
         base = self.lm.get_base_model() if hasattr(self.lm, "get_base_model") else self.lm
@@ -198,25 +208,58 @@ class MagdiStudent(nn.Module):
             l_ntp = hidden.sum() * 0
         out = {"ntp": l_ntp}
         if self.spec.contrastive or self.spec.graph:
-            reps = self._node_reps(hidden, enc)
-        if self.spec.contrastive:
-            out["contrastive"] = self._contrastive(reps, enc, items, step_seed)
+            reps_live = position_weighted_mean(hidden, enc.chain_mask)
+        if self.spec.contrastive:  # the score head always ranks the live student's chains
+            out["contrastive"] = self._contrastive(reps_live, enc, items, step_seed)
         if self.spec.graph:
-            out["graph"] = self._graph(reps, hidden, enc, items)
+            out["graph"] = self._graph(*self._graph_inputs(hidden, reps_live, enc, items), enc, items)
         w = self.cfg.weights
         out["loss"] = total_loss(out["ntp"], out.get("contrastive", l_ntp * 0), out.get("graph", l_ntp * 0),
                                  w.ntp, w.contrastive if self.spec.contrastive else 0.0,
                                  w.graph if self.spec.graph else 0.0)
         return out
 
-    def _node_reps(self, hidden: torch.Tensor, enc: Encoded) -> torch.Tensor:
-        """Pooled chain representations: live (from this pass) or frozen (base model, no adapter)."""
+    def _graph_inputs(self, hidden, reps_live, enc: Encoded, items) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The structure encoder's inputs (node reps, token states, token mask), one row per sequence.
+
+        ``live``: this pass's hidden states, so L_graph trains the adapter too. ``frozen`` (the official
+        code): the base model without the adapter, computed once per unique (prompt, chain) and cached, so
+        L_graph trains only the encoder; L_ntp and L_contrastive are unaffected either way.
+        """
         if self.cfg.node_repr == "live":
-            return position_weighted_mean(hidden, enc.chain_mask)
-        with torch.no_grad(), self.lm.disable_adapter():
+            return reps_live, hidden, enc.chain_mask
+        keys = _row_keys(enc, items)
+        self._fill_frozen_cache(enc, keys)
+        reps = torch.stack([self.frozen_cache[k][0] for k in keys])
+        if self.encoder is None or not self.encoder.takes_tokens:
+            return reps, hidden, enc.chain_mask
+        toks = [self.frozen_cache[k][1] for k in keys]  # only the chain's own tokens, left-aligned
+        width = max(1, max(t.shape[0] for t in toks))
+        states = reps.new_zeros((len(toks), width, reps.shape[-1]))
+        mask = torch.zeros((len(toks), width), dtype=enc.chain_mask.dtype, device=reps.device)
+        for i, t in enumerate(toks):
+            states[i, : t.shape[0]] = t
+            mask[i, : t.shape[0]] = 1
+        return reps, states, mask
+
+    @torch.no_grad()
+    def _fill_frozen_cache(self, enc: Encoded, keys: list[tuple[str, str]]) -> None:
+        """Run the base model (adapter off) on the rows not seen before; keep their pooled reps (and chain
+        token states for the token encoder). Position-weighted pooling is padding-invariant, so a row's
+        cached value does not depend on the batch it was first seen in."""
+        todo = [r for r, k in enumerate(keys) if k not in self.frozen_cache]
+        if not todo:
+            return
+        off = self.lm.disable_adapter() if hasattr(self.lm, "disable_adapter") else contextlib.nullcontext()
+        with off:
             decoder, _ = self._backbone()
-            h = decoder(input_ids=enc.input_ids, attention_mask=enc.attention_mask).last_hidden_state
-            return position_weighted_mean(h, enc.chain_mask).detach()
+            h = decoder(input_ids=enc.input_ids[todo], attention_mask=enc.attention_mask[todo]).last_hidden_state
+        mask = enc.chain_mask[todo]
+        pooled = position_weighted_mean(h, mask)
+        keep_tokens = self.encoder is not None and self.encoder.takes_tokens
+        for j, r in enumerate(todo):
+            toks = h[j][mask[j].bool()] if keep_tokens else None
+            self.frozen_cache[keys[r]] = (pooled[j].detach(), toks.detach() if toks is not None else None)
 
     def _contrastive(self, reps, enc, items, step_seed) -> torch.Tensor:
         gen = torch.Generator().manual_seed(step_seed)
@@ -230,7 +273,7 @@ class MagdiStudent(nn.Module):
         scores = self.score_head(reps)
         return margin_ranking_loss(scores[pos], scores[neg], self.cfg.margin)
 
-    def _graph(self, reps, hidden, enc, items) -> torch.Tensor:
+    def _graph(self, reps, hidden, token_mask, enc, items) -> torch.Tensor:
         from torch_geometric.data import Batch, Data
 
         datas, rows_all = [], []
@@ -240,7 +283,7 @@ class MagdiStudent(nn.Module):
             rows_all += rows
         batch = Batch.from_data_list(datas).to(reps.device)  # labels/edges are built on the CPU
         if self.encoder.takes_tokens:
-            logits = self.encoder(hidden[rows_all], enc.chain_mask[rows_all], batch.batch)
+            logits = self.encoder(hidden[rows_all], token_mask[rows_all], batch.batch)
         else:
             logits = self.encoder(reps[rows_all], batch.edge_index, batch.batch)
         return graph_node_loss(logits, batch.y)
