@@ -105,6 +105,13 @@ class TeachersCfg(_Strict):
     parse_retries: int = Field(1, ge=0)
     http_retries: int = Field(5, ge=0)
     context_chars: int = Field(600, ge=0)
+    #: discuss: the agents above build the MAGs; official: import the authors' released MAG JSON instead
+    #: (one file per task in ``official_files``; no teacher is called, ``agents`` is not used)
+    source: Literal["discuss", "official"] = "discuss"
+    #: task -> path of the official release file for that task (e.g. ``MAG/ECQA_1000.json``)
+    official_files: dict[str, str] = Field(default_factory=dict)
+    #: the official text cleaning: drop the sentences of a chain that start with "I agree"/"I disagree"
+    clean_agreement: bool = False
 
     @field_validator("agents")
     @classmethod
@@ -213,7 +220,8 @@ class Params(_Strict):
         agents = {a.name for a in self.teachers.agents}
         for i, m in enumerate(self.experiments.methods):
             if m.startswith("sit_"):
-                if m[4:] not in agents:
+                # imported MAGs carry the release's own agents (claude, gpt4, bard), not teachers.agents
+                if m[4:] not in agents and self.teachers.source != "official":
                     raise ValueError(f"experiments.methods.{i}: '{m}' names no agent; agents are {sorted(agents)}")
             elif m not in BASE_METHODS:
                 raise ValueError(f"experiments.methods.{i}: unknown method '{m}'; known: {BASE_METHODS} or sit_<agent>")
@@ -228,6 +236,11 @@ class Params(_Strict):
                 err = e.errors()[0]
                 key = ".".join(str(p) for p in err["loc"])
                 raise ValueError(f"experiments.ablations.{name}.{key}: {err['msg']}") from None
+        if self.teachers.source == "official":
+            missing = [t for t in self.experiments.tasks if t not in self.teachers.official_files]
+            if missing:
+                raise ValueError(f"teachers.official_files: teachers.source is official but no file is given "
+                                 f"for task(s) {missing}")
         for t in self.experiments.tasks + self.experiments.ood_tasks:
             if t not in self.data.benchmarks:
                 raise ValueError(f"experiments: task '{t}' is not in data.benchmarks")

@@ -127,15 +127,38 @@ def make_agents(p: Params, student=None):
     return agents
 
 
+def import_official_mags(p: Params, task: str) -> list:
+    """``teachers.source: official``: the authors' MAG release for ``task`` (a JSON list of records),
+    its first ``data.n_train`` questions, converted to our MAGs (labels re-derived by our scorer)."""
+    from .mag import import_official
+
+    path = Path(p.teachers.official_files[task])
+    if not path.is_file():
+        raise FileNotFoundError(f"teachers.official_files.{task}: file not found: {path}")
+    records = json.loads(path.read_text(encoding="utf-8"))
+    if not isinstance(records, list):
+        raise ValueError(f"teachers.official_files.{task}: {path} is not a JSON list of MAG records")
+    return import_official(records[: p.data.n_train], task, TASK_TYPES[task], max_rounds=10,
+                           clean_agreement=p.teachers.clean_agreement)
+
+
 def stage_build_mags(p: Params, task: str) -> dict:
-    from .discussion import build_mags
-    from .mag import mag_stats
+    from .mag import clean_mag, mag_stats, write_mags
 
     _set_threads()
-    examples = load_examples(p, task, "train")
-    agents = make_agents(p)
-    mags = build_mags(agents, examples, task, TASK_TYPES[task], mags_file(p, task), p.teachers.max_rounds,
-                      p.teachers.batch_size, p.teachers.parse_retries, p.teachers.context_chars)
+    if p.teachers.source == "official":
+        mags = import_official_mags(p, task)
+        write_mags(mags_file(p, task), mags)
+    else:
+        from .discussion import build_mags
+
+        examples = load_examples(p, task, "train")
+        agents = make_agents(p)
+        mags = build_mags(agents, examples, task, TASK_TYPES[task], mags_file(p, task), p.teachers.max_rounds,
+                          p.teachers.batch_size, p.teachers.parse_retries, p.teachers.context_chars)
+        if p.teachers.clean_agreement:
+            mags = [clean_mag(m) for m in mags]
+            write_mags(mags_file(p, task), mags)
     stats = mag_stats(mags)
     stats["team_accuracy"] = sum(bool(m.team_correct) for m in mags) / len(mags) if mags else 0.0
     stats["teacher_tokens_per_question"] = sum(n.n_tokens for m in mags for n in m.nodes) / len(mags) if mags else 0.0
