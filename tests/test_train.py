@@ -529,3 +529,9 @@ def test_accumulated_update_equals_one_big_step(make_lm, tiny_tokenizer, tmp_pat
     assert any(not torch.equal(w1[n], _lora(make_lm())[n]) for n in w1)
     for n in w1:
         assert torch.allclose(w1[n], w2[n], atol=1e-6), n
+
+
+def test_gcn_dropout_is_a_param(make_lm) -> None:
+    student = MagdiStudent(make_lm(), method_spec("magdi"), _cfg(gcn_dropout=0.5))
+    assert student.encoder.dropout.p == 0.5
+    assert MagdiStudent(make_lm(), method_spec("magdi"), _cfg()).encoder.dropout.p == 0.0

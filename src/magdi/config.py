@@ -146,6 +146,8 @@ class TrainCfg(_Strict):
     encoder: Literal["gcn", "node_attention", "token_attention"] = "gcn"
     node_repr: Literal["live", "frozen"] = "live"
     hidden_dim: int = Field(256, ge=2)
+    #: dropout inside the structure encoder (after the first GCN layer; in the attention encoders' layers)
+    gcn_dropout: float = Field(0.0, ge=0.0, lt=1.0)
     #: Drop MAGs of these graph types (G0..G3 = discussion rounds) from training, e.g. ["G3"].
     exclude_graph_types: list[str] = Field(default_factory=list)
     #: Keep at most this many MAGs per task (data-scaling figure); null = all.
@@ -166,6 +168,8 @@ class SelfConsistencyCfg(_Strict):
     k: int = Field(3, ge=1)
     temperature: float = Field(0.7, gt=0)
     top_p: float = Field(0.9, gt=0, le=1)
+    #: keep only the k most likely tokens before top-p (0 = off); the official test script uses 50
+    top_k: int = Field(0, ge=0)
     seed: int = 0
 
 
@@ -176,6 +180,11 @@ class EvalCfg(_Strict):
     vllm_engine: dict[str, Any] = Field(default_factory=dict)
     batch_size: int = Field(16, ge=1)
     max_new_tokens: int = Field(160, ge=1)
+    #: single-answer decoding: temperature 0 = greedy (CPU default); the official test script samples
+    #: (temperature 0.7, top_p 0.9, top_k 50), seeded with ``seed``
+    temperature: float = Field(0.0, ge=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int = Field(0, ge=0)
     self_consistency: SelfConsistencyCfg = SelfConsistencyCfg()
     bootstrap_samples: int = Field(1000, ge=10)
     seed: int = 0

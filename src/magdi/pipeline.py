@@ -217,15 +217,22 @@ def stage_train(p: Params, task: str, method: str) -> dict:
     return summary
 
 
+def decoding(p: Params, k: int) -> dict[str, Any]:
+    """Sampling settings of one evaluation: ``evaluate.*`` for a single answer (greedy at temperature 0),
+    ``evaluate.self_consistency.*`` for k > 1 samples."""
+    e = p.evaluate
+    src = e.self_consistency if k > 1 else e
+    greedy = k == 1 and e.temperature <= 0
+    return {"temperature": 0.0 if greedy else src.temperature, "top_p": 1.0 if greedy else src.top_p,
+            "top_k": 0 if greedy else src.top_k, "seed": e.self_consistency.seed if k > 1 else e.seed}
+
+
 def _eval_one(p: Params, generator, tok, task: str, out: Path, prefix: str, k: int = 1) -> dict:
     from .evaluate import evaluate_examples, prediction_rows, summarise
 
-    sc = p.evaluate.self_consistency
     examples = load_examples(p, task, "test")
     preds = evaluate_examples(generator, tok, examples, task, TASK_TYPES[task], p.evaluate.batch_size,
-                              p.evaluate.max_new_tokens, prefix, k=k,
-                              temperature=sc.temperature if k > 1 else 0.0,
-                              top_p=sc.top_p if k > 1 else 1.0, seed=sc.seed if k > 1 else p.evaluate.seed)
+                              p.evaluate.max_new_tokens, prefix, k=k, **decoding(p, k))
     res = summarise(preds, p.evaluate.bootstrap_samples, p.evaluate.seed)
     suffix = f"_sc{k}" if k > 1 else ""
     out.mkdir(parents=True, exist_ok=True)

@@ -186,7 +186,7 @@ class MagdiStudent(nn.Module):
         if spec.graph:  # imported here: torch_geometric costs ~2 s of start-up that non-graph methods skip
             from .encoders import build_encoder
 
-            self.encoder = build_encoder(cfg.encoder, dim, cfg.hidden_dim)
+            self.encoder = build_encoder(cfg.encoder, dim, cfg.hidden_dim, dropout=cfg.gcn_dropout)
         #: node_repr=frozen: (prompt, chain) -> (pooled base-model rep, its chain token states or None)
         self.frozen_cache: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor | None]] = {}
 
