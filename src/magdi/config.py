@@ -331,6 +331,44 @@ def check_mirror_files(params: Params) -> None:
                 raise ConfigError(f"paths.mirror_dir: data.benchmarks '{task}' needs missing file {mirror / f}")
 
 
+#: the multitask run (``stages/train.py --task multitask --method magdi_mt``)
+MT_TASK, MT_METHOD = "multitask", "magdi_mt"
+
+
+def check_run(p: Params, task: str, method: str | None = None, *, evaluate: bool = False) -> None:
+    """Raise :class:`ConfigError` (one line naming the valid choices) for a ``--task``/``--method`` that
+    params cannot resolve, so a stage CLI fails before it loads any model or reaches any hub."""
+    tasks = list(p.data.benchmarks)
+    if method == MT_METHOD or (task == MT_TASK and not evaluate):
+        if (task, method) != (MT_TASK, MT_METHOD):
+            raise ConfigError(f"--task {MT_TASK} goes with --method {MT_METHOD} (got --task {task} --method {method})")
+        return
+    if task not in tasks:
+        raise ConfigError(f"--task '{task}' is not a benchmark of params (data.benchmarks); valid: {', '.join(tasks)}")
+    if method is None:
+        return
+    base = [m for m in BASE_METHODS if evaluate or m != "zero_shot"]
+    agents = [f"sit_{a.name}" for a in p.teachers.agents]
+    ablations = list(p.experiments.ablations)
+    ok = (method in base or method in agents or method in ablations
+          or (method.startswith("sit_") and p.teachers.source == "official")
+          or (method.startswith("scale_") and method[6:].isdigit() and int(method[6:]) > 0))
+    if not ok:
+        valid = base + agents + ablations + ["scale_<N>"] + ([] if evaluate else [f"{MT_METHOD} (with --task {MT_TASK})"])
+        raise ConfigError(f"--method '{method}' is not known to params; valid: {', '.join(valid)}")
+
+
+def cli_check_run(p: Params, task: str, method: str | None = None, *, evaluate: bool = False) -> None:
+    """For stage CLIs: :func:`check_run` or exit with its one-line error."""
+    import sys
+
+    try:
+        check_run(p, task, method, evaluate=evaluate)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
 def cli_params(path: str = "params.yaml") -> Params:
     """For stage CLIs: load params or exit with the one-line error (no traceback for a config typo)."""
     import sys

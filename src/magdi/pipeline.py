@@ -10,11 +10,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from .config import TASK_TYPES, Params
-
-MT_TASK = "multitask"
-MT_METHOD = "magdi_mt"
-
+from .config import MT_METHOD, MT_TASK, TASK_TYPES, Params
 
 # ----------------------------------------------------------------------------- paths
 
