@@ -23,7 +23,9 @@ from magdi.train import (
     TrainItem,
     build_items,
     encode_step,
+    items_per_step,
     method_spec,
+    official_pairs,
     plan_steps,
     train,
 )
@@ -535,3 +537,71 @@ def test_gcn_dropout_is_a_param(make_lm) -> None:
     student = MagdiStudent(make_lm(), method_spec("magdi"), _cfg(gcn_dropout=0.5))
     assert student.encoder.dropout.p == 0.5
     assert MagdiStudent(make_lm(), method_spec("magdi"), _cfg()).encoder.dropout.p == 0.0
+
+
+# ============================================================================== paper batching
+def test_plan_steps_reshuffles_every_epoch_and_groups_inside_buckets() -> None:
+    sizes = [(7 * i) % 40 for i in range(40)]
+    items = [TrainItem("x" * s, [], []) for s in sizes]
+    e0, e1 = plan_steps(items, 2, 0, 0), plan_steps(items, 2, 0, 1)
+    for steps in (e0, e1):
+        assert sorted(i for s in steps for i in s) == list(range(40))  # each item once per epoch
+        assert len(steps) == 20 and all(len(s) == 2 for s in steps)
+    assert {frozenset(s) for s in e0} != {frozenset(s) for s in e1}  # new batches, not only a new order
+    assert plan_steps(items, 2, 0, 1) == e1  # seeded
+    # inside buckets of 4 steps (8 items) each step takes neighbours in length: less padding than the
+    # shuffled order chunked as is
+    spread = sum(abs(sizes[a] - sizes[b]) for a, b in e0)
+    rng = __import__("random").Random(0)
+    order = list(range(40))
+    rng.shuffle(order)
+    assert spread < sum(abs(sizes[order[i]] - sizes[order[i + 1]]) for i in range(0, 40, 2))
+
+
+def test_official_pairs_and_update_size_by_hand() -> None:
+    items = [TrainItem("p", ["a", "b", "c"], [1, 1, 0]),  # max(2, 1) = 2 pairs
+             TrainItem("p", ["a", "b", "c"], [1, 1, 1]),  # no negative: paired with "NA" -> 3
+             TrainItem("p", ["a", "b"], [0, 0]),  # no positive: the official code skips it -> 0
+             TrainItem("p", ["a", "b", "c", "d"], [1, 0, 0, 0])]  # minority positive repeated -> 3
+    assert [official_pairs(it) for it in items] == [2, 3, 0, 3]
+    # 8 pairs at 4 per update = 2 official updates per epoch over 4 MAGs
+    assert items_per_step(items, _cfg(pairs_per_update=4)) == 2
+    assert items_per_step(items, _cfg(pairs_per_update=4, grad_accum=2)) == 1  # 2 micro-steps per update
+    assert items_per_step(items, _cfg(pairs_per_update=100)) == 4  # at least one update
+    assert items_per_step(items, _cfg(mags_per_step=3)) == 3  # unset: mags_per_step
+
+
+def test_train_sizes_updates_by_official_pairs(make_lm, tiny_tokenizer, tmp_path: Path) -> None:
+    spec = method_spec("magdi")
+    items = build_items(_train_mags(), spec, tiny_tokenizer)
+    pairs = sum(official_pairs(it) for it in items)
+    assert pairs == 2 * 3 + 4 * 3  # two G0 MAGs (3 positives), four mixed (3 pos, 3 neg)
+    res = train(make_lm(), tiny_tokenizer, items, spec, _cfg(pairs_per_update=6, mags_per_step=6), tmp_path)
+    assert res.steps == 3  # 18 pairs / 6 per update = 3 updates of 2 MAGs, not 1 step of 6 MAGs
+
+
+def test_gradient_checkpointing_same_loss_and_grads(make_lm, tiny_tokenizer) -> None:
+    items = _items(tiny_tokenizer)
+    enc = encode_step(items, tiny_tokenizer, 32, 16)
+    grads, losses, layer_calls = [], [], []
+    for ckpt in (False, True):
+        lm = make_lm()
+        torch.manual_seed(0)
+        student = MagdiStudent(lm, method_spec("magdi"), _cfg(gradient_checkpointing=ckpt))
+        student.train()
+        calls: list[int] = []
+        layer = lm.get_base_model().get_decoder().layers[0]
+        # the layer's forward is checkpointed (its own hooks stay outside): count a submodule's calls
+        h = layer.self_attn.register_forward_pre_hook(lambda *_, c=calls: c.append(1))
+        out = student(enc, items, 0)
+        out["loss"].backward()
+        h.remove()
+        losses.append(out["loss"].item())
+        grads.append({n: p.grad.clone() for n, p in student.named_parameters() if p.requires_grad})
+        layer_calls.append(len(calls))
+    assert layer_calls == [1, 2]  # checkpointing is on: the layer is re-run in backward
+    assert losses[0] == pytest.approx(losses[1], abs=1e-6)
+    assert grads[0].keys() == grads[1].keys()
+    for n in grads[0]:
+        assert torch.allclose(grads[0][n], grads[1][n], atol=1e-6), n
+    assert any(g.abs().sum() > 0 for n, g in grads[1].items() if "lora_B" in n)

@@ -134,7 +134,15 @@ class TrainCfg(_Strict):
     epochs: int = Field(1, ge=1)
     lr: float = Field(2e-4, gt=0)
     mags_per_step: int = Field(4, ge=1)
+    #: set: size micro-steps so an epoch makes the official number of updates, one per this many official
+    #: (positive, negative) pairs (the official run: 16 = 4 per device x 4 accumulation); mags_per_step
+    #: is then unused. null: mags_per_step MAGs per micro-step.
+    pairs_per_update: int | None = Field(None, ge=1)
     grad_accum: int = Field(1, ge=1)
+    #: length grouping: items are sorted by length inside shuffled buckets of this many steps (per epoch)
+    bucket_steps: int = Field(4, ge=1)
+    #: recompute decoder activations in backward (memory for time; a 7B student on one GPU needs it)
+    gradient_checkpointing: bool = False
     #: share of the optimiser updates spent warming the lr up linearly from 0 (then linear decay to 0)
     warmup_ratio: float = Field(0.1, ge=0.0, lt=1.0)
     max_prompt_tokens: int = Field(160, ge=8)

@@ -153,13 +153,57 @@ def encode_step(items: Sequence[TrainItem], tokenizer, max_prompt: int, max_targ
     return Encoded(ids, att, lab, (lab != -100).long(), node_rows, int(att.sum()))
 
 
-def plan_steps(items: Sequence[TrainItem], per_step: int, seed: int, epoch: int) -> list[list[int]]:
-    """Length-grouped steps: sort by size, chunk, then shuffle chunk order (seeded per epoch)."""
+def plan_steps(items: Sequence[TrainItem], per_step: int, seed: int, epoch: int,
+               bucket_steps: int = 4) -> list[list[int]]:
+    """Steps of one epoch, reshuffled every epoch, length-grouped inside shuffled buckets.
+
+    Items are shuffled (seeded by seed and epoch) and cut into buckets of ``bucket_steps`` steps; inside a
+    bucket they are sorted by size and chunked into steps (less padding), then the order of all steps
+    is shuffled. So every epoch sees new batches (as the official HF Trainer's shuffled sampler does)
+    while each batch still holds chains of similar length.
+    """
+    rng = random.Random(seed * 1000 + epoch)
     size = [sum(len(t) for t in it.targets) + len(it.prompt) for it in items]
-    order = sorted(range(len(items)), key=lambda i: (size[i], i))
-    steps = [order[i : i + per_step] for i in range(0, len(order), per_step)]
-    random.Random(seed * 1000 + epoch).shuffle(steps)
+    order = list(range(len(items)))
+    rng.shuffle(order)
+    bucket = per_step * bucket_steps
+    steps: list[list[int]] = []
+    for b in range(0, len(order), bucket):
+        group = sorted(order[b : b + bucket], key=lambda i: (size[i], i))
+        steps += [group[i : i + per_step] for i in range(0, len(group), per_step)]
+    rng.shuffle(steps)
     return steps
+
+
+def official_pairs(item: TrainItem) -> int:
+    """Training examples the official code makes of one MAG: one (positive, negative) pair per chain of
+    the larger side, the smaller side repeated (``utils.prepare_contrastive_samples``); no positive means
+    the MAG is skipped, no negative means it is paired with an "NA" placeholder (so: #positives)."""
+    pos = sum(1 for y in item.labels if y == 1)
+    return max(pos, len(item.labels) - pos) if pos else 0
+
+
+def items_per_step(items: Sequence[TrainItem], cfg: TrainCfg) -> int:
+    """Items (MAGs) per micro-step. ``mags_per_step``, unless ``pairs_per_update`` is set: then as many as
+    give the official number of updates per epoch, ``ceil(Σ official_pairs / pairs_per_update)`` (the
+    official run: 4 pairs per device × 4 accumulation steps = 16 pairs per update), spread over
+    ``grad_accum`` micro-steps."""
+    if cfg.pairs_per_update is None:
+        return cfg.mags_per_step
+    updates = max(1, math.ceil(sum(official_pairs(it) for it in items) / cfg.pairs_per_update))
+    return max(1, math.ceil(len(items) / (updates * cfg.grad_accum)))
+
+
+def enable_gradient_checkpointing(lm: nn.Module) -> None:
+    """Recompute each decoder layer's activations in backward (a 7B student on one GPU needs it; the
+    official run uses it). Non-reentrant checkpointing composes with LoRA and frozen base weights without
+    ``enable_input_require_grads``; loss and gradients are unchanged."""
+    base = lm.get_base_model() if hasattr(lm, "get_base_model") else lm
+    if hasattr(base, "activation_checkpointing_enable"):  # transformers >= 5 name
+        base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    base.config.use_cache = False
 
 
 # ----------------------------------------------------------------------------- the model
@@ -187,6 +231,8 @@ class MagdiStudent(nn.Module):
             from .encoders import build_encoder
 
             self.encoder = build_encoder(cfg.encoder, dim, cfg.hidden_dim, dropout=cfg.gcn_dropout)
+        if cfg.gradient_checkpointing:
+            enable_gradient_checkpointing(lm)
         #: node_repr=frozen: (prompt, chain) -> (pooled base-model rep, its chain token states or None)
         self.frozen_cache: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor | None]] = {}
 
@@ -378,7 +424,8 @@ def train(
     model = MagdiStudent(lm, spec, cfg)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
-    plans = [plan_steps(items, cfg.mags_per_step, cfg.seed, e) for e in range(cfg.epochs)]
+    per_step = items_per_step(items, cfg)
+    plans = [plan_steps(items, per_step, cfg.seed, e, cfg.bucket_steps) for e in range(cfg.epochs)]
     # every process takes its share of each step's items (DDP); one process on CPU takes all
     flat_steps = [s for p in plans for s in p]
     total = len(flat_steps)
