@@ -105,6 +105,11 @@ class TeachersCfg(_Strict):
     parse_retries: int = Field(1, ge=0)
     http_retries: int = Field(5, ge=0)
     context_chars: int = Field(600, ge=0)
+    #: compact: our short prompt (CPU default; its cache keys are unchanged); reconcile: ReConcile's
+    #: published prompt (convincing samples, grouped previous answers, agree/disagree request)
+    prompt_style: Literal["compact", "reconcile"] = "compact"
+    #: reconcile: convincing samples shown per other agent
+    convincing_per_agent: int = Field(4, ge=0)
     #: discuss: the agents above build the MAGs; official: import the authors' released MAG JSON instead
     #: (one file per task in ``official_files``; no teacher is called, ``agents`` is not used)
     source: Literal["discuss", "official"] = "discuss"

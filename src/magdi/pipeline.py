@@ -151,7 +151,8 @@ def stage_build_mags(p: Params, task: str) -> dict:
         examples = load_examples(p, task, "train")
         agents = make_agents(p)
         mags = build_mags(agents, examples, task, TASK_TYPES[task], mags_file(p, task), p.teachers.max_rounds,
-                          p.teachers.batch_size, p.teachers.parse_retries, p.teachers.context_chars)
+                          p.teachers.batch_size, p.teachers.parse_retries, p.teachers.context_chars,
+                          p.teachers.prompt_style, p.teachers.convincing_per_agent)
         if p.teachers.clean_agreement:
             mags = [clean_mag(m) for m in mags]
             write_mags(mags_file(p, task), mags)
