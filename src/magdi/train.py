@@ -284,7 +284,7 @@ class MagdiStudent(nn.Module):
         states = reps.new_zeros((len(toks), width, reps.shape[-1]))
         mask = torch.zeros((len(toks), width), dtype=enc.chain_mask.dtype, device=reps.device)
         for i, t in enumerate(toks):
-            states[i, : t.shape[0]] = t
+            states[i, : t.shape[0]] = t.to(states.device)
             mask[i, : t.shape[0]] = 1
         return reps, states, mask
 
@@ -304,8 +304,9 @@ class MagdiStudent(nn.Module):
         pooled = position_weighted_mean(h, mask)
         keep_tokens = self.encoder is not None and self.encoder.takes_tokens
         for j, r in enumerate(todo):
-            toks = h[j][mask[j].bool()] if keep_tokens else None
-            self.frozen_cache[keys[r]] = (pooled[j].detach(), toks.detach() if toks is not None else None)
+            # token states are large (tokens x hidden per chain): they wait in host memory
+            toks = h[j][mask[j].bool()].detach().cpu() if keep_tokens else None
+            self.frozen_cache[keys[r]] = (pooled[j].detach(), toks)
 
     def _contrastive(self, reps, enc, items, step_seed) -> torch.Tensor:
         gen = torch.Generator().manual_seed(step_seed)
