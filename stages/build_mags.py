@@ -3,7 +3,7 @@
 import argparse
 import json
 
-from magdi.config import cli_params
+from magdi.config import cli_check_run, cli_params
 from magdi.pipeline import stage_build_mags
 
 if __name__ == "__main__":
@@ -11,4 +11,6 @@ if __name__ == "__main__":
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--task", required=True)
     a = ap.parse_args()
-    print(json.dumps(stage_build_mags(cli_params(a.params), a.task), indent=1))
+    p = cli_params(a.params)
+    cli_check_run(p, a.task)
+    print(json.dumps(stage_build_mags(p, a.task), indent=1))

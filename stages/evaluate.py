@@ -3,7 +3,7 @@
 import argparse
 import json
 
-from magdi.config import cli_params
+from magdi.config import cli_check_run, cli_params
 from magdi.pipeline import stage_evaluate, stage_evaluate_mt, stage_zero_shot
 
 if __name__ == "__main__":
@@ -22,5 +22,6 @@ if __name__ == "__main__":
     else:
         if not (a.task and a.method):
             ap.error("--task and --method are required")
+        cli_check_run(p, a.task, a.method, evaluate=True)
         res = stage_evaluate(p, a.task, a.method)
     print(json.dumps(res, indent=1))

@@ -3,7 +3,7 @@
 import argparse
 import json
 
-from magdi.config import cli_params
+from magdi.config import cli_check_run, cli_params
 from magdi.pipeline import MT_METHOD, MT_TASK, stage_train
 
 if __name__ == "__main__":
@@ -12,4 +12,6 @@ if __name__ == "__main__":
     ap.add_argument("--task", required=True, help=f"a task, or '{MT_TASK}' (with --method {MT_METHOD})")
     ap.add_argument("--method", required=True, help="a method, sit_<agent>, or an ablation name from params")
     a = ap.parse_args()
-    print(json.dumps(stage_train(cli_params(a.params), a.task, a.method), indent=1))
+    p = cli_params(a.params)
+    cli_check_run(p, a.task, a.method)
+    print(json.dumps(stage_train(p, a.task, a.method), indent=1))

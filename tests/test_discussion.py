@@ -463,3 +463,87 @@ def test_agents_sharing_a_local_model_decode_in_one_batch(tmp_path: Path, make_l
         assert [[n.agent for n in m.nodes] for m in mags] == [["careful", "creative"]] * 3
         again = discuss_chunk(agents, examples, "gsm8k", "number", max_rounds=0, parse_retries=0)
         assert len(calls) == 1 and again == mags
+
+
+# ============================================================================== ReConcile's published prompt
+def test_reconcile_round0_prompt_with_convincing_samples() -> None:
+    agent = _agents(None)[0]
+    conv = [{"question": "What is 1 plus 1?", "choices": None, "explanation": "1 + 1 = 2.", "answer": "2"}]
+    msgs = disc.reconcile_round0_messages(agent, _ex("q1"), "number", conv)
+    assert msgs[:3] == [{"role": "system", "content": "You are alice."},
+                        {"role": "user", "content": "Q: What is 1 plus 1?"},
+                        {"role": "assistant", "content": "{'reasoning': '1 + 1 = 2.', 'answer': '2'}"}]
+    assert msgs[3] == {"role": "user", "content": (
+        "Q: [q1] What is 2 plus 3? Please answer the question with step-by-step reasoning. Also, evaluate your "
+        "confidence level (between 0.0 and 1.0) to indicate the possibility of your answer being right. Output "
+        'your answer in json format, with the format as follows: {"reasoning": "", "answer": "", '
+        '"confidence_level": ""}. Please strictly output in JSON format. Only place a single numeric value in '
+        'the "answer" field. Do not output irrelevant content.')}
+    choice = disc.reconcile_round0_messages(agent, _ex("q1", "B", choices=["bank", "river", "shop"]), "choice")
+    assert len(choice) == 2  # no convincing samples: zero-shot
+    assert " The options are: (A) bank (B) river (C) shop. Please select an option as your answer." in choice[1]["content"]
+    assert 'Only place A,B,C representing your choice in the "answer" field.' in choice[1]["content"]
+
+
+def test_reconcile_groups_previous_answers_and_asks_for_a_stance() -> None:
+    prev = [Node("alice", 0, "2 and 3 make 5.", "5", 0.9, True), Node("bob", 0, "I add: 6.", "6", 0.8, False),
+            Node("carol", 0, "Five.", "5", 0.7, True), Node("dave", 0, "x" * 20, "7", 0.5, False),
+            Node("erin", 0, "garbled", None, 0.0, False, valid=False)]
+    assert disc.group_previous_answers(prev, context_chars=100) == (
+        "There are 2 agents who think the answer is 5. "
+        "One agent's solution: I think the answer is 5 because 2 and 3 make 5. My confidence level is 0.9.\n"
+        "One agent's solution: I think the answer is 5 because Five. My confidence level is 0.7.\n\n"
+        "There is 1 agent who thinks the answer is 6. "
+        "One agent's solution: I think the answer is 6 because I add: 6. My confidence level is 0.8.\n\n")
+    # as published, only the two most common answers are shown; no answer, no solution
+    msgs = disc.reconcile_discussion_messages(_agents(None)[1], _ex("q1"), "number", prev[:2], 4)
+    user = msgs[-1]["content"]
+    assert user.startswith(disc.reconcile_round0_messages(_agents(None)[1], _ex("q1"), "number")[-1]["content"])
+    assert ("\n\nCarefully review the following solutions from other agents as additional information, and provide "
+            "your own answer and step-by-step reasoning to the question. Clearly states that which pointview do you "
+            "agree or disagree and why.\n\n There is 1 agent who thinks the answer is 5. One agent's solution: I "
+            "think the answer is 5 because 2 an... My confidence level is 0.9.") in user
+    assert user.endswith('"confidence_level": ""}. Please strictly output in JSON format.')
+
+
+def test_parse_reads_reconcile_confidence_level() -> None:
+    text = '{"reasoning": "2+3", "answer": "5", "confidence_level": "0.8"}'
+    assert parse_reply(text, "number", None)["confidence"] == 0.8
+    assert parse_reply('{"reasoning": "2+3", "answer": "5", "confidence_level": 0.6', "number", None)["confidence"] == 0.6
+
+
+def test_reconcile_build_mags_takes_convincing_samples_from_earlier_chunks(tmp_path: Path) -> None:
+    """Chunk 1 is zero-shot; chunk 2 shows alice the gold explanations of questions bob or carol got right."""
+    seen: list[list[dict]] = []
+
+    class Recorder:
+        def generate(self, messages_batch, temperature, top_p, max_new_tokens, seed):
+            out = []
+            for msgs in messages_batch:
+                seen.append(msgs)
+                agent = PERSONAS[msgs[0]["content"]]
+                qid = _QID.search(msgs[-1]["content"]).group(1)
+                ans = {"q1": {"bob": "6"}, "q2": {"carol": "6"}}.get(qid, {}).get(agent, "5")
+                out.append({"text": json.dumps({"reasoning": f"{agent} on {qid}", "answer": ans,
+                                                "confidence_level": 0.9}), "n_tokens": 3})
+            return out
+
+    exs = [_ex("q1", explanation="q1 gold why"), _ex("q2", explanation="q2 gold why"), _ex("q3")]
+    mags = build_mags(_agents(Recorder()), exs, "gsm8k", "number", tmp_path / "m.jsonl", max_rounds=1,
+                      chunk_size=2, prompt_style="reconcile", convincing_per_agent=1)
+    assert [m.id for m in mags] == ["q1", "q2", "q3"]
+    assert mags[0].nodes[0].confidence == 0.9
+    q3 = {PERSONAS[m[0]["content"]]: m for m in seen if "[q3]" in m[-1]["content"]}
+    shots = {a: [m["content"] for m in msgs[1:-1] if m["role"] == "assistant"] for a, msgs in q3.items()}
+    # alice: bob's first correct question (q2) and carol's (q1); bob: alice's (q1) and carol's (q1)
+    assert shots["alice"] == ["{'reasoning': 'q2 gold why', 'answer': '5'}", "{'reasoning': 'q1 gold why', 'answer': '5'}"]
+    assert shots["bob"] == ["{'reasoning': 'q1 gold why', 'answer': '5'}"] * 2
+    first_chunk = [m for m in seen if "[q1]" in m[-1]["content"] or "[q2]" in m[-1]["content"]]
+    assert all(len(m) == 2 for m in first_chunk)  # nothing built yet: zero-shot
+    assert any("Carefully review" in m[-1]["content"] for m in first_chunk)  # q1/q2 disagreed: round 1 ran
+
+
+def test_compact_prompt_is_the_default() -> None:
+    be = ScriptedBackend({"q1": {"alice": ["5"], "bob": ["5"], "carol": ["5"]}})
+    discuss_chunk(_agents(be), [_ex("q1")], "gsm8k", "number", max_rounds=1)
+    assert [msgs for *_, msgs in be.log][0] == disc.round0_messages(_agents(None)[0], _ex("q1"), "number")

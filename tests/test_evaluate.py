@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -50,15 +51,16 @@ def test_self_consistency_majority_vote_and_token_sum(monkeypatch) -> None:
     }
     calls: list[dict] = []
 
-    def fake_generator(prompts, max_new_tokens, temperature, top_p, seed, num_samples=1):
-        calls.append({"n": len(prompts), "k": num_samples, "temperature": temperature})
+    def fake_generator(prompts, max_new_tokens, temperature, top_p, seed, num_samples=1, top_k=0):
+        calls.append({"n": len(prompts), "k": num_samples, "temperature": temperature, "top_k": top_k})
         qids = ["q1" if "Tom" in p else "q2" for p in prompts]
         return [Generation(scripted[q][s], 10 + s) for q in qids for s in range(num_samples)]
 
     monkeypatch.setattr(ev, "student_prompt", lambda tok, ex, at, prefix="": ex["question"])
     examples = [{"id": "q1", "question": "Tom has 5", "answer": "5"}, {"id": "q2", "question": "Ann has 7", "answer": "7"}]
-    preds = evaluate_examples(fake_generator, None, examples, "gsm8k", "number", 8, 16, k=3, temperature=0.7, top_p=0.9)
-    assert calls == [{"n": 2, "k": 3, "temperature": 0.7}]  # one sampling call for all k samples
+    preds = evaluate_examples(fake_generator, None, examples, "gsm8k", "number", 8, 16, k=3, temperature=0.7, top_p=0.9,
+                              top_k=50)
+    assert calls == [{"n": 2, "k": 3, "temperature": 0.7, "top_k": 50}]  # one sampling call for all k samples
     assert [p.parsed for p in preds] == ["5", "8"]
     assert [p.correct for p in preds] == [True, False]
     assert [p.n_tokens for p in preds] == [33, 33]  # 10 + 11 + 12
@@ -102,6 +104,31 @@ def test_num_samples_are_prompt_major(make_lm, tiny_tokenizer) -> None:
     assert greedy[0].text != greedy[1].text
     samples = generate(model, tiny_tokenizer, prompts, 6, 1e-6, 1.0, seed=0, num_samples=3)
     assert [g.text for g in samples] == [greedy[0].text] * 3 + [greedy[1].text] * 3
+
+
+def test_top_k_one_sampling_is_greedy(make_lm, tiny_tokenizer) -> None:
+    """top_k reaches the sampler: with top_k=1 even a hot temperature can only pick the arg-max."""
+    model = make_lm(lora=False).eval()
+    prompts = ["What is 2 plus 3?", "Options: (A) bank (B) river"]
+    greedy = generate(model, tiny_tokenizer, prompts, 8, 0.0)
+    hot = generate(model, tiny_tokenizer, prompts, 8, 5.0, 1.0, seed=1, top_k=1)
+    assert hot == greedy
+    assert generate(model, tiny_tokenizer, prompts, 8, 5.0, 1.0, seed=1) != greedy  # without it: not greedy
+
+
+def test_decoding_settings_per_profile() -> None:
+    """CPU default: greedy single answers; paper profile: the official test script's sampling, SC k=10."""
+    from magdi.config import load_params
+    from magdi.pipeline import decoding
+
+    root = Path(__file__).resolve().parents[1]
+    cpu = load_params(root / "params.yaml", check_mirror=False)
+    assert decoding(cpu, 1) == {"temperature": 0.0, "top_p": 1.0, "top_k": 0, "seed": 0}
+    paper = load_params(root / "params.paper.yaml", check_mirror=False)
+    assert decoding(paper, 1) == {"temperature": 0.7, "top_p": 0.9, "top_k": 50, "seed": 0}
+    assert paper.evaluate.self_consistency.k == 10
+    assert decoding(paper, 10) == {"temperature": 0.7, "top_p": 0.9, "top_k": 50, "seed": 0}
+    assert paper.train.gcn_dropout == 0.5
 
 
 def test_generate_rejects_inconsistent_sampling_arguments(make_lm, tiny_tokenizer) -> None:
@@ -155,11 +182,13 @@ def test_vllm_generator_contract(monkeypatch, tiny_tokenizer, tmp_path) -> None:
     out = gen(["What is 2 plus 3?", "Options: (A) bank"], 12, 0.7, 0.9, 5, num_samples=2)
     assert [g.text for g in out] == ["p0s0", "p0s1", "p1s0", "p1s1"]
     assert [g.n_tokens for g in out] == [1, 2, 2, 3]
-    assert seen["params"] == {"n": 2, "temperature": 0.7, "top_p": 0.9, "max_tokens": 12, "seed": 5}
+    assert seen["params"] == {"n": 2, "temperature": 0.7, "top_p": 0.9, "top_k": -1, "max_tokens": 12, "seed": 5}
     assert seen["prompts"][0]["prompt_token_ids"] == tiny_tokenizer("What is 2 plus 3?", add_special_tokens=False)["input_ids"]
     assert seen["lora"] == ("magdi", 1, str(tmp_path / "adapter"))
+    gen(["hi"], 4, 0.7, 0.9, 5, top_k=50)
+    assert seen["params"]["top_k"] == 50
     gen(["hi"], 4)  # greedy: temperature 0, no seed, top_p 1
-    assert seen["params"] == {"n": 1, "temperature": 0.0, "top_p": 1.0, "max_tokens": 4, "seed": None}
+    assert seen["params"] == {"n": 1, "temperature": 0.0, "top_p": 1.0, "top_k": -1, "max_tokens": 4, "seed": None}
     base = VLLMGenerator("models/student", tiny_tokenizer, None)  # zero-shot: no LoRA
     assert "enable_lora" not in seen["engine"]
     base(["hi"], 4)

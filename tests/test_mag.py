@@ -4,6 +4,7 @@ storage, the importer of the official release format, Table-12 statistics and th
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -12,12 +13,14 @@ from magdi.mag import (
     MAG,
     Node,
     append_mag,
+    clean_mag,
     draw_mag,
     edges,
     import_official,
     iter_mags,
     mag_stats,
     read_mags,
+    remove_agreement,
     to_pyg,
     write_mags,
 )
@@ -294,3 +297,31 @@ def test_draw_mag_writes_png(tmp_path: Path, n_rounds: int) -> None:
     draw_mag(m, out)
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert out.stat().st_size > 1000
+
+
+def test_import_official_ecqa_option_numbers_and_team_vote() -> None:
+    """Official ECQA MAGs answer with digits 1-5; they must score against the gold digit (and letters)."""
+    rec = {"question": "Where do fish live? 1. tree 2. sea 3. shop 4. car 5. desk", "gold_answer": "2",
+           "claude_output_0": {"reasoning": "Fish swim in the sea.", "answer": "2", "confidence_level": 0.9},
+           "gpt4_output_0": {"reasoning": "Shops sell fish.", "answer": "3", "confidence_level": 0.7},
+           "bard_output_0": {"reasoning": "The sea.", "answer": "2", "confidence_level": 0.95},
+           "claude_output_1": {"reasoning": "I agree with gpt4. Still the sea", "answer": "2",
+                               "confidence_level": 1.0},
+           "gpt4_output_1": {"reasoning": "I disagree with myself. It is the sea", "answer": "2",
+                             "confidence_level": 0.9},
+           "bard_output_1": {"reasoning": "Sea", "answer": "B", "confidence_level": 0.9}}
+    (m,) = import_official([rec], task="ecqa", answer_type="choice")
+    assert m.gold == "B"
+    assert [n.correct for n in m.nodes] == [True, True, False, True, True, True]
+    assert m.team_answer == "2" and m.team_correct is True and m.consensus is False  # "B" != "2" as text
+    assert m.nodes[4].reasoning == "I agree with gpt4. Still the sea"
+    (clean,) = import_official([rec], task="ecqa", answer_type="choice", clean_agreement=True)
+    assert [n.reasoning for n in clean.nodes if n.round == 1] == ["Sea", "Still the sea", "It is the sea"]
+    assert clean_mag(m) == replace(clean, nodes=[replace(a, n_tokens=b.n_tokens)
+                                                 for a, b in zip(clean.nodes, m.nodes, strict=True)])
+
+
+def test_remove_agreement_as_official() -> None:
+    assert remove_agreement("I agree with A. 2 + 3 = 5. I disagree with B. So 5") == "2 + 3 = 5. So 5"
+    assert remove_agreement("We agree. I agreed earlier") == "We agree"  # startswith, as the official code
+    assert remove_agreement("no such sentence") == "no such sentence"

@@ -328,3 +328,12 @@ def test_never_raises(text: str) -> None:
     for answer_type in TYPES:
         extract_answer(text, answer_type, ["x", "", "y"])
         is_correct(text, "1", answer_type if answer_type != "choice" else "number")
+
+
+def test_choice_option_numbers_score_as_letters() -> None:
+    """The official ECQA MAGs answer with option numbers 1-5: a number maps to its letter on both sides."""
+    assert is_correct("3", "3", "choice")
+    assert is_correct("3", "C", "choice") and is_correct("(2)", "B", "choice") and is_correct("5", "(E)", "choice")
+    assert not is_correct("3", "4", "choice") and not is_correct("1", "B", "choice")
+    assert not is_correct("6", "A", "choice")  # no sixth option
+    assert majority_vote(["1", "A", "B"], "choice") == "A"

@@ -23,7 +23,9 @@ from magdi.train import (
     TrainItem,
     build_items,
     encode_step,
+    items_per_step,
     method_spec,
+    official_pairs,
     plan_steps,
     train,
 )
@@ -250,21 +252,23 @@ def _count_calls(module: torch.nn.Module, counter: list[int]):
     return module.register_forward_hook(lambda *_: counter.append(1))
 
 
-@pytest.mark.parametrize(("node_repr", "passes"), [("live", 1), ("frozen", 2)])
-def test_one_decoder_pass_per_step(make_lm, tiny_tokenizer, node_repr: str, passes: int) -> None:
+@pytest.mark.parametrize(("node_repr", "passes"), [("live", [1, 1]), ("frozen", [2, 1])])
+def test_one_decoder_pass_per_step(make_lm, tiny_tokenizer, node_repr: str, passes: list[int]) -> None:
     lm = make_lm()
     student = MagdiStudent(lm, method_spec("magdi"), _cfg(node_repr=node_repr))
     decoder, _ = student._backbone()
-    dec_calls, top_calls = [], []
-    hooks = [_count_calls(decoder, dec_calls), _count_calls(lm.get_base_model(), top_calls)]
     items = _items(tiny_tokenizer)
-    out = student(encode_step(items, tiny_tokenizer, 32, 16), items, 0)
-    out["loss"].backward()
-    for h in hooks:
-        h.remove()
-    # live: L_ntp, L_contrastive and L_graph all reuse one pass; frozen adds one no-grad base-model pass
-    assert len(dec_calls) == passes
-    assert top_calls == []  # never the full-vocabulary forward of the causal-LM wrapper
+    for expected in passes:  # the same step twice (e.g. the next epoch)
+        dec_calls, top_calls = [], []
+        hooks = [_count_calls(decoder, dec_calls), _count_calls(lm.get_base_model(), top_calls)]
+        out = student(encode_step(items, tiny_tokenizer, 32, 16), items, 0)
+        out["loss"].backward()
+        for h in hooks:
+            h.remove()
+        # live: L_ntp, L_contrastive and L_graph all reuse one pass; frozen adds one no-grad base-model
+        # pass the first time a chain is seen, then reads the cache
+        assert len(dec_calls) == expected
+        assert top_calls == []  # never the full-vocabulary forward of the causal-LM wrapper
 
 
 def _lora(module: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -272,15 +276,18 @@ def _lora(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize(
-    ("method", "weights"),
-    [("magdi", {"ntp": 0.0, "contrastive": 0.0, "graph": 1.0}),
-     ("magdi_an", {"ntp": 0.0, "contrastive": 1.0, "graph": 0.0})],
+    ("method", "weights", "encoder"),
+    [("magdi", {"ntp": 0.0, "contrastive": 0.0, "graph": 1.0}, "gcn"),
+     ("magdi", {"ntp": 0.0, "contrastive": 0.0, "graph": 1.0}, "token_attention"),
+     ("magdi_an", {"ntp": 0.0, "contrastive": 1.0, "graph": 0.0}, "gcn")],
 )
 @pytest.mark.parametrize("node_repr", ["live", "frozen"])
-def test_structure_losses_reach_lora_only_when_live(make_lm, tiny_tokenizer, method, weights, node_repr) -> None:
+def test_structure_losses_reach_lora_only_when_live(make_lm, tiny_tokenizer, method, weights, encoder,
+                                                    node_repr) -> None:
     lm = make_lm()
     torch.manual_seed(0)
-    student = MagdiStudent(lm, method_spec(method), _cfg(node_repr=node_repr, weights=LossWeights(**weights)))
+    cfg = _cfg(node_repr=node_repr, encoder=encoder, weights=LossWeights(**weights))
+    student = MagdiStudent(lm, method_spec(method), cfg)
     student.train()
     params = dict(student.named_parameters())
     trainable = {n: p for n, p in params.items() if p.requires_grad}
@@ -298,18 +305,21 @@ def test_structure_losses_reach_lora_only_when_live(make_lm, tiny_tokenizer, met
     head = "encoder." if method == "magdi" else "score_head."
     head_params = [n for n in trainable if n.startswith(head)]
     assert head_params and set(head_params) <= changed  # the structure head always learns
-    if node_repr == "live":
-        # gradients of the structure loss flow through the pooled hidden states into every adapter;
-        # at step 0 lora_B = 0, so only lora_B has a gradient (d/dA of B·A·x is Bᵀ·… = 0)
+    if node_repr == "live" or method == "magdi_an":
+        # gradients flow through the pooled hidden states into every adapter (the contrastive loss always
+        # uses the live student, as in the official code); at step 0 lora_B = 0, so only lora_B has a
+        # gradient (d/dA of B·A·x is Bᵀ·… = 0)
         assert set(lora_b) <= changed
         assert not set(lora_a) & changed
     else:
-        # frozen node representations are constants: the student itself is not trained by these losses
+        # frozen: the structure encoder reads constants, so L_graph does not train the student itself,
+        # whatever the encoder (token_attention included)
         assert not (set(lora_a) | set(lora_b)) & changed
         assert all(trainable[n].grad is None or trainable[n].grad.eq(0).all() for n in lora_a + lora_b)
 
 
-def test_frozen_reps_come_from_the_base_model(make_lm, tiny_tokenizer) -> None:
+@pytest.mark.parametrize("encoder", ["gcn", "token_attention"])
+def test_frozen_reps_come_from_the_base_model(make_lm, tiny_tokenizer, encoder: str) -> None:
     lm = make_lm()
     with torch.no_grad():
         for n, p in lm.named_parameters():
@@ -317,19 +327,32 @@ def test_frozen_reps_come_from_the_base_model(make_lm, tiny_tokenizer) -> None:
                 p.normal_(0, 0.5)  # a trained adapter
     items = _items(tiny_tokenizer)
     enc = encode_step(items, tiny_tokenizer, 32, 16)
-    live = MagdiStudent(lm, method_spec("magdi"), _cfg(node_repr="live"))
-    frozen = MagdiStudent(lm, method_spec("magdi"), _cfg(node_repr="frozen"))
+    live = MagdiStudent(lm, method_spec("magdi"), _cfg(node_repr="live", encoder=encoder))
+    frozen = MagdiStudent(lm, method_spec("magdi"), _cfg(node_repr="frozen", encoder=encoder))
     hidden = live._backbone()[0](input_ids=enc.input_ids, attention_mask=enc.attention_mask).last_hidden_state
-    r_live = live._node_reps(hidden, enc)
-    r_frozen = frozen._node_reps(hidden, enc)
+    reps_live = position_weighted_mean(hidden, enc.chain_mask)
+    r_live, h_live, m_live = live._graph_inputs(hidden, reps_live, enc, items)
+    r_frozen, h_frozen, m_frozen = frozen._graph_inputs(hidden, reps_live, enc, items)
     base = make_lm(lora=False)
     h_base = base.get_decoder()(input_ids=enc.input_ids, attention_mask=enc.attention_mask).last_hidden_state
+    assert r_live is reps_live and h_live is hidden
     assert not r_frozen.requires_grad and r_live.requires_grad
     assert torch.allclose(r_frozen, position_weighted_mean(h_base, enc.chain_mask), atol=1e-5)
     assert not torch.allclose(r_frozen, r_live, atol=1e-3)
+    if encoder == "token_attention":  # the chain's own base-model token states, left-aligned
+        assert not h_frozen.requires_grad
+        for i in range(enc.input_ids.shape[0]):
+            want = h_base[i][enc.chain_mask[i].bool()]
+            assert int(m_frozen[i].sum()) == want.shape[0]
+            assert torch.allclose(h_frozen[i, : want.shape[0]], want, atol=1e-5)
     # the adapter is enabled again afterwards
     again = live._backbone()[0](input_ids=enc.input_ids, attention_mask=enc.attention_mask).last_hidden_state
     assert torch.equal(again, hidden)
+    # a cached chain keeps its value when it comes back in another batch (another padding width)
+    one = [items[1]]
+    enc1 = encode_step(one, tiny_tokenizer, 32, 16)
+    r1, _, _ = frozen._graph_inputs(None, None, enc1, one)
+    assert torch.equal(r1[enc1.node_rows[0]], r_frozen[enc.node_rows[1]])
 
 
 # ============================================================================== train(): checkpoints and resume
@@ -449,3 +472,136 @@ def test_forward_backward_on_cuda(make_lm, tiny_tokenizer, encoder: str) -> None
     out = student(enc, items, 0)
     out["loss"].backward()
     assert out["loss"].device.type == "cuda" and torch.isfinite(out["loss"])
+
+
+# ============================================================================== lr schedule and accumulation
+# 6 MAGs, 1 per micro-step, 2 epochs = 12 micro-steps; warm-up 25 % of the updates. By hand, per update u
+# of n with W = round(0.25 n) warm-up updates: lr = u / W while u < W, then (n - u) / (n - W).
+_LR_BY_HAND = {
+    1: [0, 1 / 3, 2 / 3, 1, 8 / 9, 7 / 9, 6 / 9, 5 / 9, 4 / 9, 3 / 9, 2 / 9, 1 / 9],  # n=12, W=3
+    2: [0, 1 / 2, 1, 3 / 4, 2 / 4, 1 / 4],  # n=6, W=2 (round(1.5) = 2)
+    4: [0, 1, 1 / 2],  # n=3, W=1
+}
+
+
+def _sched_run(make_lm, tok, out: Path, grad_accum: int, stop_after: int | None = None):
+    spec = method_spec("magdi_cn")
+    items = build_items(_train_mags(), spec, tok)
+    cfg = _cfg(mags_per_step=1, epochs=2, grad_accum=grad_accum, warmup_ratio=0.25, checkpoint_every=1)
+    return train(make_lm(), tok, items, spec, cfg, out, stop_after=stop_after)
+
+
+@pytest.mark.parametrize("grad_accum", [1, 2, 4])
+def test_lr_schedule_by_hand_with_accumulation_and_resume(make_lm, tiny_tokenizer, tmp_path: Path,
+                                                          grad_accum: int, monkeypatch) -> None:
+    from accelerate import Accelerator
+
+    clips: list[int] = []
+    real_clip = Accelerator.clip_grad_norm_
+    monkeypatch.setattr(Accelerator, "clip_grad_norm_",
+                        lambda self, *a, **k: clips.append(1) or real_clip(self, *a, **k))
+    full = _sched_run(make_lm, tiny_tokenizer, tmp_path / "full", grad_accum)
+    peak = _cfg().lr
+    # every micro-step of one update trains under that update's lr
+    expected = [peak * f for f in _LR_BY_HAND[grad_accum] for _ in range(grad_accum)][:12]
+    assert [h["lr"] for h in full.history] == pytest.approx(expected, abs=1e-12)
+    # clipping (and the update) happen once per accumulated gradient, never on a micro-step's part
+    assert len(clips) == len(_LR_BY_HAND[grad_accum])
+    assert [h["step"] for h in full.history if "grad_norm" in h] == list(range(grad_accum, 13, grad_accum))
+
+    # a kill after micro-step 4 (an update boundary for 1, 2 and 4) resumes onto the same lr sequence
+    _sched_run(make_lm, tiny_tokenizer, tmp_path / "resumed", grad_accum, stop_after=4)
+    rest = _sched_run(make_lm, tiny_tokenizer, tmp_path / "resumed", grad_accum)
+    assert rest.resumed_from == 4
+    assert [h["lr"] for h in rest.history] == pytest.approx(expected, abs=1e-12)
+    for a, b in zip(rest.history, full.history, strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-6)
+
+
+def test_accumulated_update_equals_one_big_step(make_lm, tiny_tokenizer, tmp_path: Path) -> None:
+    """grad_accum=2 over 1-item micro-steps gives the gradient of the mean loss of the pair: the first
+    update (lr 0 in warm-up aside) is the same as with 2 items per step when warm-up is off."""
+    spec = method_spec("magdi_r0")
+    items = build_items(_train_mags()[:2], spec, tiny_tokenizer)
+    lm1, lm2 = make_lm(), make_lm()
+    cfg = dict(epochs=1, warmup_ratio=0.0, checkpoint_every=1)
+    train(lm1, tiny_tokenizer, items, spec, _cfg(mags_per_step=1, grad_accum=2, **cfg), tmp_path / "a")
+    train(lm2, tiny_tokenizer, items, spec, _cfg(mags_per_step=2, grad_accum=1, **cfg), tmp_path / "b")
+    w1, w2 = _lora(lm1), _lora(lm2)
+    assert any(not torch.equal(w1[n], _lora(make_lm())[n]) for n in w1)
+    for n in w1:
+        assert torch.allclose(w1[n], w2[n], atol=1e-6), n
+
+
+def test_gcn_dropout_is_a_param(make_lm) -> None:
+    student = MagdiStudent(make_lm(), method_spec("magdi"), _cfg(gcn_dropout=0.5))
+    assert student.encoder.dropout.p == 0.5
+    assert MagdiStudent(make_lm(), method_spec("magdi"), _cfg()).encoder.dropout.p == 0.0
+
+
+# ============================================================================== paper batching
+def test_plan_steps_reshuffles_every_epoch_and_groups_inside_buckets() -> None:
+    sizes = [(7 * i) % 40 for i in range(40)]
+    items = [TrainItem("x" * s, [], []) for s in sizes]
+    e0, e1 = plan_steps(items, 2, 0, 0), plan_steps(items, 2, 0, 1)
+    for steps in (e0, e1):
+        assert sorted(i for s in steps for i in s) == list(range(40))  # each item once per epoch
+        assert len(steps) == 20 and all(len(s) == 2 for s in steps)
+    assert {frozenset(s) for s in e0} != {frozenset(s) for s in e1}  # new batches, not only a new order
+    assert plan_steps(items, 2, 0, 1) == e1  # seeded
+    # inside buckets of 4 steps (8 items) each step takes neighbours in length: less padding than the
+    # shuffled order chunked as is
+    spread = sum(abs(sizes[a] - sizes[b]) for a, b in e0)
+    rng = __import__("random").Random(0)
+    order = list(range(40))
+    rng.shuffle(order)
+    assert spread < sum(abs(sizes[order[i]] - sizes[order[i + 1]]) for i in range(0, 40, 2))
+
+
+def test_official_pairs_and_update_size_by_hand() -> None:
+    items = [TrainItem("p", ["a", "b", "c"], [1, 1, 0]),  # max(2, 1) = 2 pairs
+             TrainItem("p", ["a", "b", "c"], [1, 1, 1]),  # no negative: paired with "NA" -> 3
+             TrainItem("p", ["a", "b"], [0, 0]),  # no positive: the official code skips it -> 0
+             TrainItem("p", ["a", "b", "c", "d"], [1, 0, 0, 0])]  # minority positive repeated -> 3
+    assert [official_pairs(it) for it in items] == [2, 3, 0, 3]
+    # 8 pairs at 4 per update = 2 official updates per epoch over 4 MAGs
+    assert items_per_step(items, _cfg(pairs_per_update=4)) == 2
+    assert items_per_step(items, _cfg(pairs_per_update=4, grad_accum=2)) == 1  # 2 micro-steps per update
+    assert items_per_step(items, _cfg(pairs_per_update=100)) == 4  # at least one update
+    assert items_per_step(items, _cfg(mags_per_step=3)) == 3  # unset: mags_per_step
+
+
+def test_train_sizes_updates_by_official_pairs(make_lm, tiny_tokenizer, tmp_path: Path) -> None:
+    spec = method_spec("magdi")
+    items = build_items(_train_mags(), spec, tiny_tokenizer)
+    pairs = sum(official_pairs(it) for it in items)
+    assert pairs == 2 * 3 + 4 * 3  # two G0 MAGs (3 positives), four mixed (3 pos, 3 neg)
+    res = train(make_lm(), tiny_tokenizer, items, spec, _cfg(pairs_per_update=6, mags_per_step=6), tmp_path)
+    assert res.steps == 3  # 18 pairs / 6 per update = 3 updates of 2 MAGs, not 1 step of 6 MAGs
+
+
+def test_gradient_checkpointing_same_loss_and_grads(make_lm, tiny_tokenizer) -> None:
+    items = _items(tiny_tokenizer)
+    enc = encode_step(items, tiny_tokenizer, 32, 16)
+    grads, losses, layer_calls = [], [], []
+    for ckpt in (False, True):
+        lm = make_lm()
+        torch.manual_seed(0)
+        student = MagdiStudent(lm, method_spec("magdi"), _cfg(gradient_checkpointing=ckpt))
+        student.train()
+        calls: list[int] = []
+        layer = lm.get_base_model().get_decoder().layers[0]
+        # the layer's forward is checkpointed (its own hooks stay outside): count a submodule's calls
+        h = layer.self_attn.register_forward_pre_hook(lambda *_, c=calls: c.append(1))
+        out = student(enc, items, 0)
+        out["loss"].backward()
+        h.remove()
+        losses.append(out["loss"].item())
+        grads.append({n: p.grad.clone() for n, p in student.named_parameters() if p.requires_grad})
+        layer_calls.append(len(calls))
+    assert layer_calls == [1, 2]  # checkpointing is on: the layer is re-run in backward
+    assert losses[0] == pytest.approx(losses[1], abs=1e-6)
+    assert grads[0].keys() == grads[1].keys()
+    for n in grads[0]:
+        assert torch.allclose(grads[0][n], grads[1][n], atol=1e-6), n
+    assert any(g.abs().sum() > 0 for n, g in grads[1].items() if "lora_B" in n)

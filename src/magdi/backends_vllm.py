@@ -17,7 +17,7 @@ from .student import Generation
 
 
 class VLLMGenerator:
-    """Callable ``(prompts, max_new_tokens, temperature, top_p, seed, num_samples) -> [Generation]``."""
+    """Callable ``(prompts, max_new_tokens, temperature, top_p, seed, num_samples, top_k) -> [Generation]``."""
 
     def __init__(
         self,
@@ -52,6 +52,7 @@ class VLLMGenerator:
         top_p: float = 1.0,
         seed: int = 0,
         num_samples: int = 1,
+        top_k: int = 0,
     ) -> list[Generation]:
         from vllm import SamplingParams
 
@@ -59,7 +60,8 @@ class VLLMGenerator:
             raise ValueError("num_samples > 1 needs temperature > 0 (greedy samples would all be identical)")
         sample = temperature > 0
         params = SamplingParams(n=num_samples, temperature=temperature if sample else 0.0,
-                                top_p=top_p if sample else 1.0, max_tokens=max_new_tokens,
+                                top_p=top_p if sample else 1.0, top_k=top_k if sample and top_k > 0 else -1,
+                                max_tokens=max_new_tokens,
                                 seed=seed if sample else None)
         token_prompts = [{"prompt_token_ids": self.tokenizer(p, add_special_tokens=False)["input_ids"]}
                          for p in prompts]

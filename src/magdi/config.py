@@ -134,6 +134,18 @@ class TeachersCfg(_Strict):
     parse_retries: int = Field(1, ge=0)
     http_retries: int = Field(5, ge=0)
     context_chars: int = Field(600, ge=0)
+    #: compact: our short prompt (CPU default; its cache keys are unchanged); reconcile: ReConcile's
+    #: published prompt (convincing samples, grouped previous answers, agree/disagree request)
+    prompt_style: Literal["compact", "reconcile"] = "compact"
+    #: reconcile: convincing samples shown per other agent
+    convincing_per_agent: int = Field(4, ge=0)
+    #: discuss: the agents above build the MAGs; official: import the authors' released MAG JSON instead
+    #: (one file per task in ``official_files``; no teacher is called, ``agents`` is not used)
+    source: Literal["discuss", "official"] = "discuss"
+    #: task -> path of the official release file for that task (e.g. ``MAG/ECQA_1000.json``)
+    official_files: dict[str, str] = Field(default_factory=dict)
+    #: the official text cleaning: drop the sentences of a chain that start with "I agree"/"I disagree"
+    clean_agreement: bool = False
 
     @field_validator("agents")
     @classmethod
@@ -156,7 +168,17 @@ class TrainCfg(_Strict):
     epochs: int = Field(1, ge=1)
     lr: float = Field(2e-4, gt=0)
     mags_per_step: int = Field(4, ge=1)
+    #: set: size micro-steps so an epoch makes the official number of updates, one per this many official
+    #: (positive, negative) pairs (the official run: 16 = 4 per device x 4 accumulation); mags_per_step
+    #: is then unused. null: mags_per_step MAGs per micro-step.
+    pairs_per_update: int | None = Field(None, ge=1)
     grad_accum: int = Field(1, ge=1)
+    #: length grouping: items are sorted by length inside shuffled buckets of this many steps (per epoch)
+    bucket_steps: int = Field(4, ge=1)
+    #: recompute decoder activations in backward (memory for time; a 7B student on one GPU needs it)
+    gradient_checkpointing: bool = False
+    #: share of the optimiser updates spent warming the lr up linearly from 0 (then linear decay to 0)
+    warmup_ratio: float = Field(0.1, ge=0.0, lt=1.0)
     max_prompt_tokens: int = Field(160, ge=8)
     max_target_tokens: int = Field(160, ge=8)
     seed: int = 0
@@ -166,6 +188,8 @@ class TrainCfg(_Strict):
     encoder: Literal["gcn", "node_attention", "token_attention"] = "gcn"
     node_repr: Literal["live", "frozen"] = "live"
     hidden_dim: int = Field(256, ge=2)
+    #: dropout inside the structure encoder (after the first GCN layer; in the attention encoders' layers)
+    gcn_dropout: float = Field(0.0, ge=0.0, lt=1.0)
     #: Drop MAGs of these graph types (G0..G3 = discussion rounds) from training, e.g. ["G3"].
     exclude_graph_types: list[str] = Field(default_factory=list)
     #: Keep at most this many MAGs per task (data-scaling figure); null = all.
@@ -186,6 +210,8 @@ class SelfConsistencyCfg(_Strict):
     k: int = Field(3, ge=1)
     temperature: float = Field(0.7, gt=0)
     top_p: float = Field(0.9, gt=0, le=1)
+    #: keep only the k most likely tokens before top-p (0 = off); the official test script uses 50
+    top_k: int = Field(0, ge=0)
     seed: int = 0
 
 
@@ -196,6 +222,11 @@ class EvalCfg(_Strict):
     vllm_engine: dict[str, Any] = Field(default_factory=dict)
     batch_size: int = Field(16, ge=1)
     max_new_tokens: int = Field(160, ge=1)
+    #: single-answer decoding: temperature 0 = greedy (CPU default); the official test script samples
+    #: (temperature 0.7, top_p 0.9, top_k 50), seeded with ``seed``
+    temperature: float = Field(0.0, ge=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int = Field(0, ge=0)
     self_consistency: SelfConsistencyCfg = SelfConsistencyCfg()
     bootstrap_samples: int = Field(1000, ge=10)
     seed: int = 0
@@ -242,7 +273,8 @@ class Params(_Strict):
         agents = {a.name for a in self.teachers.agents}
         for i, m in enumerate(self.experiments.methods):
             if m.startswith("sit_"):
-                if m[4:] not in agents:
+                # imported MAGs carry the release's own agents (claude, gpt4, bard), not teachers.agents
+                if m[4:] not in agents and self.teachers.source != "official":
                     raise ValueError(f"experiments.methods.{i}: '{m}' names no agent; agents are {sorted(agents)}")
             elif m not in BASE_METHODS:
                 raise ValueError(f"experiments.methods.{i}: unknown method '{m}'; known: {BASE_METHODS} or sit_<agent>")
@@ -257,6 +289,11 @@ class Params(_Strict):
                 err = e.errors()[0]
                 key = ".".join(str(p) for p in err["loc"])
                 raise ValueError(f"experiments.ablations.{name}.{key}: {err['msg']}") from None
+        if self.teachers.source == "official":
+            missing = [t for t in self.experiments.tasks if t not in self.teachers.official_files]
+            if missing:
+                raise ValueError(f"teachers.official_files: teachers.source is official but no file is given "
+                                 f"for task(s) {missing}")
         for t in self.experiments.tasks + self.experiments.ood_tasks:
             if t not in self.data.benchmarks:
                 raise ValueError(f"experiments: task '{t}' is not in data.benchmarks")
@@ -341,6 +378,44 @@ def check_mirror_files(params: Params) -> None:
         for f in files:
             if not (mirror / f).is_file():
                 raise ConfigError(f"paths.mirror_dir: data.benchmarks '{task}' needs missing file {mirror / f}")
+
+
+#: the multitask run (``stages/train.py --task multitask --method magdi_mt``)
+MT_TASK, MT_METHOD = "multitask", "magdi_mt"
+
+
+def check_run(p: Params, task: str, method: str | None = None, *, evaluate: bool = False) -> None:
+    """Raise :class:`ConfigError` (one line naming the valid choices) for a ``--task``/``--method`` that
+    params cannot resolve, so a stage CLI fails before it loads any model or reaches any hub."""
+    tasks = list(p.data.benchmarks)
+    if method == MT_METHOD or (task == MT_TASK and not evaluate):
+        if (task, method) != (MT_TASK, MT_METHOD):
+            raise ConfigError(f"--task {MT_TASK} goes with --method {MT_METHOD} (got --task {task} --method {method})")
+        return
+    if task not in tasks:
+        raise ConfigError(f"--task '{task}' is not a benchmark of params (data.benchmarks); valid: {', '.join(tasks)}")
+    if method is None:
+        return
+    base = [m for m in BASE_METHODS if evaluate or m != "zero_shot"]
+    agents = [f"sit_{a.name}" for a in p.teachers.agents]
+    ablations = list(p.experiments.ablations)
+    ok = (method in base or method in agents or method in ablations
+          or (method.startswith("sit_") and p.teachers.source == "official")
+          or (method.startswith("scale_") and method[6:].isdigit() and int(method[6:]) > 0))
+    if not ok:
+        valid = base + agents + ablations + ["scale_<N>"] + ([] if evaluate else [f"{MT_METHOD} (with --task {MT_TASK})"])
+        raise ConfigError(f"--method '{method}' is not known to params; valid: {', '.join(valid)}")
+
+
+def cli_check_run(p: Params, task: str, method: str | None = None, *, evaluate: bool = False) -> None:
+    """For stage CLIs: :func:`check_run` or exit with its one-line error."""
+    import sys
+
+    try:
+        check_run(p, task, method, evaluate=evaluate)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def cli_params(path: str = "params.yaml") -> Params:

@@ -159,6 +159,99 @@ def discussion_messages(
     return [{"role": "system", "content": agent.persona}, {"role": "user", "content": user}]
 
 
+# ReConcile as published (github.com/dinobby/ReConcile, utils.prepare_context_for_chat_assistant and
+# generation.gpt_debate), adapted only where our tasks differ: options are lettered (ECQA there used 1-5),
+# and MATH, which ReConcile did not run, asks for the final LaTeX expression.
+RECONCILE_ANSWER_RULE = {
+    "yesno": 'Only answer yes or no in the "answer" field.',
+    "number": 'Only place a single numeric value in the "answer" field.',
+    "choice": 'Only place {letters} representing your choice in the "answer" field.',
+    "latex": 'Only place the final answer as a LaTeX expression in the "answer" field.',
+}
+RECONCILE_JSON = ('Output your answer in json format, with the format as follows: {"reasoning": "", "answer": "", '
+                  '"confidence_level": ""}. Please strictly output in JSON format.')
+RECONCILE_REVIEW = ("\n\nCarefully review the following solutions from other agents as additional information, "
+                    "and provide your own answer and step-by-step reasoning to the question.")
+RECONCILE_STANCE = "Clearly states that which pointview do you agree or disagree and why.\n\n"
+
+
+def reconcile_round0_messages(agent: Agent, example: dict, answer_type: str,
+                              convincing: list[dict] | None = None) -> list[dict]:
+    """ReConcile's round-0 prompt: convincing samples as few-shot turns (a question, then its gold
+    explanation and answer as the assistant's reply), then the question and the answer/JSON rules."""
+    msgs: list[dict] = [{"role": "system", "content": agent.persona}]
+    for cs in convincing or []:
+        msgs.append({"role": "user", "content": f"Q: {question_text(cs)}"})
+        msgs.append({"role": "assistant", "content": str({"reasoning": cs["explanation"], "answer": cs["answer"]})})
+    user = f"Q: {example['question'].strip()}"
+    if example.get("choices"):
+        opts = " ".join(f"({chr(65 + i)}) {c}" for i, c in enumerate(example["choices"]))
+        user += f" The options are: {opts}. Please select an option as your answer."
+    rule = RECONCILE_ANSWER_RULE[answer_type]
+    if answer_type == "choice":
+        rule = rule.format(letters=",".join(chr(65 + i) for i in range(len(example.get("choices") or "ABCDE"))))
+    user += (" Please answer the question with step-by-step reasoning."
+             " Also, evaluate your confidence level (between 0.0 and 1.0) to indicate the possibility of your"
+             f" answer being right. {RECONCILE_JSON} {rule} Do not output irrelevant content.")
+    msgs.append({"role": "user", "content": user})
+    return msgs
+
+
+def group_previous_answers(previous: list[Node], context_chars: int) -> str:
+    """ReConcile's discussion context: the two most common previous answers, each with its count and the
+    solution of every agent that gave it ("I think the answer is X because ... My confidence level is c.").
+    Nodes without an answer are left out; as published, a third answer group is not shown."""
+    answered = [n for n in previous if n.answer is not None]
+    counts: dict[str, int] = {}
+    for n in answered:
+        counts[n.answer] = counts.get(n.answer, 0) + 1  # type: ignore[index]
+    top = sorted(counts, key=lambda a: -counts[a])[:2]  # stable: ties keep first-seen order (Counter.most_common)
+    parts = []
+    for ans in top:
+        sols = []
+        for n in answered:
+            if n.answer == ans:
+                why = n.reasoning if len(n.reasoning) <= context_chars else n.reasoning[:context_chars] + "..."
+                sols.append(f"One agent's solution: I think the answer is {ans} because {why} "
+                            f"My confidence level is {n.confidence}.")
+        agents = "agent who thinks" if counts[ans] == 1 else "agents who think"
+        parts.append(f"There {'is' if counts[ans] == 1 else 'are'} {counts[ans]} {agents} the answer is {ans}. "
+                     + "\n".join(sols) + "\n\n")
+    return "".join(parts)
+
+
+def reconcile_discussion_messages(agent: Agent, example: dict, answer_type: str, previous: list[Node],
+                                  context_chars: int, convincing: list[dict] | None = None) -> list[dict]:
+    """ReConcile's round r >= 1 prompt: the round-0 prompt (convincing samples included) plus the request
+    to review the grouped previous answers and say which view the agent agrees or disagrees with."""
+    msgs = reconcile_round0_messages(agent, example, answer_type, convincing)
+    extra = [RECONCILE_REVIEW, RECONCILE_STANCE, group_previous_answers(previous, context_chars), RECONCILE_JSON]
+    msgs[-1] = {"role": "user", "content": msgs[-1]["content"] + " ".join(extra)}
+    return msgs
+
+
+def select_convincing(done: list[MAG], examples: dict[str, dict], agents: list[Agent], agent: str,
+                      per_agent: int) -> list[dict]:
+    """Convincing samples for ``agent``: for every other (non-reference) agent, the first ``per_agent``
+    already-built questions that agent answered correctly in round 0 and that have a gold explanation;
+    shown with the dataset's explanation and gold answer (ReConcile's ``convincing_samples`` of the
+    other agents). Questions still being discussed are never in ``done``, so no answer leaks."""
+    out: list[dict] = []
+    for other in agents:
+        if other.name == agent or other.is_reference:
+            continue
+        picked = 0
+        for m in done:
+            ex = examples.get(m.id)
+            if picked >= per_agent or ex is None or not (ex.get("explanation") or "").strip():
+                continue
+            if any(n.agent == other.name and n.round == 0 and n.correct for n in m.nodes):
+                out.append({"question": ex["question"], "choices": ex.get("choices"),
+                            "explanation": ex["explanation"].strip(), "answer": m.gold})
+                picked += 1
+    return out
+
+
 def reference_reply(example: dict) -> dict:
     """The opt-in offline 'reference' agent: the dataset's own explanation and gold answer."""
     expl = (example.get("explanation") or "").strip()
@@ -174,7 +267,7 @@ def reference_reply(example: dict) -> dict:
 _FIELD = {
     "reasoning": re.compile(r'"reasoning"\s*:\s*"((?:[^"\\]|\\.)*)', re.S),
     "answer": re.compile(r'"answer"\s*:\s*"?((?:[^"\\,}\n]|\\.)*)'),
-    "confidence": re.compile(r'"confidence"\s*:\s*"?([0-9]*\.?[0-9]+)'),
+    "confidence": re.compile(r'"confidence(?:_level)?"\s*:\s*"?([0-9]*\.?[0-9]+)'),  # ReConcile: _level
 }
 
 
@@ -210,6 +303,8 @@ def parse_reply(text: str, answer_type: str, choices: list[str] | None) -> dict 
     """
     obj = _json_object(text) or {}
     fields: dict[str, Any] = {k: obj.get(k) for k in ("reasoning", "answer", "confidence")}
+    if fields["confidence"] is None:
+        fields["confidence"] = obj.get("confidence_level")  # the key of ReConcile's published prompt
     for k, rx in _FIELD.items():
         if fields[k] in (None, ""):
             m = rx.search(text)
@@ -324,17 +419,32 @@ def _ask(agents: list[Agent], build: Callable[[Agent, int], list[dict]], example
 
 def discuss_chunk(agents: list[Agent], examples: list[dict], task: str, answer_type: str, max_rounds: int,
                   parse_retries: int = 1, context_chars: int = 600,
-                  on_round: Callable[[int, int], None] | None = None) -> list[MAG]:
+                  on_round: Callable[[int, int], None] | None = None, prompt_style: str = "compact",
+                  convincing: dict[str, list[dict]] | None = None) -> list[MAG]:
     """Run the full protocol on a chunk of questions; return one MAG per question.
 
-    ``on_round(round, n_active)`` is called before each round (progress display).
+    ``on_round(round, n_active)`` is called before each round (progress display). ``prompt_style``:
+    ``compact`` (our short prompt) or ``reconcile`` (the published one, with ``convincing`` samples per agent).
     """
+    conv = convincing or {}
+    reconcile = prompt_style == "reconcile"
+
+    def first(a: Agent, ex: dict) -> list[dict]:
+        if reconcile:
+            return reconcile_round0_messages(a, ex, answer_type, conv.get(a.name))
+        return round0_messages(a, ex, answer_type)
+
+    def later(a: Agent, ex: dict, prev: list[Node]) -> list[dict]:
+        if reconcile:
+            return reconcile_discussion_messages(a, ex, answer_type, prev, context_chars, conv.get(a.name))
+        return discussion_messages(a, ex, answer_type, prev, context_chars)
+
     examples = [{**ex, "answer": normalize_gold(ex["answer"], answer_type)} for ex in examples]
     by_id = {ex["id"]: ex for ex in examples}
     nodes: dict[str, list[Node]] = {ex["id"]: [] for ex in examples}
     if on_round:
         on_round(0, len(examples))
-    last: dict[str, list[Node]] = _ask(agents, lambda a, i: round0_messages(a, examples[i], answer_type),
+    last: dict[str, list[Node]] = _ask(agents, lambda a, i: first(a, examples[i]),
                                        examples, answer_type, 0, parse_retries)
     done: set[str] = set()
     for qid, ns in last.items():
@@ -348,8 +458,8 @@ def discuss_chunk(agents: list[Agent], examples: list[dict], task: str, answer_t
         if on_round:
             on_round(r, len(active))
         prev = {ex["id"]: last[ex["id"]] for ex in active}
-        last = _ask(agents, lambda a, i, act=active, pv=prev: discussion_messages(
-            a, act[i], answer_type, pv[act[i]["id"]], context_chars), active, answer_type, r, parse_retries)
+        last = _ask(agents, lambda a, i, act=active, pv=prev: later(a, act[i], pv[act[i]["id"]]),
+                    active, answer_type, r, parse_retries)
         for qid, ns in last.items():
             nodes[qid].extend(ns)
             if consensus(ns):
@@ -375,15 +485,25 @@ def _agent(agents: list[Agent], name: str) -> Agent:
 
 
 def build_mags(agents: list[Agent], examples: list[dict], task: str, answer_type: str, out_path: Path,
-               max_rounds: int, chunk_size: int, parse_retries: int = 1, context_chars: int = 600) -> list[MAG]:
-    """Resumable MAG construction: questions already in ``out_path`` are skipped, new MAGs appended."""
+               max_rounds: int, chunk_size: int, parse_retries: int = 1, context_chars: int = 600,
+               prompt_style: str = "compact", convincing_per_agent: int = 4) -> list[MAG]:
+    """Resumable MAG construction: questions already in ``out_path`` are skipped, new MAGs appended.
+
+    With ``prompt_style: reconcile`` each chunk's convincing samples come from the MAGs built before it
+    (so the first chunk has none)."""
     have = {m.id for m in read_mags(out_path)}
     todo = [ex for ex in examples if ex["id"] not in have]
+    by_id = {ex["id"]: {**ex, "answer": normalize_gold(ex["answer"], answer_type)} for ex in examples}
     bar = tqdm(total=len(examples), initial=len(examples) - len(todo), desc=f"MAGs {task}", unit="q")
     for start in range(0, len(todo), chunk_size):
+        conv = None
+        if prompt_style == "reconcile":
+            done = read_mags(out_path)
+            conv = {a.name: select_convincing(done, by_id, agents, a.name, convincing_per_agent) for a in agents}
         for mag in discuss_chunk(agents, todo[start : start + chunk_size], task, answer_type, max_rounds,
                                  parse_retries, context_chars,
-                                 on_round=lambda r, n: bar.set_postfix(round=r, discussing=n)):
+                                 on_round=lambda r, n: bar.set_postfix(round=r, discussing=n),
+                                 prompt_style=prompt_style, convincing=conv):
             append_mag(out_path, mag)
         bar.update(len(todo[start : start + chunk_size]))
     bar.close()

@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 from .scoring import extract_answer, is_correct, majority_vote
 from .student import Generation, generate, student_prompt
 
-#: ``(prompts, max_new_tokens, temperature, top_p, seed, num_samples) -> [Generation]``, prompt-major.
+#: ``(prompts, max_new_tokens, temperature, top_p, seed, num_samples, top_k) -> [Generation]``, prompt-major.
 Generator = Callable[..., list[Generation]]
 
 
@@ -61,6 +61,7 @@ def evaluate_examples(
     temperature: float = 0.0,
     top_p: float = 1.0,
     seed: int = 0,
+    top_k: int = 0,
 ) -> list[Prediction]:
     """Greedy (k=1, T=0) or self-consistency (k seeded samples per question, majority vote) evaluation.
 
@@ -72,7 +73,7 @@ def evaluate_examples(
     for start in range(0, len(order), batch_size):
         chunk = [examples[i] for i in order[start : start + batch_size]]
         prompts = [student_prompt(tokenizer, ex, answer_type, prefix) for ex in chunk]
-        gens = generator(prompts, max_new_tokens, temperature, top_p, seed + start, num_samples=k)
+        gens = generator(prompts, max_new_tokens, temperature, top_p, seed + start, num_samples=k, top_k=top_k)
         for j, ex in enumerate(chunk):
             outs = gens[j * k : (j + 1) * k]
             parsed = [extract_answer(g.text, answer_type, ex.get("choices")) for g in outs]

@@ -11,11 +11,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from .config import TASK_TYPES, Params
-
-MT_TASK = "multitask"
-MT_METHOD = "magdi_mt"
-
+from .config import MT_METHOD, MT_TASK, TASK_TYPES, Params
 
 # ----------------------------------------------------------------------------- paths
 
@@ -168,15 +164,39 @@ def make_agents(p: Params, student=None):
     return agents
 
 
+def import_official_mags(p: Params, task: str) -> list:
+    """``teachers.source: official``: the authors' MAG release for ``task`` (a JSON list of records),
+    its first ``data.n_train`` questions, converted to our MAGs (labels re-derived by our scorer)."""
+    from .mag import import_official
+
+    path = Path(p.teachers.official_files[task])
+    if not path.is_file():
+        raise FileNotFoundError(f"teachers.official_files.{task}: file not found: {path}")
+    records = json.loads(path.read_text(encoding="utf-8"))
+    if not isinstance(records, list):
+        raise ValueError(f"teachers.official_files.{task}: {path} is not a JSON list of MAG records")
+    return import_official(records[: p.data.n_train], task, TASK_TYPES[task], max_rounds=10,
+                           clean_agreement=p.teachers.clean_agreement)
+
+
 def stage_build_mags(p: Params, task: str) -> dict:
-    from .discussion import build_mags
-    from .mag import mag_stats
+    from .mag import clean_mag, mag_stats, write_mags
 
     _set_threads()
-    examples = load_examples(p, task, "train")
-    agents = make_agents(p)
-    mags = build_mags(agents, examples, task, TASK_TYPES[task], mags_file(p, task), p.teachers.max_rounds,
-                      p.teachers.batch_size, p.teachers.parse_retries, p.teachers.context_chars)
+    if p.teachers.source == "official":
+        mags = import_official_mags(p, task)
+        write_mags(mags_file(p, task), mags)
+    else:
+        from .discussion import build_mags
+
+        examples = load_examples(p, task, "train")
+        agents = make_agents(p)
+        mags = build_mags(agents, examples, task, TASK_TYPES[task], mags_file(p, task), p.teachers.max_rounds,
+                          p.teachers.batch_size, p.teachers.parse_retries, p.teachers.context_chars,
+                          p.teachers.prompt_style, p.teachers.convincing_per_agent)
+        if p.teachers.clean_agreement:
+            mags = [clean_mag(m) for m in mags]
+            write_mags(mags_file(p, task), mags)
     stats = mag_stats(mags)
     stats["team_accuracy"] = sum(bool(m.team_correct) for m in mags) / len(mags) if mags else 0.0
     stats["teacher_tokens_per_question"] = sum(n.n_tokens for m in mags for n in m.nodes) / len(mags) if mags else 0.0
@@ -235,15 +255,22 @@ def stage_train(p: Params, task: str, method: str) -> dict:
     return summary
 
 
+def decoding(p: Params, k: int) -> dict[str, Any]:
+    """Sampling settings of one evaluation: ``evaluate.*`` for a single answer (greedy at temperature 0),
+    ``evaluate.self_consistency.*`` for k > 1 samples."""
+    e = p.evaluate
+    src = e.self_consistency if k > 1 else e
+    greedy = k == 1 and e.temperature <= 0
+    return {"temperature": 0.0 if greedy else src.temperature, "top_p": 1.0 if greedy else src.top_p,
+            "top_k": 0 if greedy else src.top_k, "seed": e.self_consistency.seed if k > 1 else e.seed}
+
+
 def _eval_one(p: Params, generator, tok, task: str, out: Path, prefix: str, k: int = 1) -> dict:
     from .evaluate import evaluate_examples, prediction_rows, summarise
 
-    sc = p.evaluate.self_consistency
     examples = load_examples(p, task, "test")
     preds = evaluate_examples(generator, tok, examples, task, TASK_TYPES[task], p.evaluate.batch_size,
-                              p.evaluate.max_new_tokens, prefix, k=k,
-                              temperature=sc.temperature if k > 1 else 0.0,
-                              top_p=sc.top_p if k > 1 else 1.0, seed=sc.seed if k > 1 else p.evaluate.seed)
+                              p.evaluate.max_new_tokens, prefix, k=k, **decoding(p, k))
     res = summarise(preds, p.evaluate.bootstrap_samples, p.evaluate.seed)
     suffix = f"_sc{k}" if k > 1 else ""
     out.mkdir(parents=True, exist_ok=True)

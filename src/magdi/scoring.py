@@ -364,6 +364,10 @@ def _canonical_pred(pred: str, answer_type: str) -> str | None:
     """Re-canonicalize a prediction (it may be raw, e.g. "(B)" or "3.50")."""
     if answer_type == "latex":
         return pred.strip() or None
+    if answer_type == "choice":  # an option number, e.g. the official ECQA MAGs' "1".."5": same map as gold
+        bare = pred.strip().strip("()").strip()
+        if len(bare) == 1 and bare in "12345":
+            return LETTERS[int(bare) - 1]
     return _SPAN[answer_type](pred, None)
 
 

@@ -216,8 +216,10 @@ def generate(
     top_p: float | list[float] = 1.0,
     seed: int = 0,
     num_samples: int = 1,
+    top_k: int = 0,
 ) -> list[Generation]:
-    """Batched generation with KV cache; greedy when temperature == 0, else seeded nucleus sampling.
+    """Batched generation with KV cache; greedy when temperature == 0, else seeded nucleus sampling
+    (after top-k filtering when ``top_k`` > 0, as the official test script's ``top_k=50``).
 
     ``temperature``/``top_p`` may be lists (one value per prompt): rows with different sampling then
     share one batch (``row_sampling_filter``). ``num_samples`` > 1 (sampling only) returns that many
@@ -232,8 +234,8 @@ def generate(
         tops = list(top_p) if isinstance(top_p, list | tuple) else [top_p] * len(prompts)
         if len(temps) != len(prompts) or len(tops) != len(prompts):
             raise ValueError("per-row temperature/top_p need one value per prompt")
-        if num_samples > 1:
-            raise ValueError("num_samples > 1 is not supported with per-row sampling")
+        if num_samples > 1 or top_k:
+            raise ValueError("num_samples > 1 and top_k are not supported with per-row sampling")
         if all(t <= 0 for t in temps):
             per_row, temperature, top_p = False, 0.0, 1.0
     elif num_samples > 1 and temperature <= 0:
@@ -253,7 +255,7 @@ def generate(
         do_sample=sample,
         temperature=temperature if sample else None,
         top_p=top_p if sample else None,
-        top_k=None,
+        top_k=top_k if sample and top_k > 0 else None,
         use_cache=True,
         pad_token_id=tokenizer.pad_token_id,
         num_return_sequences=num_samples,

@@ -9,10 +9,12 @@ safetensors + JSON (no pickle) and resume bit-exactly on CPU.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import random
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -151,16 +153,69 @@ def encode_step(items: Sequence[TrainItem], tokenizer, max_prompt: int, max_targ
     return Encoded(ids, att, lab, (lab != -100).long(), node_rows, int(att.sum()))
 
 
-def plan_steps(items: Sequence[TrainItem], per_step: int, seed: int, epoch: int) -> list[list[int]]:
-    """Length-grouped steps: sort by size, chunk, then shuffle chunk order (seeded per epoch)."""
+def plan_steps(items: Sequence[TrainItem], per_step: int, seed: int, epoch: int,
+               bucket_steps: int = 4) -> list[list[int]]:
+    """Steps of one epoch, reshuffled every epoch, length-grouped inside shuffled buckets.
+
+    Items are shuffled (seeded by seed and epoch) and cut into buckets of ``bucket_steps`` steps; inside a
+    bucket they are sorted by size and chunked into steps (less padding), then the order of all steps
+    is shuffled. So every epoch sees new batches (as the official HF Trainer's shuffled sampler does)
+    while each batch still holds chains of similar length.
+    """
+    rng = random.Random(seed * 1000 + epoch)
     size = [sum(len(t) for t in it.targets) + len(it.prompt) for it in items]
-    order = sorted(range(len(items)), key=lambda i: (size[i], i))
-    steps = [order[i : i + per_step] for i in range(0, len(order), per_step)]
-    random.Random(seed * 1000 + epoch).shuffle(steps)
+    order = list(range(len(items)))
+    rng.shuffle(order)
+    bucket = per_step * bucket_steps
+    steps: list[list[int]] = []
+    for b in range(0, len(order), bucket):
+        group = sorted(order[b : b + bucket], key=lambda i: (size[i], i))
+        steps += [group[i : i + per_step] for i in range(0, len(group), per_step)]
+    rng.shuffle(steps)
     return steps
 
 
+def official_pairs(item: TrainItem) -> int:
+    """Training examples the official code makes of one MAG: one (positive, negative) pair per chain of
+    the larger side, the smaller side repeated (``utils.prepare_contrastive_samples``); no positive means
+    the MAG is skipped, no negative means it is paired with an "NA" placeholder (so: #positives)."""
+    pos = sum(1 for y in item.labels if y == 1)
+    return max(pos, len(item.labels) - pos) if pos else 0
+
+
+def items_per_step(items: Sequence[TrainItem], cfg: TrainCfg) -> int:
+    """Items (MAGs) per micro-step. ``mags_per_step``, unless ``pairs_per_update`` is set: then as many as
+    give the official number of updates per epoch, ``ceil(Σ official_pairs / pairs_per_update)`` (the
+    official run: 4 pairs per device × 4 accumulation steps = 16 pairs per update), spread over
+    ``grad_accum`` micro-steps."""
+    if cfg.pairs_per_update is None:
+        return cfg.mags_per_step
+    updates = max(1, math.ceil(sum(official_pairs(it) for it in items) / cfg.pairs_per_update))
+    return max(1, math.ceil(len(items) / (updates * cfg.grad_accum)))
+
+
+def enable_gradient_checkpointing(lm: nn.Module) -> None:
+    """Recompute each decoder layer's activations in backward (a 7B student on one GPU needs it; the
+    official run uses it). Non-reentrant checkpointing composes with LoRA and frozen base weights without
+    ``enable_input_require_grads``; loss and gradients are unchanged."""
+    base = lm.get_base_model() if hasattr(lm, "get_base_model") else lm
+    if hasattr(base, "activation_checkpointing_enable"):  # transformers >= 5 name
+        base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    base.config.use_cache = False
+
+
 # ----------------------------------------------------------------------------- the model
+
+
+def _row_keys(enc: Encoded, items: Sequence[TrainItem]) -> list[tuple[str, str]]:
+    """The (prompt, chain) text behind each encoded row: the key of the frozen-representation cache."""
+    keys: list[tuple[str, str] | None] = [None] * enc.input_ids.shape[0]
+    for it, rows in zip(items, enc.node_rows, strict=True):
+        for t, r in zip(it.targets, rows, strict=True):
+            keys[r] = (it.prompt, t)
+    return keys  # type: ignore[return-value]
 
 
 class MagdiStudent(nn.Module):
@@ -175,8 +230,11 @@ class MagdiStudent(nn.Module):
         if spec.graph:  # imported here: torch_geometric costs ~2 s of start-up that non-graph methods skip
             from .encoders import build_encoder
 
-            self.encoder = build_encoder(cfg.encoder, dim, cfg.hidden_dim)
-        self.frozen_cache: dict[int, torch.Tensor] = {}
+            self.encoder = build_encoder(cfg.encoder, dim, cfg.hidden_dim, dropout=cfg.gcn_dropout)
+        if cfg.gradient_checkpointing:
+            enable_gradient_checkpointing(lm)
+        #: node_repr=frozen: (prompt, chain) -> (pooled base-model rep, its chain token states or None)
+        self.frozen_cache: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor | None]] = {}
 
     def _backbone(self):
         base = self.lm.get_base_model() if hasattr(self.lm, "get_base_model") else self.lm
@@ -196,25 +254,59 @@ class MagdiStudent(nn.Module):
             l_ntp = hidden.sum() * 0
         out = {"ntp": l_ntp}
         if self.spec.contrastive or self.spec.graph:
-            reps = self._node_reps(hidden, enc)
-        if self.spec.contrastive:
-            out["contrastive"] = self._contrastive(reps, enc, items, step_seed)
+            reps_live = position_weighted_mean(hidden, enc.chain_mask)
+        if self.spec.contrastive:  # the score head always ranks the live student's chains
+            out["contrastive"] = self._contrastive(reps_live, enc, items, step_seed)
         if self.spec.graph:
-            out["graph"] = self._graph(reps, hidden, enc, items)
+            out["graph"] = self._graph(*self._graph_inputs(hidden, reps_live, enc, items), enc, items)
         w = self.cfg.weights
         out["loss"] = total_loss(out["ntp"], out.get("contrastive", l_ntp * 0), out.get("graph", l_ntp * 0),
                                  w.ntp, w.contrastive if self.spec.contrastive else 0.0,
                                  w.graph if self.spec.graph else 0.0)
         return out
 
-    def _node_reps(self, hidden: torch.Tensor, enc: Encoded) -> torch.Tensor:
-        """Pooled chain representations: live (from this pass) or frozen (base model, no adapter)."""
+    def _graph_inputs(self, hidden, reps_live, enc: Encoded, items) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The structure encoder's inputs (node reps, token states, token mask), one row per sequence.
+
+        ``live``: this pass's hidden states, so L_graph trains the adapter too. ``frozen`` (the official
+        code): the base model without the adapter, computed once per unique (prompt, chain) and cached, so
+        L_graph trains only the encoder; L_ntp and L_contrastive are unaffected either way.
+        """
         if self.cfg.node_repr == "live":
-            return position_weighted_mean(hidden, enc.chain_mask)
-        with torch.no_grad(), self.lm.disable_adapter():
+            return reps_live, hidden, enc.chain_mask
+        keys = _row_keys(enc, items)
+        self._fill_frozen_cache(enc, keys)
+        reps = torch.stack([self.frozen_cache[k][0] for k in keys])
+        if self.encoder is None or not self.encoder.takes_tokens:
+            return reps, hidden, enc.chain_mask
+        toks = [self.frozen_cache[k][1] for k in keys]  # only the chain's own tokens, left-aligned
+        width = max(1, max(t.shape[0] for t in toks))
+        states = reps.new_zeros((len(toks), width, reps.shape[-1]))
+        mask = torch.zeros((len(toks), width), dtype=enc.chain_mask.dtype, device=reps.device)
+        for i, t in enumerate(toks):
+            states[i, : t.shape[0]] = t.to(states.device)
+            mask[i, : t.shape[0]] = 1
+        return reps, states, mask
+
+    @torch.no_grad()
+    def _fill_frozen_cache(self, enc: Encoded, keys: list[tuple[str, str]]) -> None:
+        """Run the base model (adapter off) on the rows not seen before; keep their pooled reps (and chain
+        token states for the token encoder). Position-weighted pooling is padding-invariant, so a row's
+        cached value does not depend on the batch it was first seen in."""
+        todo = [r for r, k in enumerate(keys) if k not in self.frozen_cache]
+        if not todo:
+            return
+        off = self.lm.disable_adapter() if hasattr(self.lm, "disable_adapter") else contextlib.nullcontext()
+        with off:
             decoder, _ = self._backbone()
-            h = decoder(input_ids=enc.input_ids, attention_mask=enc.attention_mask).last_hidden_state
-            return position_weighted_mean(h, enc.chain_mask).detach()
+            h = decoder(input_ids=enc.input_ids[todo], attention_mask=enc.attention_mask[todo]).last_hidden_state
+        mask = enc.chain_mask[todo]
+        pooled = position_weighted_mean(h, mask)
+        keep_tokens = self.encoder is not None and self.encoder.takes_tokens
+        for j, r in enumerate(todo):
+            # token states are large (tokens x hidden per chain): they wait in host memory
+            toks = h[j][mask[j].bool()].detach().cpu() if keep_tokens else None
+            self.frozen_cache[keys[r]] = (pooled[j].detach(), toks)
 
     def _contrastive(self, reps, enc, items, step_seed) -> torch.Tensor:
         gen = torch.Generator().manual_seed(step_seed)
@@ -228,7 +320,7 @@ class MagdiStudent(nn.Module):
         scores = self.score_head(reps)
         return margin_ranking_loss(scores[pos], scores[neg], self.cfg.margin)
 
-    def _graph(self, reps, hidden, enc, items) -> torch.Tensor:
+    def _graph(self, reps, hidden, token_mask, enc, items) -> torch.Tensor:
         from torch_geometric.data import Batch, Data
 
         datas, rows_all = [], []
@@ -238,7 +330,7 @@ class MagdiStudent(nn.Module):
             rows_all += rows
         batch = Batch.from_data_list(datas).to(reps.device)  # labels/edges are built on the CPU
         if self.encoder.takes_tokens:
-            logits = self.encoder(hidden[rows_all], enc.chain_mask[rows_all], batch.batch)
+            logits = self.encoder(hidden[rows_all], token_mask[rows_all], batch.batch)
         else:
             logits = self.encoder(reps[rows_all], batch.edge_index, batch.batch)
         return graph_node_loss(logits, batch.y)
@@ -327,25 +419,28 @@ def train(
     from tqdm.auto import tqdm
 
     torch.manual_seed(cfg.seed)
+    # accumulation is counted here, not by accelerate: its counter has no "last micro-step of the run"
     accel = Accelerator(mixed_precision="bf16" if cfg.bf16 else "no",
-                        gradient_accumulation_steps=cfg.grad_accum,
                         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
     model = MagdiStudent(lm, spec, cfg)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
-    plans = [plan_steps(items, cfg.mags_per_step, cfg.seed, e) for e in range(cfg.epochs)]
+    per_step = items_per_step(items, cfg)
+    plans = [plan_steps(items, per_step, cfg.seed, e, cfg.bucket_steps) for e in range(cfg.epochs)]
     # every process takes its share of each step's items (DDP); one process on CPU takes all
     flat_steps = [s for p in plans for s in p]
     total = len(flat_steps)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / max(1, total // 10)) * max(0.0, 1 - s / max(1, total)))
+    n_updates = optimizer_steps(total, cfg.grad_accum)
+    sched = lr_schedule(opt, n_updates, cfg.warmup_ratio)
     ckpt = out_dir / "checkpoint"
     start, history = 0, []
     found = _find_ckpt(ckpt)
     if found is not None:
         start, history = _load_ckpt(found, model, opt)
-        for _ in range(start):
-            sched.step()
+        with warnings.catch_warnings():  # replaying the schedule before any opt.step() of this process
+            warnings.simplefilter("ignore", UserWarning)
+            for _ in range(optimizer_steps(start, cfg.grad_accum)):  # it counts updates, not micro-steps
+                sched.step()
     model, opt = accel.prepare(model, opt)
     core: MagdiStudent = accel.unwrap_model(model)
     model.train()
@@ -360,24 +455,26 @@ def train(
         enc = encode_step(batch_items, tokenizer, cfg.max_prompt_tokens, cfg.max_target_tokens)
         enc = Encoded(enc.input_ids.to(accel.device), enc.attention_mask.to(accel.device),
                       enc.labels.to(accel.device), enc.chain_mask.to(accel.device), enc.node_rows, enc.n_tokens)
-        with accel.accumulate(model):
+        boundary = is_update_step(step, total, cfg.grad_accum)
+        window = accumulation_window(step, total, cfg.grad_accum)
+        with contextlib.nullcontext() if boundary else accel.no_sync(model):
             out = model(enc, batch_items, cfg.seed * 7919 + step)
-            accel.backward(out["loss"])
-            accel.clip_grad_norm_(params, 1.0)
-            opt.step()  # accelerate makes this a no-op on accumulation micro-steps
-            if accel.sync_gradients:
-                sched.step()
+            accel.backward(out["loss"] / window)  # the update is the mean over its micro-steps
+        rec = {"step": step + 1, **{k: float(v.detach()) for k, v in out.items()}, "lr": sched.get_last_lr()[0]}
+        if boundary:  # clip the accumulated gradient only, then one update and one scheduler step
+            rec["grad_norm"] = float(accel.clip_grad_norm_(params, 1.0))
+            opt.step()
+            sched.step()
             opt.zero_grad()
         tokens += enc.n_tokens
         uniq += enc.input_ids.shape[0]
-        rec = {"step": step + 1, **{k: float(v.detach()) for k, v in out.items()}, "lr": sched.get_last_lr()[0]}
         history.append(rec)
         if log_fn:
             log_fn(rec)
         bar.set_postfix(loss=f"{rec['loss']:.3f}")
         bar.update(1)
-        at_boundary = accel.sync_gradients  # never checkpoint mid-accumulation: those gradients are not saved
-        if accel.is_main_process and at_boundary and ((step + 1) % cfg.checkpoint_every == 0 or step + 1 == total):
+        # never checkpoint mid-accumulation: those gradients are not saved
+        if accel.is_main_process and boundary and ((step + 1) % cfg.checkpoint_every == 0 or step + 1 == total):
             _save_ckpt(ckpt, core, opt, step + 1, history)
     bar.close()
     return TrainResult(steps=len(history), n_items=len(items), n_unique_sequences=uniq, tokens=tokens,
@@ -387,6 +484,34 @@ def train(
 def save_adapter(lm: nn.Module, out_dir: Path) -> None:
     """LoRA weights only (safetensors); the base student is referenced, not copied."""
     lm.save_pretrained(str(out_dir), safe_serialization=True)
+
+
+def optimizer_steps(micro_steps: int, grad_accum: int) -> int:
+    """Updates made by ``micro_steps`` micro-steps: one per ``grad_accum``, plus one for a partial tail."""
+    return math.ceil(micro_steps / grad_accum)
+
+
+def is_update_step(step: int, total: int, grad_accum: int) -> bool:
+    """Micro-step ``step`` (0-based) ends an accumulation window (or the run) and so makes an update."""
+    return (step + 1) % grad_accum == 0 or step + 1 == total
+
+
+def accumulation_window(step: int, total: int, grad_accum: int) -> int:
+    """How many micro-steps share the update that ``step`` belongs to (the last window may be short)."""
+    first = (step // grad_accum) * grad_accum
+    return min(grad_accum, total - first)
+
+
+def lr_schedule(opt: torch.optim.Optimizer, n_updates: int, warmup_ratio: float):
+    """The official recipe (HF Trainer's default): linear warm-up from 0 to the peak, then linear decay to 0.
+
+    Stepped once per optimiser update. The warm-up is ``round(warmup_ratio * n_updates)`` updates (the
+    official run used a fixed 100 of its ~630); the lr of update ``u`` is ``lr · u / W`` while ``u < W``,
+    then ``lr · (n - u) / (n - W)``: it reaches the peak exactly at ``u = W`` and 0 after the last update.
+    """
+    from transformers import get_linear_schedule_with_warmup
+
+    return get_linear_schedule_with_warmup(opt, round(warmup_ratio * n_updates), n_updates)
 
 
 def steps_per_epoch(n_items: int, per_step: int) -> int:
