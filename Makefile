@@ -8,7 +8,7 @@ export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM := false
 export MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR := false
 
-.PHONY: repro test env lint clean-runs
+.PHONY: repro test env lint clean-runs llama-server
 
 $(BIN)/.installed: requirements.txt pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -25,6 +25,23 @@ $(BIN)/.models: requirements-models.txt $(BIN)/.installed
 	touch $@
 
 env: $(BIN)/.installed
+
+# llama.cpp's OpenAI-compatible server, for `backend: llama_server` teachers whose replies are not in
+# teacher_cache/ yet. Built from the llama.cpp sources vendored in PyPI's llama-cpp-python sdist (the only
+# registry reachable here); 15-40 min on 2 cores, once. `make repro` does not need it while the cache holds
+# every discussion.
+LLAMA_CPP_PY ?= 0.3.36
+LLAMA_SRC := .cache/llama-src/llama_cpp_python-$(LLAMA_CPP_PY)
+$(BIN)/llama-server: | $(BIN)/.installed
+	mkdir -p .cache/llama-src
+	$(BIN)/pip download -q --no-deps --no-binary :all: llama-cpp-python==$(LLAMA_CPP_PY) -d .cache/llama-src
+	tar -xzf .cache/llama-src/llama_cpp_python-$(LLAMA_CPP_PY).tar.gz -C .cache/llama-src
+	cmake -S $(LLAMA_SRC)/vendor/llama.cpp -B .cache/llama-build -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON \
+	  -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DBUILD_SHARED_LIBS=OFF
+	cmake --build .cache/llama-build --target llama-server -j $$(nproc)
+	cp .cache/llama-build/bin/llama-server $@
+
+llama-server: $(BIN)/llama-server
 
 repro: env $(BIN)/.models
 	@[ -d .dvc ] || $(BIN)/dvc init -q

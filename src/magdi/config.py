@@ -110,7 +110,8 @@ class AgentCfg(_Strict):
     name: str = Field(pattern=r"^[a-z][a-z0-9_]*$")
     #: local: a transformers model on this machine; openai: any OpenAI-compatible endpoint;
     #: reference: replays the dataset's own human explanation and gold answer (offline runs only, opt-in).
-    backend: Literal["local", "openai", "reference"]
+    #: llama_server: a key of ``models`` served by llama.cpp's server, started/stopped by ``build_mags``
+    backend: Literal["local", "llama_server", "openai", "reference"]
     #: local: ``student`` (the converted student), a key of ``models``, a path or a hub id;
     #: openai: the served model name.
     model: str = "student"
@@ -127,8 +128,21 @@ class AgentCfg(_Strict):
     timeout_s: float = Field(60.0, gt=0)
 
 
+class LlamaServerCfg(_Strict):
+    """How ``build_mags`` runs llama.cpp's server for ``backend: llama_server`` agents (one per model)."""
+
+    binary: str = "llama-server"      # on PATH (``make llama-server`` puts it in .venv/bin) or a path
+    parallel: int = Field(8, ge=1)     # slots: conversations decoded together (continuous batching)
+    ctx_per_slot: int = Field(4096, ge=256)
+    threads: int | None = Field(None, ge=1)  # None: MAGDI_THREADS or all cores
+    #: send ``{"reasoning": "`` as the start of the reply (as the transformers backend does): small models
+    #: follow the JSON format far more often with it
+    prefill: bool = True
+
+
 class TeachersCfg(_Strict):
     agents: list[AgentCfg]
+    llama_server: LlamaServerCfg = LlamaServerCfg()
     max_rounds: int = Field(2, ge=0, le=10)
     batch_size: int = Field(8, ge=1)
     parse_retries: int = Field(1, ge=0)

@@ -304,6 +304,28 @@ def mag_stats(mags: list[MAG]) -> dict[str, Any]:
     }
 
 
+def length_stats(mags: list[MAG], limits: dict[str, int]) -> dict[str, Any]:
+    """Teacher reply lengths per agent, and the share that hit the agent's ``max_new_tokens`` (cut off).
+
+    A reply of exactly the limit is counted as cut: the decoder stopped because of the limit, so its answer
+    line may be missing. This is what the generation limits in ``params.yaml`` are chosen from.
+    """
+    by_agent: dict[str, list[int]] = {}
+    for m in mags:
+        for n in m.nodes:
+            if n.agent in limits:
+                by_agent.setdefault(n.agent, []).append(n.n_tokens)
+    out: dict[str, Any] = {}
+    for agent, lens in sorted(by_agent.items()):
+        s = sorted(lens)
+        out[agent] = {"n": len(s), "median": s[len(s) // 2], "p95": s[min(len(s) - 1, int(0.95 * len(s)))],
+                      "max": s[-1], "limit": limits[agent],
+                      "truncated_fraction": sum(x >= limits[agent] for x in s) / len(s)}
+    total = sum(v["n"] for v in out.values())
+    cut = sum(v["truncated_fraction"] * v["n"] for v in out.values())
+    return {"per_agent": out, "truncated_fraction": cut / total if total else 0.0}
+
+
 def draw_mag(mag: MAG, path: Path, kind: str = "d") -> None:
     """Fig. 2 style: rounds left to right, agents top to bottom, green = correct, red = incorrect."""
     import matplotlib

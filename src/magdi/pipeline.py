@@ -140,10 +140,25 @@ def make_agents(p: Params, student=None):
 
     cache_dir = Path(p.paths.cache_dir)
     backends: dict[str, Any] = {}
+    servers: dict[str, Any] = {}
     agents = []
     for a in p.teachers.agents:
         if a.backend == "reference":
             backend = None
+        elif a.backend == "llama_server":
+            if a.model not in servers:  # one server (and one cache file) per model, shared by its agents
+                from .discussion import RESPONSE_PREFIX
+                from .llama_server import LlamaServer, LlamaServerBackend
+
+                ls = p.teachers.llama_server
+                if a.model not in p.models:
+                    raise ValueError(f"teachers.agents.{a.name}.model: '{a.model}' is not a key of `models`")
+                server = LlamaServer(ls.binary, gguf_file(p, a.model), Path(p.paths.runs_dir) / "logs" /
+                                     f"llama_server_{_safe(a.model)}.log", ls.parallel, ls.ctx_per_slot, ls.threads)
+                servers[a.model] = LlamaServerBackend(
+                    server, a.model, CallCache(cache_dir / f"llama_{_safe(a.model)}.jsonl"), p.teachers.http_retries,
+                    a.timeout_s, RESPONSE_PREFIX if ls.prefill else "")
+            backend = servers[a.model]
         elif a.backend == "openai":
             backend = OpenAIChatBackend(a.model, a.base_url, a.api_key_env, a.timeout_s, p.teachers.http_retries,
                                         CallCache(cache_dir / f"openai_{_safe(a.model)}.jsonl"))
@@ -180,7 +195,7 @@ def import_official_mags(p: Params, task: str) -> list:
 
 
 def stage_build_mags(p: Params, task: str) -> dict:
-    from .mag import clean_mag, mag_stats, write_mags
+    from .mag import clean_mag, length_stats, mag_stats, write_mags
 
     _set_threads()
     if p.teachers.source == "official":
@@ -191,13 +206,20 @@ def stage_build_mags(p: Params, task: str) -> dict:
 
         examples = load_examples(p, task, "train")
         agents = make_agents(p)
-        mags = build_mags(agents, examples, task, TASK_TYPES[task], mags_file(p, task), p.teachers.max_rounds,
-                          p.teachers.batch_size, p.teachers.parse_retries, p.teachers.context_chars,
-                          p.teachers.prompt_style, p.teachers.convincing_per_agent)
+        try:
+            mags = build_mags(agents, examples, task, TASK_TYPES[task], mags_file(p, task), p.teachers.max_rounds,
+                              p.teachers.batch_size, p.teachers.parse_retries, p.teachers.context_chars,
+                              p.teachers.prompt_style, p.teachers.convincing_per_agent)
+        finally:  # servers started for this stage stop with it
+            for b in {id(a.backend): a.backend for a in agents if hasattr(a.backend, "close")}.values():
+                b.close()
         if p.teachers.clean_agreement:
             mags = [clean_mag(m) for m in mags]
             write_mags(mags_file(p, task), mags)
     stats = mag_stats(mags)
+    if p.teachers.source != "official":
+        stats["lengths"] = length_stats(mags, {a.name: a.max_new_tokens for a in p.teachers.agents
+                                               if a.backend != "reference"})
     stats["team_accuracy"] = sum(bool(m.team_correct) for m in mags) / len(mags) if mags else 0.0
     stats["teacher_tokens_per_question"] = sum(n.n_tokens for m in mags for n in m.nodes) / len(mags) if mags else 0.0
     write_json(Path("metrics") / "mags" / f"{task}.json", stats)
