@@ -40,6 +40,9 @@ def test_summarise_counts_accuracy_tokens_and_unparsed() -> None:
     s = summarise(preds, 100, 0)
     assert s["n"] == 4 and s["accuracy"] == 0.5 and s["mean_tokens"] == 25.0 and s["unparsed"] == 1
     assert summarise([], 100, 0)["accuracy"] == 0.0
+    # outputs of exactly the limit were cut by it: 30 and 40 of limit 30 -> 2 of 4
+    assert summarise(preds, 100, 0, max_new_tokens=30)["truncated_fraction"] == 0.5
+    assert "truncated_fraction" not in s
 
 
 # ============================================================================== self-consistency vote

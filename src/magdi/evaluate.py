@@ -90,7 +90,9 @@ def evaluate_examples(
     return [by_id[ex["id"]] for ex in examples]
 
 
-def summarise(preds: list[Prediction], bootstrap_samples: int, seed: int) -> dict:
+def summarise(preds: list[Prediction], bootstrap_samples: int, seed: int, max_new_tokens: int | None = None) -> dict:
+    """Accuracy with its bootstrap interval; with ``max_new_tokens``, also the share of outputs cut off by it
+    (an output that stopped at the limit may have lost its answer line: the limit is chosen to keep this small)."""
     correct = [p.correct for p in preds]
     lo, hi = bootstrap_ci(correct, bootstrap_samples, seed)
     n = len(preds)
@@ -101,6 +103,8 @@ def summarise(preds: list[Prediction], bootstrap_samples: int, seed: int) -> dic
         "ci95_high": hi,
         "mean_tokens": sum(p.n_tokens for p in preds) / n if n else 0.0,
         "unparsed": sum(p.parsed is None for p in preds),
+        **({"truncated_fraction": sum(p.n_tokens >= max_new_tokens for p in preds) / n if n else 0.0}
+           if max_new_tokens is not None else {}),
     }
 
 

@@ -293,7 +293,7 @@ def _eval_one(p: Params, generator, tok, task: str, out: Path, prefix: str, k: i
     examples = load_examples(p, task, "test")
     preds = evaluate_examples(generator, tok, examples, task, TASK_TYPES[task], p.evaluate.batch_size,
                               p.evaluate.max_new_tokens, prefix, k=k, **decoding(p, k))
-    res = summarise(preds, p.evaluate.bootstrap_samples, p.evaluate.seed)
+    res = summarise(preds, p.evaluate.bootstrap_samples, p.evaluate.seed, p.evaluate.max_new_tokens)
     suffix = f"_sc{k}" if k > 1 else ""
     out.mkdir(parents=True, exist_ok=True)
     with (out / f"predictions_{task}{suffix}.jsonl").open("w") as f:
