@@ -223,7 +223,7 @@ def test_md_table_escapes_and_dashes() -> None:
 
 
 def test_fig4_labels_of_coinciding_points_are_joined() -> None:
-    from magdi.report import _merge_close_labels
+    from magdi.report.figures import _merge_close_labels
 
     pts = [("magdi", 40.0, 21.7, "C0"), ("magdi_an", 41.0, 21.7, "C0"), ("dss_mt", 28.0, 18.3, "C0"),
            ("teachers", 41.0, 21.7, "C3")]
@@ -232,7 +232,7 @@ def test_fig4_labels_of_coinciding_points_are_joined() -> None:
 
 
 def test_fig4_label_merging_never_drops_a_name() -> None:
-    from magdi.report import _merge_close_labels
+    from magdi.report.figures import _merge_close_labels
 
     chain = [("a", 100.0, 20.0, "C0"), ("b", 100.0, 20.9, "C0"), ("c", 100.0, 21.8, "C0")]
     labels = ", ".join(lab for lab, *_ in _merge_close_labels(chain) if lab)
