@@ -18,21 +18,27 @@ from ..config import Params
 from .figures import fig2, fig4, fig5, fig6, training_curves
 from .format import DASH, OURS, PAPER_LABEL, acc_ci, md_table, pct
 from .loader import Ctx, Metrics, load_paper_numbers
+from .pages import write_pages
 from .readme import write_readme
+from .stats import write_significance
 from .tables import table1, table2, table3, table4, table5, table6, table7, table9, table10, table12, table13
 
 
 def build_report(params: Params, out_dir: Path, metrics_dir: Path = Path("metrics"),
-                 mags_dir: Path | None = None) -> list[Path]:
-    """Write every table (markdown + CSV), figure (PNG) and the README to ``out_dir``; return their paths."""
+                 mags_dir: Path | None = None, runs_dir: Path | None = None) -> list[Path]:
+    """Write every table (markdown + CSV), figure (PNG), the significance tests, the HTML pages and the README
+    to ``out_dir``; return their paths. Per-question data comes from ``runs_dir`` (``paths.runs_dir``)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    ctx = Ctx(params, Metrics(Path(metrics_dir), Path(mags_dir or params.paths.mags_dir)), load_paper_numbers())
+    m = Metrics(Path(metrics_dir), Path(mags_dir or params.paths.mags_dir), Path(runs_dir or params.paths.runs_dir))
+    ctx = Ctx(params, m, load_paper_numbers())
     files: list[Path] = []
     for make in (table1, table2, table3, table4, table5, table6, table7, table9, table10, table12, table13):
         files += make(ctx).write(out_dir)
+    files += write_significance(ctx, out_dir)
     for fig in (fig2, fig4, fig5, fig6, training_curves):
         files.append(fig(ctx, out_dir))
+    files += write_pages(ctx, out_dir)
     files.append(write_readme(ctx, out_dir, files))
     return files
 

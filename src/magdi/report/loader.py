@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +18,30 @@ import yaml
 
 from ..config import Params
 from ..mag import MAG, read_mags
+from ..pipeline import eval_train_task, predictions_name
 from .format import MT_METHOD, _num
+
+
+def _read_predictions(path: Path) -> dict[str, dict] | None:
+    if not path.is_file():
+        return None
+    out: dict[str, dict] = {}
+    bad = 0
+    for line in path.read_text(encoding="utf-8", errors="replace").split("\n"):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError:
+            bad += 1
+            continue
+        if isinstance(row, dict) and isinstance(row.get("id"), str) and isinstance(row.get("correct"), bool):
+            out[row["id"]] = row
+        else:
+            bad += 1
+    if bad:
+        warnings.warn(f"report: skipped {bad} unreadable line(s) of {path}", stacklevel=3)
+    return out
 
 
 def load_paper_numbers() -> dict[str, Any]:
@@ -38,11 +61,22 @@ def _read_json(path: Path) -> dict | None:
 
 
 class Metrics:
-    """Cached, crash-free access to ``metrics/`` and the MAG files."""
+    """Cached, crash-free access to ``metrics/``, the MAG files and the per-question predictions."""
 
-    def __init__(self, metrics_dir: Path, mags_dir: Path):
+    def __init__(self, metrics_dir: Path, mags_dir: Path, runs_dir: Path | None = None):
         self.metrics_dir, self.mags_dir = Path(metrics_dir), Path(mags_dir)
+        self.runs_dir = None if runs_dir is None else Path(runs_dir)
         self._mags: dict[str, list[MAG]] = {}
+        self._preds: dict[tuple[str, str], dict[str, dict] | None] = {}
+
+    def predictions(self, method: str, task: str) -> dict[str, dict] | None:
+        """The greedy predictions of ``method`` on ``task``, keyed by question id in file order; ``None`` when the
+        run is absent. Rows are ``evaluate.Prediction`` dicts; a torn or foreign line is skipped with a warning."""
+        key = (method, task)
+        if key not in self._preds:
+            self._preds[key] = None if self.runs_dir is None else _read_predictions(
+                self.runs_dir / "eval" / eval_train_task(method, task) / method / predictions_name(task))
+        return self._preds[key]
 
     def eval(self, method: str, task: str) -> dict | None:
         m = _read_json(self.metrics_dir / "eval" / method / f"{task}.json")
@@ -85,6 +119,8 @@ class Ctx:
     params: Params
     m: Metrics
     paper: dict[str, Any]
+    #: results computed once per report and shared by several outputs (e.g. the significance tests)
+    cache: dict[str, Any] = field(default_factory=dict)
 
     @property
     def tasks(self) -> list[str]:

@@ -24,6 +24,9 @@ DESCRIPTIONS = {
     "fig5_student_scaling.png": "Student scaling, one available point (Fig. 5).",
     "fig6_data_scaling.png": "Accuracy vs number of training MAGs (Fig. 6).",
     "training_curves.png": "Training loss vs step per method on the first ablation task.",
+    "significance": "Paired tests on the same test questions: bootstrap 95% CI of the accuracy difference and "
+                    "McNemar's exact p (MAGDi vs zero-shot, vs each SiT, vs the best SiT; each level vs the one "
+                    "below).",
 }
 
 
@@ -79,13 +82,28 @@ def write_readme(ctx: Ctx, out: Path, files: list[Path]) -> Path:
         "## Files",
         "",
     ]
+    pages = [f for f in files if f.suffix == ".html"]
     for f in files:
         key = f.stem if f.suffix in (".md", ".csv") else f.name
-        if f.suffix == ".csv":
+        if f.suffix in (".csv", ".html"):
             continue
         desc = DESCRIPTIONS.get(key, "")
         extra = f" (+ `{key}.csv`, machine-readable, with a `source` column)" if f.suffix == ".md" else ""
         lines.append(f"- `{f.name}`{extra}: {desc}")
+    if pages:
+        lines += ["", "## Pages: what produced the numbers", "",
+                  "Self-contained HTML (inline CSS and SVG, no network, no server): open them from a clone, or "
+                  "download them from the repository host's file viewer. Model text is shown escaped, as text.", ""]
+        for f in pages:
+            rel = f.relative_to(out).as_posix()
+            kind = ("MAG browser: every teachers' discussion (graph, each node's reasoning, answer, confidence), "
+                    "per-agent summary, filters by graph type / team result / agent" if f.parent.name == "mags" else
+                    "predictions: every test question on which the Table 1 methods disagree, each method's output "
+                    "side by side, and the (right, wrong) counts behind McNemar's test")
+            lines.append(f"- [`{rel}`]({rel}) ({f.stat().st_size / 1024:.0f} KB): {kind}.")
+        lines += ["", "Page size grows linearly with what it shows: each MAG carries its nodes' full reasoning "
+                  "(teachers' max_new_tokens bounds it) plus a small SVG, each prediction row the methods' full "
+                  "outputs (evaluate.max_new_tokens bounds them); nothing else is embedded."]
     path = out / "README.md"
     path.write_text("\n".join(lines) + "\n")
     return path

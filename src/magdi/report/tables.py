@@ -24,17 +24,25 @@ from .format import (
     pct,
 )
 from .loader import Ctx
+from .stats import ALPHA, table1_marks
+
+
+def _mark(cell: str, mark: str) -> str:
+    """'62.5 [41.7, 83.3]' -> '62.5* [41.7, 83.3]'."""
+    head, sep, tail = cell.partition(" ")
+    return head + mark + sep + tail if mark and cell != DASH else cell
 
 
 def _acc_row(ctx: Ctx, method: str, tasks: list[str], label: str | None = None,
-             with_avg: bool = True) -> tuple[list[Any], dict[str, Any]]:
-    """(markdown row, CSV row) of accuracies with CIs for one method."""
+             with_avg: bool = True, marks: dict[tuple[str, str], str] | None = None
+             ) -> tuple[list[Any], dict[str, Any]]:
+    """(markdown row, CSV row) of accuracies with CIs for one method; ``marks`` flag cells (significance)."""
     row: list[Any] = [label or method]
     rec: dict[str, Any] = {"method": method, "source": OURS}
     accs = []
     for t in tasks:
         m = ctx.m.eval(method, t)
-        row.append(acc_ci(m))
+        row.append(_mark(acc_ci(m), (marks or {}).get((method, t), "")))
         a = None if m is None else _num(m["accuracy"])
         accs.append(a)
         rec[t] = _r(a)
@@ -70,8 +78,9 @@ def _paper_task_cols(rows: dict[str, dict], extra: tuple[str, ...] = ("avg",)) -
 
 def table1(ctx: Ctx) -> Table:
     rows, recs = [], []
+    marks = table1_marks(ctx)
     for meth in ctx.main_methods():
-        r, rec = _acc_row(ctx, meth, ctx.tasks)
+        r, rec = _acc_row(ctx, meth, ctx.tasks, marks=marks)
         rows.append(r)
         recs.append(rec)
     secs = [Section(["method", *ctx.tasks, "Avg"], rows,
@@ -86,6 +95,10 @@ def table1(ctx: Ctx) -> Table:
     return Table("table1_main", "Table 1: main results (methods × tasks)", secs, recs,
                  [f"Rows in params order: zero_shot, experiments.methods, {MT_METHOD} (multi-task).",
                   "Cells: accuracy % on the test split [95% bootstrap CI]; — = metrics file missing.",
+                  f"`*` after a number: on that task the row differs significantly (McNemar exact p < {ALPHA}, "
+                  "same test questions) from its comparison partner: MAGDi for zero_shot and sit_* rows, the next "
+                  "level up for magdi_r0 / magdi_cn / magdi_an; see significance.md for every p-value and paired "
+                  "interval.",
                   PARTIAL_NOTE, PAPER_NOTE])
 
 
