@@ -100,7 +100,10 @@ def write_readme(ctx: Ctx, out: Path, files: list[Path]) -> Path:
                     "per-agent summary, filters by graph type / team result / agent" if f.parent.name == "mags" else
                     "predictions: every test question on which the Table 1 methods disagree, each method's output "
                     "side by side, and the (right, wrong) counts behind McNemar's test")
-            lines.append(f"- [`{rel}`]({rel}) ({f.stat().st_size / 1024:.0f} KB): {kind}.")
+            kb, rows = f.stat().st_size / 1024, f.read_text(encoding="utf-8").count('<section class="row')
+            what = "MAGs" if f.parent.name == "mags" else "questions"
+            per = f", {kb / rows:.1f} KB per entry" if rows else ""
+            lines.append(f"- [`{rel}`]({rel}) ({kb:.0f} KB: {rows} {what}{per}): {kind}.")
         lines += ["", "Page size grows linearly with what it shows: each MAG carries its nodes' full reasoning "
                   "(teachers' max_new_tokens bounds it) plus a small SVG, each prediction row the methods' full "
                   "outputs (evaluate.max_new_tokens bounds them); nothing else is embedded."]
