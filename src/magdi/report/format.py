@@ -16,19 +16,16 @@ import pandas as pd
 DASH = "—"
 PAPER_LABEL = "paper (Mistral-7B-Instruct, reference only)"
 OURS = "ours"
-MT_METHOD = "magdi_mt"
 PARTIAL = "†"
 PARTIAL_NOTE = f"{PARTIAL} Avg over the tasks available for that row only (some cells are missing)."
 PAPER_NOTE = ("Paper numbers are transcribed from the MAGDi paper text (Mistral-7B-Instruct student, GPT-4/Bard/"
               "Claude2 teachers, 1K MAGs per task, full test sets): reference only, not comparable with ours.")
 
 
-
 def _num(x: Any) -> float | None:
     if isinstance(x, bool) or not isinstance(x, int | float) or not math.isfinite(x):
         return None
     return float(x)
-
 
 
 # ----------------------------------------------------------------------------- formatting

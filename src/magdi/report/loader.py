@@ -18,8 +18,8 @@ import yaml
 
 from ..config import Params
 from ..mag import MAG, read_mags
-from ..pipeline import eval_train_task, predictions_name
-from .format import MT_METHOD, _num
+from ..pipeline import MT_METHOD, eval_train_task, predictions_name
+from .format import _num
 
 
 def _read_predictions(path: Path) -> dict[str, dict] | None:
@@ -57,7 +57,6 @@ def _read_json(path: Path) -> dict | None:
         warnings.warn(f"report: skipping unreadable {path} ({e})", stacklevel=2)
         return None
     return obj if isinstance(obj, dict) else None
-
 
 
 class Metrics:
@@ -111,7 +110,6 @@ class Metrics:
                 warnings.warn(f"report: skipping unreadable MAGs of {task} ({e})", stacklevel=2)
                 self._mags[task] = []
         return self._mags[task]
-
 
 
 @dataclass

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .format import MT_METHOD, PAPER_LABEL, PARTIAL
+from ..pipeline import MT_METHOD
+from .format import PAPER_LABEL, PARTIAL
 from .loader import Ctx
 
 DESCRIPTIONS = {

@@ -5,9 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 from ..mag import MAG
+from ..pipeline import MT_METHOD
 from .format import (
     DASH,
-    MT_METHOD,
     OURS,
     PAPER_LABEL,
     PAPER_NOTE,
