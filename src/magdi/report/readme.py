@@ -102,7 +102,7 @@ def write_readme(ctx: Ctx, out: Path, files: list[Path]) -> Path:
                     "predictions: every test question on which the Table 1 methods disagree, each method's output "
                     "side by side, and the (right, wrong) counts behind McNemar's test")
             kb, rows = f.stat().st_size / 1024, f.read_text(encoding="utf-8").count('<section class="row')
-            what = "MAGs" if f.parent.name == "mags" else "questions"
+            what = ("MAG" if f.parent.name == "mags" else "question") + ("" if rows == 1 else "s")
             per = f", {kb / rows:.1f} KB per entry" if rows else ""
             lines.append(f"- [`{rel}`]({rel}) ({kb:.0f} KB: {rows} {what}{per}): {kind}.")
         lines += ["", "Page size grows linearly with what it shows: each MAG carries its nodes' full reasoning "
