@@ -55,4 +55,4 @@ lint: env
 	$(BIN)/ruff check src stages tests benchmarks
 
 clean-runs:
-	rm -rf runs models data/mags mlflow.db
+	rm -rf runs models data/mags mlflow.db mlruns

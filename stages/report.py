@@ -1,4 +1,5 @@
-"""DVC stage `report`: regenerate the paper's tables and figures in reports/ from metrics/ and data/mags."""
+"""DVC stage `report`: the paper's tables and figures, the paired significance tests and the HTML MAG browser and
+predictions pages in reports/, from metrics/, data/mags and runs/eval."""
 
 import argparse
 from pathlib import Path

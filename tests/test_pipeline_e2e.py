@@ -102,8 +102,15 @@ def test_dvc_repro_tiny(tmp_path: Path) -> None:
     # report files exist and agree with the metrics files they were made from
     reports = work / "reports"
     for name in ("table1_main.md", "table1_main.csv", "table2_tokens.md", "table4_ood.md", "table12_mag_stats.md",
-                 "fig2_example_mag.png", "fig4_accuracy_vs_tokens.png", "README.md"):
+                 "fig2_example_mag.png", "fig4_accuracy_vs_tokens.png", "README.md", "significance.md",
+                 "mags/strategyqa.html", "mags/gsm8k.html", "predictions/strategyqa.html", "predictions/gsm8k.html"):
         assert (reports / name).exists(), name
+    # paired tests on the same 3 test questions: magdi vs zero_shot and vs magdi_r0 (the level below) per task
+    sig = list(csv.DictReader((reports / "significance.csv").open()))
+    assert {(r["task"], r["method_b"]) for r in sig} == {(t, m) for t in ("strategyqa", "gsm8k")
+                                                         for m in ("zero_shot", "magdi_r0")}
+    assert all(r["method_a"] == "magdi" and r["n"] == "3" for r in sig)
+    assert (reports / "mags/strategyqa.html").read_text().count('class="node"') >= 3 * 2  # 3 MAGs x 2 agents
     from magdi.report import OURS
 
     rows = [r for r in csv.DictReader((reports / "table1_main.csv").open()) if r["source"] == OURS]

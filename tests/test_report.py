@@ -20,7 +20,8 @@ EXPECTED = [
                               "table9_graph_types", "table10_graph_structure", "table12_mag_stats",
                               "table13_multitask") for ext in ("md", "csv")),
     "fig2_example_mag.png", "fig4_accuracy_vs_tokens.png", "fig5_student_scaling.png",
-    "fig6_data_scaling.png", "training_curves.png", "README.md",
+    "fig6_data_scaling.png", "training_curves.png", "README.md", "significance.md", "significance.csv",
+    *(f"{sub}/{t}.html" for sub in ("mags", "predictions") for t in TASKS),
 ]
 
 
@@ -125,7 +126,7 @@ def test_build_report_tables_and_figures(tree: tuple[Path, Path], tmp_path: Path
     metrics, mags_dir = tree
     out = tmp_path / "reports"
     files = build_report(_params(), out, metrics, mags_dir)
-    names = {f.name for f in files}
+    names = {f.relative_to(out).as_posix() for f in files}
     for e in EXPECTED:
         assert e in names, e
         assert (out / e).is_file() and (out / e).stat().st_size > 0, e
@@ -203,7 +204,7 @@ def test_build_report_tables_and_figures(tree: tuple[Path, Path], tmp_path: Path
 def test_build_report_with_nothing_does_not_crash(tmp_path: Path) -> None:
     out = tmp_path / "reports"
     files = build_report(_params(), out, tmp_path / "no_metrics", tmp_path / "no_mags")
-    assert {f.name for f in files} >= set(EXPECTED)
+    assert {f.relative_to(out).as_posix() for f in files} >= set(EXPECTED)
     rows = _md_rows((out / "table1_main.md").read_text())
     assert rows["magdi"] == [DASH, DASH, DASH]
 
@@ -223,7 +224,7 @@ def test_md_table_escapes_and_dashes() -> None:
 
 
 def test_fig4_labels_of_coinciding_points_are_joined() -> None:
-    from magdi.report import _merge_close_labels
+    from magdi.report.figures import _merge_close_labels
 
     pts = [("magdi", 40.0, 21.7, "C0"), ("magdi_an", 41.0, 21.7, "C0"), ("dss_mt", 28.0, 18.3, "C0"),
            ("teachers", 41.0, 21.7, "C3")]
@@ -232,8 +233,73 @@ def test_fig4_labels_of_coinciding_points_are_joined() -> None:
 
 
 def test_fig4_label_merging_never_drops_a_name() -> None:
-    from magdi.report import _merge_close_labels
+    from magdi.report.figures import _merge_close_labels
 
     chain = [("a", 100.0, 20.0, "C0"), ("b", 100.0, 20.9, "C0"), ("c", 100.0, 21.8, "C0")]
     labels = ", ".join(lab for lab, *_ in _merge_close_labels(chain) if lab)
     assert sorted(labels.split(", ")) == ["a", "b", "c"]
+
+
+# ----------------------------------------------------------------------------- paired significance
+
+
+def _pred_rows(right: set[int], n: int = 10) -> list[dict]:
+    return [{"id": f"q{i}", "task": "strategyqa", "question": f"Question {i}?", "output": f"The answer is "
+             f"{'yes' if i in right else 'no'}.", "parsed": "yes" if i in right else "no", "gold": "yes",
+             "correct": i in right, "n_tokens": 5} for i in range(n)]
+
+
+#: method -> questions it gets right (of q0..q9, gold "yes"): MAGDi beats zero-shot on 6 discordant questions
+#: and loses none (McNemar exact p = 2 / 2^6 = 0.03125); vs sit_a 1 discordant (p = 1); vs magdi_r0 none.
+RIGHT = {"zero_shot": {0, 1}, "sit_a": set(range(7)), "magdi_r0": set(range(8)), "magdi": set(range(8))}
+
+
+def paired_tree(tmp_path: Path) -> tuple[Path, Path, Path]:
+    """Metrics and predictions that agree: accuracy = right / 10 on strategyqa; nothing on gsm8k."""
+    metrics, runs = tmp_path / "metrics", tmp_path / "runs"
+    for meth, right in RIGHT.items():
+        acc = len(right) / 10
+        _write(metrics / "eval" / meth / "strategyqa.json", {**_ev(acc, acc - 0.1, acc + 0.1, 10.0), "n": 10})
+        train_task = "base" if meth == "zero_shot" else "strategyqa"
+        f = runs / "eval" / train_task / meth / "predictions_strategyqa.jsonl"
+        f.parent.mkdir(parents=True, exist_ok=True)
+        f.write_text("".join(json.dumps(r) + "\n" for r in _pred_rows(right)))
+    return metrics, tmp_path / "mags", runs
+
+
+def test_significance_files_and_table1_marks(tmp_path: Path) -> None:
+    metrics, mags_dir, runs = paired_tree(tmp_path)
+    out = tmp_path / "reports"
+    build_report(_params(), out, metrics, mags_dir, runs)
+    df = pd.read_csv(out / "significance.csv")
+    assert list(df.columns) == ["task", "method_a", "method_b", "n", "acc_a", "acc_b", "diff", "ci_low", "ci_high",
+                                "p_mcnemar", "comparison"]
+    rows = {(r.method_a, r.method_b, r.comparison.startswith("MAGDi vs best")): r for r in df.itertuples()}
+    zs = rows[("magdi", "zero_shot", False)]
+    assert (zs.task, zs.n, zs.acc_a, zs.acc_b, zs.diff) == ("strategyqa", 10, 80.0, 20.0, 60.0)
+    assert zs.p_mcnemar == pytest.approx(0.03125)
+    assert 20.0 <= zs.ci_low <= 40.0 and 80.0 <= zs.ci_high <= 100.0  # d = six 1s, four 0s
+    sit = rows[("magdi", "sit_a", False)]
+    assert (sit.diff, sit.p_mcnemar) == (pytest.approx(10.0), 1.0)
+    assert rows[("magdi", "sit_a", True)].p_mcnemar == 1.0  # the only SiT is the best SiT
+    lvl = rows[("magdi", "magdi_r0", False)]  # magdi_cn / magdi_an absent: nearest lower level present
+    assert (lvl.diff, lvl.ci_low, lvl.ci_high, lvl.p_mcnemar) == (0.0, 0.0, 0.0, 1.0)
+    # dss_mt has no predictions, gsm8k has none: never compared
+    assert set(df["task"]) == {"strategyqa"} and "dss_mt" not in set(df["method_b"]) and len(df) == 4
+    # Table 1: only the zero-shot cell is significantly different from its partner (MAGDi)
+    t1 = _md_rows((out / "table1_main.md").read_text())
+    assert t1["zero_shot"][0] == "20.0* [10.0, 30.0]"
+    assert t1["sit_a"][0] == "70.0 [60.0, 80.0]"
+    assert "*" not in t1["magdi_r0"][0] and "*" not in t1["magdi"][0]
+    md = (out / "significance.md").read_text()
+    assert "0.0312 *" in md and "best SiT" in md
+    readme = (out / "README.md").read_text()
+    assert "(predictions/strategyqa.html)" in readme and "(mags/strategyqa.html)" in readme
+    assert "significance.md" in readme
+
+
+def test_significance_without_predictions_writes_the_header(tmp_path: Path) -> None:
+    out = tmp_path / "reports"
+    build_report(_params(), out, tmp_path / "m", tmp_path / "g", tmp_path / "r")
+    assert (out / "significance.csv").read_text().startswith("task,method_a,method_b,n,acc_a,acc_b,diff,")
+    assert "no comparison possible" in (out / "significance.md").read_text()

@@ -35,6 +35,8 @@ class Prediction:
     correct: bool
     n_tokens: int
     samples: list[str] | None = None
+    #: the question text, so a predictions file (and its MLflow artifact) reads on its own
+    question: str = ""
 
 
 def bootstrap_ci(correct: Sequence[bool], samples: int = 1000, seed: int = 0) -> tuple[float, float]:
@@ -82,7 +84,7 @@ def evaluate_examples(
                 id=ex["id"], task=task, output=outs[0].text, parsed=final, gold=ex["answer"],
                 correct=is_correct(final, ex["answer"], answer_type),
                 n_tokens=sum(g.n_tokens for g in outs),
-                samples=[g.text for g in outs] if k > 1 else None,
+                samples=[g.text for g in outs] if k > 1 else None, question=ex["question"],
             ))
         bar.update(len(chunk))
     bar.close()

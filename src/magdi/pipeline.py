@@ -13,6 +13,8 @@ from typing import Any
 
 from .config import MT_METHOD, MT_TASK, TASK_TYPES, Params
 
+ZS_TASK = "base"  # the "training task" of the zero-shot run: the base model, no adapter
+
 # ----------------------------------------------------------------------------- paths
 
 
@@ -30,6 +32,16 @@ def train_dir(p: Params, task: str, method: str) -> Path:
 
 def eval_dir(p: Params, task: str, method: str) -> Path:
     return Path(p.paths.runs_dir) / "eval" / task / method
+
+
+def eval_train_task(method: str, task: str) -> str:
+    """Which run evaluated ``method`` on ``task``: zero-shot and multi-task runs cover many tasks each."""
+    return ZS_TASK if method == "zero_shot" else MT_TASK if method == MT_METHOD else task
+
+
+def predictions_name(task: str, k: int = 1) -> str:
+    """File name of the per-question predictions of one task (``_sc<k>``: the self-consistency decode)."""
+    return f"predictions_{task}{f'_sc{k}' if k > 1 else ''}.jsonl"
 
 
 def metrics_file(task: str, method: str, kind: str = "eval") -> Path:
@@ -294,9 +306,8 @@ def _eval_one(p: Params, generator, tok, task: str, out: Path, prefix: str, k: i
     preds = evaluate_examples(generator, tok, examples, task, TASK_TYPES[task], p.evaluate.batch_size,
                               p.evaluate.max_new_tokens, prefix, k=k, **decoding(p, k))
     res = summarise(preds, p.evaluate.bootstrap_samples, p.evaluate.seed, p.evaluate.max_new_tokens)
-    suffix = f"_sc{k}" if k > 1 else ""
     out.mkdir(parents=True, exist_ok=True)
-    with (out / f"predictions_{task}{suffix}.jsonl").open("w") as f:
+    with (out / predictions_name(task, k)).open("w") as f:
         for row in prediction_rows(preds):
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
     return res
@@ -334,7 +345,7 @@ def _student_generator(p: Params, adapter: Path | None):
 def stage_evaluate(p: Params, train_task: str, method: str, eval_tasks: list[str] | None = None) -> dict:
     """Evaluate a trained adapter (or the base model for zero_shot) on its task(s); write metrics JSON."""
     from .student import DSS_ANSWER_PREFIX
-    from .tracking import mlflow_run
+    from .tracking import log_predictions, mlflow_run
 
     _set_threads()
     adapter = None if method == "zero_shot" else train_dir(p, train_task, method) / "adapter"
@@ -342,13 +353,17 @@ def stage_evaluate(p: Params, train_task: str, method: str, eval_tasks: list[str
     prefix = DSS_ANSWER_PREFIX if method == "dss_mt" else ""
     tasks = eval_tasks or [train_task]
     results = {}
+    out = eval_dir(p, train_task, method)
     with mlflow_run(p.paths.tracking_uri, "magdi-eval", f"{train_task}/{method}",
                     {"train_task": train_task, "method": method, "evaluate": p.evaluate.model_dump()}) as mlf:
+        mlf.set_tags({"task": ",".join(tasks), "method": method, "train_task": train_task})
         for t in tasks:
-            res = _eval_one(p, generator, tok, t, eval_dir(p, train_task, method), prefix)
+            res = _eval_one(p, generator, tok, t, out, prefix)
+            log_predictions(mlf, out / predictions_name(t), t)
             if wants_self_consistency(p, method, t):
-                sc = _eval_one(p, generator, tok, t, eval_dir(p, train_task, method), prefix,
-                               k=p.evaluate.self_consistency.k)
+                k = p.evaluate.self_consistency.k
+                sc = _eval_one(p, generator, tok, t, out, prefix, k=k)
+                log_predictions(mlf, out / predictions_name(t, k), t)
                 res["sc"] = {k: v for k, v in sc.items()}
             res.update({"task": t, "method": method, "train_task": train_task})
             mlf.log_metrics({f"{t}.{k}": float(v) for k, v in res.items() if isinstance(v, int | float)})
@@ -359,7 +374,7 @@ def stage_evaluate(p: Params, train_task: str, method: str, eval_tasks: list[str
 
 
 def stage_zero_shot(p: Params) -> dict:
-    return stage_evaluate(p, "base", "zero_shot", p.experiments.tasks + p.experiments.ood_tasks)
+    return stage_evaluate(p, ZS_TASK, "zero_shot", p.experiments.tasks + p.experiments.ood_tasks)
 
 
 def stage_train_mt(p: Params) -> dict:

@@ -53,3 +53,9 @@ def mlflow_run(
         if params:
             mlflow.log_params(safe_params(params))
         yield mlflow
+
+
+def log_predictions(mlf: Any, path: Path, task: str) -> None:
+    """Attach one predictions JSONL to the active run under ``predictions/<task>/``, so ``mlflow ui`` shows the
+    very outputs the report's pages are made from (run tags ``task``/``method`` say whose they are)."""
+    mlf.log_artifact(str(path), artifact_path=f"predictions/{task}")

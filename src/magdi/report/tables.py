@@ -1,0 +1,415 @@
+"""The paper's tables (markdown + CSV), one function per table, all read through :class:`Ctx`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..mag import MAG
+from ..pipeline import MT_METHOD
+from .format import (
+    DASH,
+    OURS,
+    PAPER_LABEL,
+    PAPER_NOTE,
+    PARTIAL_NOTE,
+    Section,
+    Table,
+    _mean,
+    _num,
+    _r,
+    acc_ci,
+    avg_cell,
+    num,
+    paper_num,
+    pct,
+)
+from .loader import Ctx
+from .stats import ALPHA, table1_marks
+
+
+def _mark(cell: str, mark: str) -> str:
+    """'62.5 [41.7, 83.3]' -> '62.5* [41.7, 83.3]'."""
+    head, sep, tail = cell.partition(" ")
+    return head + mark + sep + tail if mark and cell != DASH else cell
+
+
+def _acc_row(ctx: Ctx, method: str, tasks: list[str], label: str | None = None,
+             with_avg: bool = True, marks: dict[tuple[str, str], str] | None = None
+             ) -> tuple[list[Any], dict[str, Any]]:
+    """(markdown row, CSV row) of accuracies with CIs for one method; ``marks`` flag cells (significance)."""
+    row: list[Any] = [label or method]
+    rec: dict[str, Any] = {"method": method, "source": OURS}
+    accs = []
+    for t in tasks:
+        m = ctx.m.eval(method, t)
+        row.append(_mark(acc_ci(m), (marks or {}).get((method, t), "")))
+        a = None if m is None else _num(m["accuracy"])
+        accs.append(a)
+        rec[t] = _r(a)
+        rec[f"{t}_ci_low"] = _r(_num(m.get("ci95_low"))) if m else None
+        rec[f"{t}_ci_high"] = _r(_num(m.get("ci95_high"))) if m else None
+        rec[f"{t}_n"] = m.get("n") if m else None
+    if with_avg:
+        row.append(avg_cell(accs))
+        mean, _ = _mean(accs)
+        rec["avg"] = _r(mean)
+        rec["avg_n_tasks"] = sum(a is not None for a in accs)
+    return row, rec
+
+
+def _paper_rows(rows: dict[str, dict], cols: list[str], label_col: bool = True) -> tuple[list, list]:
+    md, recs = [], []
+    for key, vals in rows.items():
+        lab = f"{key} ({vals['label']})" if label_col and "label" in vals else key
+        md.append([lab, *(paper_num(vals.get(c)) for c in cols)])
+        recs.append({"method": key, "source": PAPER_LABEL, **{c: vals.get(c) for c in cols}})
+    return md, recs
+
+
+def _paper_task_cols(rows: dict[str, dict], extra: tuple[str, ...] = ("avg",)) -> list[str]:
+    cols: list[str] = []
+    for vals in rows.values():
+        cols += [k for k in vals if k not in cols and k != "label"]
+    return [c for c in cols if c not in extra] + [c for c in extra if c in cols]
+
+
+# ----------------------------------------------------------------------------- tables
+
+
+def table1(ctx: Ctx) -> Table:
+    rows, recs = [], []
+    marks = table1_marks(ctx)
+    for meth in ctx.main_methods():
+        r, rec = _acc_row(ctx, meth, ctx.tasks, marks=marks)
+        rows.append(r)
+        recs.append(rec)
+    secs = [Section(["method", *ctx.tasks, "Avg"], rows,
+                    f"student {ctx.student_name()}, accuracy % [95% bootstrap CI]")]
+    p = ctx.paper.get("table1_main", {})
+    if p:
+        cols = _paper_task_cols(p, ("avg", "avg_gain"))
+        prow, precs = _paper_rows(p, cols)
+        secs.append(Section(["method", *cols], prow, "Table 1, accuracy %; avg_gain = [+x%] over SiT-GPT4",
+                            paper=True))
+        recs += precs
+    return Table("table1_main", "Table 1: main results (methods × tasks)", secs, recs,
+                 [f"Rows in params order: zero_shot, experiments.methods, {MT_METHOD} (multi-task).",
+                  "Cells: accuracy % on the test split [95% bootstrap CI]; — = metrics file missing.",
+                  f"`*` after a number: on that task the row differs significantly (McNemar exact p < {ALPHA}, "
+                  "same test questions) from its comparison partner: MAGDi for zero_shot and sit_* rows, the next "
+                  "level up for magdi_r0 / magdi_cn / magdi_an; see significance.md for every p-value and paired "
+                  "interval.",
+                  PARTIAL_NOTE, PAPER_NOTE])
+
+
+def table2(ctx: Ctx) -> Table:
+    rows, recs, tt, st = [], [], [], []
+    for t in ctx.tasks:
+        stats, ev = ctx.m.mag_stats(t), ctx.m.eval("magdi", t)
+        teach = _num(stats.get("teacher_tokens_per_question")) if stats else None
+        stud = _num(ev.get("mean_tokens")) if ev else None
+        red = teach / stud if teach is not None and stud else None
+        rows.append([t, num(teach), num(stud), DASH if red is None else f"{red:.1f}x"])
+        recs.append({"task": t, "source": OURS, "reconcile_tokens": teach, "magdi_tokens": stud, "reduction": red})
+        if teach is not None and stud is not None:
+            tt.append(teach)
+            st.append(stud)
+    if tt:
+        at, ast = sum(tt) / len(tt), sum(st) / len(st)
+        red = at / ast if ast else None
+        rows.append([f"Avg ({len(tt)} tasks)", num(at), num(ast), DASH if red is None else f"{red:.1f}x"])
+        recs.append({"task": "avg", "source": OURS, "reconcile_tokens": at, "magdi_tokens": ast, "reduction": red})
+    secs = [Section(["task", "ReConcile teachers (tokens/question)", "MAGDi student (tokens/question)",
+                     "reduction"], rows, f"teachers = params.teachers.agents, student {ctx.student_name()}")]
+    p = ctx.paper.get("table2_tokens", {})
+    if p:
+        prow = [[k, paper_num(v.get("reconcile"), 1), paper_num(v.get("magdi"), 1),
+                 f"{paper_num(v.get('reduction'), 1)}x"] for k, v in p.items()]
+        secs.append(Section(["task", "ReConcile", "MAGDi", "reduction"], prow, "Table 2, tokens per question",
+                            paper=True))
+        recs += [{"task": k, "source": PAPER_LABEL, "reconcile_tokens": v.get("reconcile"),
+                  "magdi_tokens": v.get("magdi"), "reduction": v.get("reduction")} for k, v in p.items()]
+    p10 = ctx.paper.get("table10_tokens_accuracy", {})
+    if p10:
+        cols = _paper_task_cols(p10)
+        prow = [[k, *(paper_num(v.get(c), 1) for c in cols)] for k, v in p10.items()]
+        secs.append(Section(["row", *cols], prow, "Table 10, per-dataset tokens and accuracy %", paper=True))
+    return Table("table2_tokens", "Table 2: inference tokens, ReConcile teachers vs MAGDi student", secs, recs,
+                 ["Teachers: all output tokens of all agents over all rounds of one discussion (MAG), averaged "
+                  "over the training questions (metrics/mags teacher_tokens_per_question). The offline "
+                  "`reference` agent counts words+4 of the dataset explanation.",
+                  "Student: mean generated tokens per test question (metrics/eval/magdi mean_tokens), student "
+                  "tokenizer; teachers and student may use different tokenizers.",
+                  "Avg row: tasks with both numbers; reduction = avg teacher tokens / avg student tokens.",
+                  PAPER_NOTE])
+
+
+def _round0_acc(mags: list[MAG], agent: str) -> float | None:
+    nodes = [n for m in mags for n in m.nodes if n.agent == agent and n.round == 0]
+    return sum(n.correct for n in nodes) / len(nodes) if nodes else None
+
+
+def table3(ctx: Ctx) -> Table:
+    tasks, rows, recs = ctx.tasks, [], []
+
+    def add(label: str, key: str, vals: list[float | None]) -> None:
+        rows.append([label, *(pct(v) for v in vals), avg_cell(vals)])
+        mean, _ = _mean(vals)
+        recs.append({"row": key, "source": OURS, **{t: _r(v) for t, v in zip(tasks, vals, strict=True)},
+                     "avg": _r(mean)})
+
+    team = [_num((ctx.m.mag_stats(t) or {}).get("team_accuracy")) for t in tasks]
+    add("ReConcile team (teachers, training questions)", "reconcile_team", team)
+    for a in ctx.params.teachers.agents:
+        oracle = " [oracle]" if a.backend == "reference" else ""
+        add(f"teacher {a.name}{oracle}, round 0 (training questions)", f"teacher_{a.name}_round0",
+            [_round0_acc(ctx.m.mags(t), a.name) for t in tasks])
+    for meth in ctx.params.experiments.methods:
+        if meth.startswith("sit_"):
+            add(f"{meth} (student, test)", meth, [ctx.m.acc(meth, t) for t in tasks])
+    add("magdi (student, test)", "magdi", [ctx.m.acc("magdi", t) for t in tasks])
+    secs = [Section(["row", *tasks, "Avg"], rows, "accuracy %")]
+    p = ctx.paper.get("table3_teachers_vs_students", {})
+    if p:
+        cols = _paper_task_cols(p)
+        prow, precs = _paper_rows(p, cols)
+        secs.append(Section(["row", *cols], prow, "Table 3, accuracy %", paper=True))
+        recs += [{"row": r.pop("method"), **r} for r in precs]
+    return Table("table3_teachers_vs_students", "Table 3: teachers vs distilled students", secs, recs,
+                 ["Teacher rows are measured on the TRAINING questions (the MAGs: team_accuracy from "
+                  "metrics/mags, round-0 node accuracy per agent from data/mags); student rows on the TEST "
+                  "questions. They are not the same questions.",
+                  "The offline `reference` agent replays the gold answer (an oracle); it is excluded from the "
+                  "team vote, and its round-0 accuracy is not a real teacher's accuracy.",
+                  PARTIAL_NOTE, PAPER_NOTE])
+
+
+def table4(ctx: Ctx) -> Table:
+    rows, recs = [], []
+    for meth in ("zero_shot", MT_METHOD):
+        r, rec = _acc_row(ctx, meth, ctx.ood)
+        rows.append(r)
+        recs.append(rec)
+    delta = []
+    for t in ctx.ood:
+        a, b = ctx.m.acc(MT_METHOD, t), ctx.m.acc("zero_shot", t)
+        delta.append(DASH if a is None or b is None else f"{100 * (a - b):+.1f}")
+    rows.append([f"{MT_METHOD} − zero_shot (points)", *delta, DASH])
+    secs = [Section(["method", *ctx.ood, "Avg"], rows, "out-of-domain accuracy % [95% CI]")]
+    p = ctx.paper.get("table4_ood", {})
+    if p:
+        cols = _paper_task_cols(p)
+        prow, precs = _paper_rows(p, cols)
+        secs.append(Section(["method", *cols], prow, "Table 4, accuracy %", paper=True))
+        recs += precs
+    return Table("table4_ood", "Table 4: out-of-domain generalisation of the multi-task model", secs, recs,
+                 [f"{MT_METHOD} is trained on the MAGs of experiments.tasks only; the OOD tasks "
+                  f"({', '.join(ctx.ood) or 'none configured'}) are never seen in training.",
+                  "The paper compares with a multi-task single-teacher student (SiT-GPT4-MT), which we do not "
+                  "train; our baseline is the zero-shot student.", PAPER_NOTE])
+
+
+def table5(ctx: Ctx) -> Table:
+    rows, recs = [], []
+    methods = list(dict.fromkeys([*ctx.main_methods(), *ctx.ablations]))
+    for meth in methods:
+        for t in list(dict.fromkeys([*ctx.tasks, *ctx.ood])):
+            m = ctx.m.eval(meth, t)
+            sc = m.get("sc") if m else None
+            if not isinstance(sc, dict) or _num(sc.get("accuracy")) is None:
+                continue
+            k = sc.get("k", ctx.params.evaluate.self_consistency.k)
+            d = 100 * (sc["accuracy"] - m["accuracy"])
+            rows.append([meth, t, k, acc_ci(m), acc_ci(sc), f"{d:+.1f}"])
+            recs.append({"method": meth, "task": t, "source": OURS, "k": k, "greedy": _r(m["accuracy"]),
+                         "sc": _r(sc["accuracy"]), "delta": round(d, 4), "greedy_tokens": m.get("mean_tokens"),
+                         "sc_tokens": sc.get("mean_tokens")})
+    secs = [Section(["method", "task", "k", "greedy", "self-consistency", "Δ (points)"], rows,
+                    "accuracy % [95% CI]")]
+    p = ctx.paper.get("table5_self_consistency", {})
+    if p:
+        prow = [[f"{key} ({v.get('label', key)})", p.get("task"), p.get("k"), paper_num(v.get("greedy")),
+                 paper_num(v.get("sc")), f"+{paper_num(v.get('gain_pct'))}"] for key, v in p["rows"].items()]
+        secs.append(Section(["method", "task", "k", "w/o SC", "w/ SC", "gain"], prow, "Table 5", paper=True))
+        recs += [{"method": key, "task": p.get("task"), "source": PAPER_LABEL, "k": p.get("k"),
+                  "greedy": v.get("greedy"), "sc": v.get("sc"), "delta": v.get("gain_pct")}
+                 for key, v in p["rows"].items()]
+    sc = ctx.params.evaluate.self_consistency
+    return Table("table5_self_consistency", "Table 5: greedy decoding vs self-consistency", secs, recs,
+                 [f"Methods listed in experiments.self_consistency_methods are also decoded k={sc.k} times "
+                  f"(temperature {sc.temperature}, top_p {sc.top_p}, one sampling batch) and majority-voted on "
+                  f"experiments.self_consistency_tasks ({', '.join(ctx.params.experiments.self_consistency_tasks) or 'all tasks'}); "
+                  "rows appear only where the metrics contain an `sc` entry.",
+                  "The paper's rows are the base model, the best single-teacher student (SiT-GPT4) and MAGDi on "
+                  "GSM8K; our analogues are zero_shot, sit_reference (the dataset-explanation teacher) and magdi.",
+                  PAPER_NOTE])
+
+
+def _describe(over: dict[str, Any]) -> str:
+    def val(v: Any) -> str:
+        return ("+".join(map(str, v)) or "none") if isinstance(v, list) else str(v)
+
+    return ", ".join(f"{k}={val(v)}" for k, v in over.items())
+
+
+def _ablation_table(ctx: Ctx, name: str, title: str, keys: set[str], base_keys: list[str],
+                    paper: Section | None, paper_recs: list[dict], notes: list[str],
+                    show_mags: bool = False) -> Table:
+    tasks = ctx.abl_tasks
+    base_desc = _describe({k: getattr(ctx.params.train, k) for k in base_keys})
+    entries = [("magdi", f"magdi ({base_desc})")]
+    entries += [(a, f"{a} ({_describe(o)})") for a, o in ctx.ablations.items() if keys & set(o)]
+    rows, recs = [], []
+    for meth, label in entries:
+        r, rec = _acc_row(ctx, meth, tasks, label=label, with_avg=len(tasks) > 1)
+        if show_mags:
+            n = [(ctx.m.train(meth, t) or {}).get("n_mags") for t in tasks]
+            r += [DASH if x is None else x for x in n]
+            rec.update({f"{t}_n_mags": x for t, x in zip(tasks, n, strict=True)})
+        rows.append(r)
+        recs.append(rec)
+    heads = ["run", *tasks, *(["Avg"] if len(tasks) > 1 else []), *([f"train MAGs ({t})" for t in tasks]
+                                                                     if show_mags else [])]
+    secs = [Section(heads, rows, "accuracy % [95% CI] on experiments.ablation_tasks")]
+    if paper is not None:
+        secs.append(paper)
+    return Table(name, title, secs, recs + paper_recs,
+                 [f"Ablations (experiments.ablations) are trained and evaluated on experiments.ablation_tasks "
+                  f"({', '.join(tasks) or 'none configured'}) only; everything else as in magdi.", *notes,
+                  PAPER_NOTE])
+
+
+def _paper_section(ctx: Ctx, key: str, caption: str) -> tuple[Section | None, list[dict]]:
+    p = ctx.paper.get(key, {})
+    if not p:
+        return None, []
+    cols = _paper_task_cols(p)
+    prow, precs = _paper_rows(p, cols)
+    return Section(["run", *cols], prow, caption, paper=True), precs
+
+
+def table6(ctx: Ctx) -> Table:
+    sec, recs = _paper_section(ctx, "table6_encoder", "encoder ablation (tab:structure_ablation), accuracy %")
+    return _ablation_table(ctx, "table6_encoder", "Table 6: graph encoder (GCN vs attention) and node "
+                           "representations", {"encoder", "node_repr"}, ["encoder", "node_repr"], sec, recs,
+                           ["node_repr=live: node embeddings come from the LoRA-adapted student (gradients of "
+                            "the graph loss reach LoRA); frozen: from the base model, as in the official code."])
+
+
+def table7(ctx: Ctx) -> Table:
+    tasks, rows, recs = ctx.tasks, [], []
+    for meth, lab in (("zero_shot", "No Teacher"), ("magdi", "MAGDi")):
+        r, rec = _acc_row(ctx, meth, tasks, label=f"{ctx.student_name()} · {lab}")
+        rows.append(r)
+        recs.append({**rec, "student": ctx.params.student.model})
+    secs = [Section(["base · distilled", *tasks, "Avg"], rows, "accuracy % [95% CI]")]
+    p = ctx.paper.get("table7_student_scaling", {})
+    if p:
+        cols: list[str] = []
+        for base in p.values():
+            for v in base.values():
+                cols += [c for c in v if c not in cols]
+        prow = []
+        for base, by in p.items():
+            for meth, v in by.items():
+                prow.append([f"{base} · {meth}", *(paper_num(v.get(c)) for c in cols)])
+                recs.append({"method": meth, "source": PAPER_LABEL, "student": base, **{c: v.get(c) for c in cols}})
+        secs.append(Section(["base · distilled", *cols], prow, "Table 7, accuracy %", paper=True))
+    return Table("table7_student_scaling", "Table 7: student scaling", secs, recs,
+                 [f"Only one student is available offline ({ctx.params.student.model}), so this table has one "
+                  "base model. Other sizes need `student.model` set to other hub ids (e.g. "
+                  "meta-llama/Llama-2-7b-chat-hf, meta-llama/Llama-2-13b-chat-hf, "
+                  "mistralai/Mistral-7B-Instruct-v0.2) and network access; no numbers are filled in for them.",
+                  PARTIAL_NOTE, PAPER_NOTE])
+
+
+def table9(ctx: Ctx) -> Table:
+    p = ctx.paper.get("table9_graph_types", {})
+    sec, recs = None, []
+    if p:
+        sec = Section(["training MAGs", "task", "accuracy"],
+                      [[r["label"], p.get("task"), paper_num(r.get("accuracy"))] for r in p.get("rows", [])],
+                      "Table 9, accuracy %", paper=True)
+        recs = [{"method": r["label"], "source": PAPER_LABEL, p.get("task", "task"): r.get("accuracy")}
+                for r in p.get("rows", [])]
+    return _ablation_table(ctx, "table9_graph_types", "Table 9: training on subsets of graph types",
+                           {"exclude_graph_types"}, ["exclude_graph_types"], sec, recs,
+                           ["G0..G3 = MAGs with 0..3 discussion rounds; exclude_graph_types drops those MAGs "
+                            "from training (see table12 for how many each type has)."], show_mags=True)
+
+
+def table10(ctx: Ctx) -> Table:
+    sec, recs = _paper_section(ctx, "graph_structure", "graph-structure ablation (tab:graph_ablation), accuracy %")
+    return _ablation_table(ctx, "table10_graph_structure", "Table 10: MAG edge structure (D vs UD vs FC)",
+                           {"graph"}, ["graph"], sec, recs,
+                           ["d: directed round r-1 -> round r edges (MAGDi); ud: the same edges undirected; "
+                            "fc: fully connected.",
+                            "In the paper text this ablation is labelled tab:graph_ablation; the paper's "
+                            "'Table 10' is the per-dataset tokens/accuracy table (shown in table2_tokens)."])
+
+
+def table12(ctx: Ctx) -> Table:
+    stats = {t: ctx.m.mag_stats(t) for t in ctx.tasks}
+    present = [s for s in stats.values() if s]
+    rounds = sorted({int(k.split("_")[1]) for s in present for k in (s.get("nodes_per_round") or {})}
+                    | set(range(ctx.params.teachers.max_rounds + 1)))
+    agents = list(dict.fromkeys([a.name for a in ctx.params.teachers.agents]
+                                + [a for s in present for a in (s.get("nodes_per_agent") or {})]))
+    gtypes = sorted({g for s in present for g in (s.get("graph_types") or {})} | {"G0", "G1", "G2", "G3"},
+                    key=lambda g: int(g[1:]))
+    heads = ["task", "MAGs", *(f"round {r} nodes" for r in rounds), *(f"{a} nodes" for a in agents),
+             *gtypes, "positive", "negative", "invalid", "MAGs with pos & neg", "team acc %",
+             "teacher tokens/q", "test n"]
+    rows, recs = [], []
+    for t, s in stats.items():
+        s = s or {}
+        ev = ctx.m.eval("zero_shot", t) or ctx.m.eval("magdi", t)
+        rec: dict[str, Any] = {"task": t, "source": OURS, "n_mags": s.get("n_mags")}
+        rec.update({f"round_{r}": (s.get("nodes_per_round") or {}).get(f"round_{r}") for r in rounds})
+        rec.update({f"agent_{a}": (s.get("nodes_per_agent") or {}).get(a) for a in agents})
+        rec.update({g: (s.get("graph_types") or {}).get(g) for g in gtypes})
+        rec.update({"positive": s.get("positive_nodes"), "negative": s.get("negative_nodes"),
+                    "invalid": s.get("invalid_nodes"), "mags_with_pos_and_neg": s.get("mags_with_pos_and_neg"),
+                    "team_accuracy": _r(_num(s.get("team_accuracy"))),
+                    "teacher_tokens_per_question": s.get("teacher_tokens_per_question"),
+                    "test_n": ev.get("n") if ev else None})
+        vals = [v for k, v in rec.items() if k not in ("task", "source")]
+        row = [t] + [DASH if v is None else v for v in vals]
+        row[-3] = DASH if rec["team_accuracy"] is None else f"{rec['team_accuracy']:.1f}"
+        row[-2] = num(rec["teacher_tokens_per_question"])
+        if not s:  # no stats at all for this task: every MAG cell is missing, test n may still be known
+            row[1:-1] = [DASH] * (len(row) - 2)
+        rows.append(row)
+        recs.append(rec)
+    secs = [Section(heads, rows, "training MAGs built by `build_mags` (metrics/mags)")]
+    p = ctx.paper.get("table12_mag_stats", {})
+    if p:
+        prow = [[t, v.get("rounds"), v.get("agent_each"), v.get("graphs"), v.get("test")] for t, v in p.items()]
+        secs.append(Section(["task", "nodes round 0 / 1 / 2 / 3", "nodes per agent (each)",
+                             "graphs G0 / G1 / G2 / G3 / All", "test"], prow, "Table 12, as printed", paper=True))
+        recs += [{"task": t, "source": PAPER_LABEL, **v} for t, v in p.items()]
+    return Table("table12_mag_stats", "Table 12: MAG statistics", secs, recs,
+                 ["G_k = MAGs with k discussion rounds after round 0 (G0 = immediate consensus). Absent rounds "
+                  "are absent nodes, so per-agent counts can differ when an agent's reply is missing.",
+                  "invalid = replies that could not be parsed after retries (kept as incorrect nodes).",
+                  "team acc = the teachers' final-round majority on the training questions (oracle "
+                  "`reference` agent excluded from the vote). test n = test questions evaluated (zero_shot).",
+                  PAPER_NOTE])
+
+
+def table13(ctx: Ctx) -> Table:
+    rows, recs = [], []
+    for meth, lab in (("magdi", "magdi (task-specific)"), (MT_METHOD, f"{MT_METHOD} (one multi-task model)")):
+        r, rec = _acc_row(ctx, meth, ctx.tasks, label=lab)
+        rows.append(r)
+        recs.append(rec)
+    secs = [Section(["model", *ctx.tasks, "Avg"], rows, "accuracy % [95% CI]")]
+    p = ctx.paper.get("table13_multitask", {})
+    if p:
+        cols = _paper_task_cols(p)
+        prow, precs = _paper_rows(p, cols)
+        secs.append(Section(["model", *cols], prow, "Table 13, accuracy %", paper=True))
+        recs += precs
+    return Table("table13_multitask", "Table 13: multi-task vs task-specific MAGDi", secs, recs,
+                 [PARTIAL_NOTE, PAPER_NOTE])
+
