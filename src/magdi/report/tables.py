@@ -292,8 +292,10 @@ def table6(ctx: Ctx) -> Table:
     sec, recs = _paper_section(ctx, "table6_encoder", "encoder ablation (tab:structure_ablation), accuracy %")
     return _ablation_table(ctx, "table6_encoder", "Table 6: graph encoder (GCN vs attention) and node "
                            "representations", {"encoder", "node_repr"}, ["encoder", "node_repr"], sec, recs,
-                           ["node_repr=live: node embeddings come from the LoRA-adapted student (gradients of "
-                            "the graph loss reach LoRA); frozen: from the base model, as in the official code."])
+                           ["node_repr=live: the structure encoder's node inputs come from the LoRA-adapted "
+                            "student (gradients of the graph loss reach LoRA); frozen: from the base model without "
+                            "the adapter, computed once and cached, as in the official code. L_ntp and "
+                            "L_contrastive always use the live student."])
 
 
 def table7(ctx: Ctx) -> Table:
