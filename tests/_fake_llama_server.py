@@ -18,6 +18,7 @@ for flag in ("--parallel", "--ctx-size", "--threads", "--threads-batch"):
     ap.add_argument(flag)
 ap.add_argument("--no-webui", action="store_true")
 ap.add_argument("--jinja", action="store_true")
+ap.add_argument("--no-repack", action="store_true")
 args = ap.parse_args()
 if os.environ.get("FAKE_LLAMA_FAIL"):
     raise SystemExit(3)
@@ -43,8 +44,11 @@ class H(BaseHTTPRequestHandler):
         if os.environ.get("FAKE_LLAMA_LOG"):
             with open(os.environ["FAKE_LLAMA_LOG"], "a") as f:
                 f.write(json.dumps({"model_file": args.model, **req}) + "\n")
-        q = req["messages"][-2 if req["messages"][-1]["role"] == "assistant" else -1]["content"]
-        text = f'{q[:20]}", "answer": "42", "confidence": 0.9}}'
+        prefill = req["messages"][-1]["content"] if req["messages"][-1]["role"] == "assistant" else ""
+        q = req["messages"][-2 if prefill else -1]["content"]
+        if os.environ.get("FAKE_LLAMA_NO_ECHO"):  # servers that return only the continuation
+            prefill = ""
+        text = prefill + f'{q[:20]}", "answer": "42", "confidence": 0.9}}'  # llama-server: prefill + continuation
         self._send(200, {"choices": [{"index": 0, "message": {"role": "assistant", "content": text},
                                       "finish_reason": "stop"}],
                          "usage": {"prompt_tokens": 5, "completion_tokens": 7, "total_tokens": 12}})

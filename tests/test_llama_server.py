@@ -28,7 +28,7 @@ def _backend(tmp_path, binary, gguf=None):
     gguf = gguf or tmp_path / "m.gguf"
     gguf.write_bytes(b"GGUF")
     server = LlamaServer(str(binary), gguf, tmp_path / "logs" / "server.log", parallel=2, ctx_per_slot=512,
-                         threads=1, start_timeout_s=30)
+                         threads=1, start_timeout_s=30, extra_args=["--no-repack"])
     return LlamaServerBackend(server, "toy", CallCache(tmp_path / "cache.jsonl"), max_retries=0, timeout_s=10,
                               prefill=PREFIX)
 
@@ -38,6 +38,7 @@ def test_command_is_a_list_bound_to_loopback():
     assert cmd[:3] == ["llama-server", "--model", "a b;rm -rf.gguf"]  # one argv item: no shell involved
     assert cmd[cmd.index("--host") + 1] == "127.0.0.1"
     assert cmd[cmd.index("--ctx-size") + 1] == "4096" and cmd[cmd.index("--parallel") + 1] == "4"
+    assert server_command("x", Path("m"), 1, 1, 1, 1, ["--no-repack"])[-1] == "--no-repack"
 
 
 def test_starts_on_first_miss_prefills_and_stops(tmp_path, fake_bin, monkeypatch):
@@ -89,3 +90,11 @@ def test_missing_gguf_points_to_prepare_stage(tmp_path, fake_bin):
     b.server.gguf.unlink()
     with pytest.raises(LlamaServerError, match="prepare_student"):
         b.server.ensure()
+
+
+def test_prefill_is_added_when_a_server_returns_only_the_continuation(tmp_path, fake_bin, monkeypatch):
+    monkeypatch.setenv("FAKE_LLAMA_NO_ECHO", "1")
+    b = _backend(tmp_path, fake_bin)
+    out = b.generate([[{"role": "user", "content": "Q?"}]], 0.5, 0.9, 64, 1)
+    b.close()
+    assert out[0]["text"] == PREFIX + 'Q?", "answer": "42", "confidence": 0.9}'

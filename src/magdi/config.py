@@ -138,6 +138,9 @@ class LlamaServerCfg(_Strict):
     #: send ``{"reasoning": "`` as the start of the reply (as the transformers backend does): small models
     #: follow the JSON format far more often with it
     prefill: bool = True
+    #: passed as is; --no-repack: llama.cpp's AMX repacked kernels crash (SIGSEGV in
+    #: ggml_backend_amx_mul_mat) on this workplace's VMs, whose CPUs report AMX
+    extra_args: list[str] = Field(default_factory=lambda: ["--no-repack"])
 
 
 class TeachersCfg(_Strict):

@@ -19,6 +19,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import threading
 import time
 import urllib.error
@@ -41,22 +42,24 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def server_command(binary: str, gguf: Path, port: int, parallel: int, ctx_per_slot: int, threads: int) -> list[str]:
+def server_command(binary: str, gguf: Path, port: int, parallel: int, ctx_per_slot: int, threads: int,
+                   extra_args: tuple[str, ...] | list[str] = ()) -> list[str]:
     """The exact command line (a list: no shell ever sees a model path)."""
     return [binary, "--model", str(gguf), "--host", "127.0.0.1", "--port", str(port),
             "--parallel", str(parallel), "--ctx-size", str(parallel * ctx_per_slot), "--threads", str(threads),
-            "--threads-batch", str(threads), "--no-webui", "--jinja"]
+            "--threads-batch", str(threads), "--no-webui", "--jinja", *extra_args]
 
 
 class LlamaServer:
     """One ``llama-server`` process for one GGUF; ``ensure()`` starts it once, thread-safe."""
 
     def __init__(self, binary: str, gguf: Path, log_path: Path, parallel: int = 8, ctx_per_slot: int = 4096,
-                 threads: int | None = None, start_timeout_s: float = 300.0):
+                 threads: int | None = None, start_timeout_s: float = 300.0, extra_args: list[str] | None = None):
         self.binary, self.gguf, self.log_path = binary, Path(gguf), Path(log_path)
         self.parallel, self.ctx_per_slot = parallel, ctx_per_slot
         self.threads = threads or max(1, int(os.environ.get("MAGDI_THREADS", os.cpu_count() or 1)))
         self.start_timeout_s = start_timeout_s
+        self.extra_args = list(extra_args or [])
         self.port = free_port()
         self._proc: subprocess.Popen | None = None
         self._lock = threading.Lock()
@@ -66,7 +69,9 @@ class LlamaServer:
         return f"http://127.0.0.1:{self.port}/v1"
 
     def _resolve_binary(self) -> str:
-        found = shutil.which(self.binary) or (self.binary if Path(self.binary).is_file() else None)
+        venv_bin = str(Path(sys.executable).parent)  # `make llama-server` installs it next to python
+        found = (shutil.which(self.binary) or shutil.which(self.binary, path=venv_bin)
+                 or (self.binary if Path(self.binary).is_file() else None))
         if found is None:
             raise LlamaServerError(
                 f"llama-server binary '{self.binary}' not found: teacher calls missing from the cache need it; "
@@ -80,7 +85,7 @@ class LlamaServer:
             if not self.gguf.exists():
                 raise LlamaServerError(f"{self.gguf} missing: run `dvc repro prepare_student` (assembles it)")
             cmd = server_command(self._resolve_binary(), self.gguf, self.port, self.parallel, self.ctx_per_slot,
-                                 self.threads)
+                                 self.threads, self.extra_args)
             self.log_path.parent.mkdir(parents=True, exist_ok=True)
             logf = self.log_path.open("ab")
             log.info("starting %s", " ".join(cmd))
@@ -127,8 +132,9 @@ class LlamaServerBackend(OpenAIChatBackend):
     """The OpenAI backend against a lazily started local server, with an optional prefilled reply start.
 
     ``prefill`` (e.g. ``{"reasoning": "``) is sent as a trailing assistant message, which llama-server
-    continues; it is put back in front of the returned text so parsing sees the whole reply, exactly as
-    the transformers backend does with ``RESPONSE_PREFIX``. It is part of the cached messages (the key).
+    continues; the reply must start with it (llama-server returns prefill + continuation; it is added if a
+    server returns only the continuation) so parsing sees the whole reply, exactly as the transformers
+    backend does with ``RESPONSE_PREFIX``. It is part of the cached messages (the key).
     """
 
     def __init__(self, server: LlamaServer, model: str, cache: CallCache, max_retries: int, timeout_s: float,
@@ -142,7 +148,10 @@ class LlamaServerBackend(OpenAIChatBackend):
 
     def _request(self, messages, temperature, top_p, max_new_tokens, seed):
         out = super()._request(messages, temperature, top_p, max_new_tokens, seed)
-        return {**out, "text": self.prefill + out["text"]} if self.prefill else out
+        # llama-server returns the prefill followed by its continuation; other servers only the continuation
+        if self.prefill and not out["text"].startswith(self.prefill):
+            out = {**out, "text": self.prefill + out["text"]}
+        return out
 
     def generate(self, messages_batch, temperature, top_p, max_new_tokens, seed, *, attempt: int = 0):
         if self.prefill:

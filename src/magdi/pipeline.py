@@ -166,7 +166,8 @@ def make_agents(p: Params, student=None):
                 if a.model not in p.models:
                     raise ValueError(f"teachers.agents.{a.name}.model: '{a.model}' is not a key of `models`")
                 server = LlamaServer(ls.binary, gguf_file(p, a.model), Path(p.paths.runs_dir) / "logs" /
-                                     f"llama_server_{_safe(a.model)}.log", ls.parallel, ls.ctx_per_slot, ls.threads)
+                                     f"llama_server_{_safe(a.model)}.log", ls.parallel, ls.ctx_per_slot, ls.threads,
+                                     extra_args=ls.extra_args)
                 servers[a.model] = LlamaServerBackend(
                     server, a.model, CallCache(cache_dir / f"llama_{_safe(a.model)}.jsonl"), p.teachers.http_retries,
                     a.timeout_s, RESPONSE_PREFIX if ls.prefill else "")
