@@ -143,6 +143,11 @@ class TrainCfg(_Strict):
     max_mags: int | None = Field(None, ge=1)
     checkpoint_every: int = Field(4, ge=1)
     bf16: bool = False
+    #: LM pass of a step: "packed" = one row per MAG prompt with its chains (each unique token once,
+    #: magdi.core), "fused" = one row per unique (prompt, chain). Same losses and gradients.
+    core: Literal["packed", "fused"] = "packed"
+    #: packed core: positions per vocabulary-projection chunk of L_ntp (recomputed in backward); 0 = one chunk.
+    ntp_chunk: int = Field(1024, ge=0)
 
     @field_validator("exclude_graph_types")
     @classmethod
