@@ -138,3 +138,44 @@ def test_encode_batch_follows_train_core(tiny_tokenizer) -> None:
     fused = encode_batch(items, tiny_tokenizer, TrainCfg(core="fused"))
     assert type(fused) is type(encode_step(items, tiny_tokenizer, 160, 160))
     assert type(encode_batch(items, tiny_tokenizer, TrainCfg())).__name__ == "PackedEncoded"
+
+
+def _train(lm, tok, tmp_path, **cfg_kw):
+    from accelerate.state import AcceleratorState
+
+    from magdi.train import train
+
+    # accelerate keeps one process-wide state: a run with another mixed_precision would refuse to start
+    AcceleratorState._reset_state(reset_partial_state=True)
+    spec = method_spec("magdi")
+    items = build_items(_mags(), spec, tok)
+    cfg = TrainCfg(mags_per_step=2, max_prompt_tokens=48, max_target_tokens=16, hidden_dim=16, lr=1e-2,
+                   checkpoint_every=10, **cfg_kw)
+    return train(lm, tok, items, spec, cfg, tmp_path / str(sorted(cfg_kw.items())))
+
+
+def test_train_loop_packed_matches_fused(make_lm, tiny_tokenizer, tmp_path) -> None:
+    fused = _train(make_lm(), tiny_tokenizer, tmp_path, core="fused")
+    packed = _train(make_lm(), tiny_tokenizer, tmp_path, core="packed")
+    assert fused.tokens == packed.tokens and len(fused.history) == len(packed.history) == 2
+    for hf, hp in zip(fused.history, packed.history, strict=True):
+        for k in ("loss", "ntp", "contrastive", "graph"):
+            assert hp[k] == pytest.approx(hf[k], rel=1e-4), k
+
+
+def test_train_bf16_base_weights_keep_fp32_lora(tiny_tokenizer, tmp_path) -> None:
+    """student.dtype=bfloat16 + train.bf16: bf16 frozen weights, fp32 LoRA master weights, same first loss."""
+    from conftest import build_lm
+
+    from magdi.student import attach_lora
+
+    ref = _train(build_lm(tiny_tokenizer), tiny_tokenizer, tmp_path)
+    base = build_lm(tiny_tokenizer, lora=False).to(torch.bfloat16)
+    lm = attach_lora(base, r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj"])
+    before = {k: v.detach().clone() for k, v in lm.named_parameters() if v.requires_grad}
+    assert before and all(v.dtype == torch.float32 for v in before.values())
+    res = _train(lm, tiny_tokenizer, tmp_path, bf16=True)
+    after = {k: v for k, v in lm.named_parameters() if v.requires_grad}
+    assert all(v.dtype == torch.float32 for v in after.values())
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    assert res.history[0]["loss"] == pytest.approx(ref.history[0]["loss"], rel=2e-2)
