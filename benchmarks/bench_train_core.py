@@ -47,6 +47,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from peak import matmul_peak
 
 from magdi.config import TrainCfg
 from magdi.core import PackedEncoded, encode_packed
@@ -366,9 +367,17 @@ def _fmt(x: float, nd: int = 2) -> str:
     return f"{x:,.{nd}f}"
 
 
-def summarise(stats: list[StepStats], useful: list[int]) -> dict:
+def model_gflops(st: StepStats, n_nonemb: int, vocab_dim: int) -> float:
+    """Model FLOPs of a step: forward + activation backward (frozen weights need no weight gradient), i.e.
+    4 × non-embedding parameters × real LM tokens + 4 × (V × D) × vocab-logit positions. Attention scores,
+    LoRA/heads and recomputation are not counted."""
+    return (4 * n_nonemb * st.lm_tokens_real + 4 * vocab_dim * st.logit_positions) / 1e9
+
+
+def summarise(stats: list[StepStats], useful: list[int], n_nonemb: int = 0, vocab_dim: int = 0) -> dict:
     sec = statistics.median(s.seconds for s in stats)
     return {
+        "model_gflops_per_s": statistics.median(model_gflops(s, n_nonemb, vocab_dim) / s.seconds for s in stats),
         "seconds_per_step_median": sec,
         "seconds_per_step": [s.seconds for s in stats],
         "passes_per_step": stats[0].passes,
@@ -385,7 +394,7 @@ def summarise(stats: list[StepStats], useful: list[int]) -> dict:
 
 
 def write_report(out: Path, res: dict) -> str:
-    s, v = res["setup"], res["variants"]
+    s, v, pk = res["setup"], res["variants"], res["matmul_peak_gflops"]
     names = list(v)
 
     def rss(x: float | None) -> str:
@@ -401,6 +410,9 @@ def write_report(out: Path, res: dict) -> str:
         ("seconds / step (median)", [_fmt(v[k]["seconds_per_step_median"], 3) for k in names]),
         ("useful tokens / s", [_fmt(v[k]["useful_tokens_per_s"], 1) for k in names]),
         ("speed-up vs fused (useful tokens/s)", [f"{spd[k]:.2f}×" if k in spd else "" for k in names]),
+        ("achieved model GFLOP/s (% of matmul peak)",
+         [f"{v[k]['model_gflops_per_s']:.1f} ({v[k]['model_gflops_per_s'] / pk['bfloat16' if 'bf16' in k else 'float32']:.0%})"
+          for k in names]),
         ("peak RSS during a step (MiB)", [rss(v[k]["peak_rss_mb"]) for k in names]),
     ]
     table = "| | " + " | ".join(names) + " |\n|---|" + "---:|" * len(names) + "\n"
@@ -454,6 +466,12 @@ weights: {rss(s['rss_after_load_mb'])} MiB before the first step, which holds th
 bf16 copy (about 0.26 GiB of the latter would be absent in a real run of either kind).
 
 Rows per pass in the first measured step — {first}.
+
+Achieved model FLOP/s: 4 × non-embedding parameters × real LM tokens + 4 × V × D × vocab-logit positions
+per step (forward + activation backward; the frozen base needs no weight gradients; attention scores, LoRA,
+heads and recomputation not counted), against the matmul peak measured in this run with the same threads
+(2048² matmul, FLOPs = 2n³): fp32 {pk['float32']:.1f} GFLOP/s, bf16 {pk['bfloat16']:.1f} GFLOP/s (bf16 variants
+are compared with the bf16 peak).
 
 ## Same objective (eval mode, no dropout, one item, same weights)
 
@@ -569,6 +587,11 @@ def main(argv: list[str] | None = None) -> int:
     print("equivalence check (eval, one item): max relative loss difference vs fused: "
           + ", ".join(f"{k} {v:.1e}" for k, v in rel.items()), flush=True)
 
+    emb = core.lm.get_input_embeddings().weight
+    vocab_dim = emb.numel()
+    n_nonemb = sum(p.numel() for p in core.lm.parameters()) - vocab_dim  # tied embedding counted once
+    peak = matmul_peak(threads=threads)
+    print(f"matmul peak GFLOP/s ({threads} threads): fp32 {peak['float32']:.1f}, bf16 {peak['bfloat16']:.1f}", flush=True)
     rss_ok = _reset_peak_rss()
     base_rss = _peak_rss_mb(rss_ok)
     for fn in variants.values():  # warm-up (not measured)
@@ -621,7 +644,8 @@ def main(argv: list[str] | None = None) -> int:
             "python": platform.python_version(),
             "rss_after_load_mb": base_rss,
         },
-        "variants": {k: summarise(v, useful) for k, v in stats.items()},
+        "variants": {k: summarise(v, useful, n_nonemb, vocab_dim) for k, v in stats.items()},
+        "matmul_peak_gflops": peak,
         "equivalence_check": check,
         "equivalence_max_rel_diff_vs_fused": rel,
     }
