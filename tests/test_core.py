@@ -166,7 +166,6 @@ def test_train_loop_packed_matches_fused(make_lm, tiny_tokenizer, tmp_path) -> N
 def test_train_bf16_base_weights_keep_fp32_lora(tiny_tokenizer, tmp_path) -> None:
     """student.dtype=bfloat16 + train.bf16: bf16 frozen weights, fp32 LoRA master weights, same first loss."""
     from conftest import build_lm
-
     from magdi.student import attach_lora
 
     ref = _train(build_lm(tiny_tokenizer), tiny_tokenizer, tmp_path)
