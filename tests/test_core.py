@@ -178,3 +178,29 @@ def test_train_bf16_base_weights_keep_fp32_lora(tiny_tokenizer, tmp_path) -> Non
     assert all(v.dtype == torch.float32 for v in after.values())
     assert any(not torch.equal(before[k], after[k]) for k in before)
     assert res.history[0]["loss"] == pytest.approx(ref.history[0]["loss"], rel=2e-2)
+
+
+def test_generation_dtype_is_used_by_generating_stages(monkeypatch, tmp_path) -> None:
+    """Teachers on local weights and evaluation load the student in ``student.generation_dtype``."""
+    import magdi.student
+    from magdi import pipeline
+    from magdi.config import StudentCfg, load_params
+
+    assert StudentCfg(dtype="float32").gen_dtype == "float32"  # null = the training dtype
+    assert StudentCfg(dtype="float32", generation_dtype="bfloat16").gen_dtype == "bfloat16"
+    p = load_params("params.yaml", check_mirror=False)
+    p = p.model_copy(update={"evaluate": p.evaluate.model_copy(update={"backend": "transformers"}),
+                             "student": p.student.model_copy(update={"dtype": "float32",
+                                                                     "generation_dtype": "bfloat16"})})
+    seen = []
+
+    def fake_load(path, dtype="float32", trust_remote_code=False):
+        seen.append(dtype)
+        raise RuntimeError("stop")
+
+    monkeypatch.setattr(magdi.student, "load_student", fake_load)
+    with pytest.raises(RuntimeError, match="stop"):
+        pipeline._student_generator(p, None)
+    with pytest.raises(RuntimeError, match="stop"):
+        pipeline.make_agents(p)
+    assert seen == ["bfloat16", "bfloat16"]

@@ -114,7 +114,7 @@ def make_agents(p: Params, student=None):
                 if a.model == "student" and student is not None:
                     loaded[path] = student
                 else:
-                    loaded[path] = load_student(path, p.student.dtype, p.student.trust_remote_code)
+                    loaded[path] = load_student(path, p.student.gen_dtype, p.student.trust_remote_code)
                     loaded[path][0].eval()
             model, tok = loaded[path]
             if path not in backends:  # one backend per model: its personas decode in shared batches
@@ -232,7 +232,7 @@ def _student_generator(p: Params, adapter: Path | None):
         tok = AutoTokenizer.from_pretrained(p.paths.student_dir, trust_remote_code=p.student.trust_remote_code)
         return VLLMGenerator(p.paths.student_dir, tok, adapter, p.student.dtype, p.student.lora.r,
                              p.evaluate.seed, p.evaluate.vllm_engine, p.student.trust_remote_code), tok
-    model, tok = load_student(p.paths.student_dir, p.student.dtype, p.student.trust_remote_code)
+    model, tok = load_student(p.paths.student_dir, p.student.gen_dtype, p.student.trust_remote_code)
     if adapter is not None:
         from peft import PeftModel
 
