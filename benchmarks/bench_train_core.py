@@ -87,7 +87,17 @@ class StepStats:
 
 
 def _reset_peak_rss() -> bool:
-    """Reset the kernel's RSS high-water mark (VmHWM) of this process (Linux >= 4.0)."""
+    """Reset the kernel's RSS high-water mark (VmHWM) of this process (Linux >= 4.0).
+
+    Freed heap memory is first handed back to the OS (glibc ``malloc_trim``): otherwise what the previous
+    variant freed but the allocator kept would count towards the next variant's peak.
+    """
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
