@@ -23,25 +23,41 @@ class _CharTok:
 
 
 def test_encode_packed_layout_by_hand() -> None:
-    items = [TrainItem("ab", ["c", "de", "c"], [1, 0, 1]), TrainItem("f", ["g"], [1])]
+    items = [TrainItem("ab", ["c", "de", "c"], [1, 0, 1]), TrainItem("fgh", ["ij"], [1]), TrainItem("k", ["l"], [0])]
     enc = encode_packed(items, _CharTok(), max_prompt=8, max_target=8)
-    # pack 0: a b | c eos | d e eos  (the repeated "c" is one chain); pack 1: f | g eos, right-padded
-    assert enc.input_ids.tolist() == [[1, 2, 3, 9, 4, 5, 9], [6, 7, 9, 0, 0, 0, 0]]
-    assert enc.position_ids.tolist() == [[0, 1, 2, 3, 2, 3, 4], [0, 1, 2, 0, 0, 0, 0]]
-    assert enc.segments.tolist() == [[0, 0, 1, 1, 2, 2, 2], [0, 1, 1, -1, -1, -1, -1]]
-    assert enc.node_rows == [[0, 1, 0], [2]]
-    # row view: column 0 = last prompt position, then the chain's own positions (flat index g * 7 + t)
-    assert enc.gather[:, :3].tolist() == [[1, 2, 3], [1, 4, 5], [7, 8, 9]]
-    assert enc.gather[1].tolist() == [1, 4, 5, 6]
-    assert enc.labels.tolist() == [[-100, 3, 9, -100], [-100, 4, 5, 9], [-100, 7, 9, -100]]
-    assert enc.chain_mask.tolist() == [[0, 1, 1, 0], [0, 1, 1, 1], [0, 1, 1, 0]]
-    # the fused core would send 2+2, 2+3 and 1+2 tokens; the packed one sends each prompt once
-    assert (enc.n_tokens, enc.lm_tokens) == (12, 10)
+    # packs: "ab|c·|de·" (7 tokens, · = eos; the repeated "c" is one chain), "fgh|ij·" (6), "k|l·" (3).
+    # Rows are 7 wide (the longest pack); first-fit decreasing: [pack 0], [pack 1], [pack 2] — pack 2
+    # does not fit next to pack 1 (6 + 3 > 7), so it gets the third row.
+    assert enc.input_ids.tolist() == [[1, 2, 3, 9, 4, 5, 9], [6, 7, 8, 9, 10, 9, 0], [11, 12, 9, 0, 0, 0, 0]]
+    assert enc.position_ids.tolist() == [[0, 1, 2, 3, 2, 3, 4], [0, 1, 2, 3, 4, 5, 0], [0, 1, 2, 0, 0, 0, 0]]
+    assert enc.segments.tolist() == [[0, 0, 1, 1, 2, 2, 2], [3, 3, 3, 4, 4, 4, -1], [5, 6, 6, -1, -1, -1, -1]]
+    assert enc.owners.tolist() == [[0, 0, 0, 0, 0, 0, 0], [3, 3, 3, 3, 3, 3, -1], [5, 5, 5, -1, -1, -1, -1]]
+    assert enc.node_rows == [[0, 1, 0], [2], [3]]
+    # row view: column 0 = last prompt position, then the chain's own positions (flat index row * 7 + t)
+    assert enc.gather[:, :4].tolist() == [[1, 2, 3, 1], [1, 4, 5, 6], [9, 10, 11, 12], [14, 15, 16, 14]]
+    assert enc.labels.tolist() == [[-100, 3, 9, -100], [-100, 4, 5, 9], [-100, 9, 10, 9], [-100, 12, 9, -100]]
+    assert enc.chain_mask.tolist() == [[0, 1, 1, 0], [0, 1, 1, 1], [0, 1, 1, 1], [0, 1, 1, 0]]
+    # the fused core would send 2+2, 2+3, 3+3 and 1+2 tokens; the packed one sends each prompt once
+    assert (enc.n_tokens, enc.lm_tokens) == (18, 16)
+
+
+def test_encode_packed_shares_rows_between_short_packs() -> None:
+    items = [TrainItem("abcd", ["ef"], [1]), TrainItem("g", ["h"], [1]), TrainItem("i", ["j"], [0])]
+    enc = encode_packed(items, _CharTok(), max_prompt=8, max_target=8)
+    # "abcd|ef·" (7) alone; "g|h·" and "i|j·" (3 each) share the second row, positions restarting at 0
+    assert enc.input_ids.tolist() == [[1, 2, 3, 4, 5, 6, 9], [7, 8, 9, 9, 10, 9, 0]]
+    assert enc.position_ids.tolist() == [[0, 1, 2, 3, 4, 5, 6], [0, 1, 2, 0, 1, 2, 0]]
+    assert enc.segments[1].tolist() == [2, 3, 3, 4, 5, 5, -1]
+    assert enc.owners[1].tolist() == [2, 2, 2, 4, 4, 4, -1]
+    m = block_mask(enc.segments, enc.owners, "sdpa", torch.float32)[1, 0].int().tolist()
+    assert m[4] == [0, 0, 0, 1, 1, 0, 0]  # "j" sees its prompt "i" and itself, nothing of the other MAG
+    assert enc.gather[2, :3].tolist() == [10, 11, 12]
 
 
 def test_block_mask_by_hand() -> None:
     seg = torch.tensor([[0, 0, 1, 1, 2, -1]])
-    m = block_mask(seg, "sdpa", torch.float32)[0, 0].int().tolist()
+    own = torch.tensor([[0, 0, 0, 0, 0, -1]])
+    m = block_mask(seg, own, "sdpa", torch.float32)[0, 0].int().tolist()
     assert m == [
         [1, 0, 0, 0, 0, 0],
         [1, 1, 0, 0, 0, 0],
@@ -50,10 +66,10 @@ def test_block_mask_by_hand() -> None:
         [1, 1, 0, 0, 1, 0],  # chain 2 sees the prompt, not chain 1
         [0, 0, 0, 0, 0, 1],  # padding sees only itself
     ]
-    eager = block_mask(seg, "eager", torch.float32)[0, 0]
+    eager = block_mask(seg, own, "eager", torch.float32)[0, 0]
     assert torch.equal(eager == 0, torch.tensor(m, dtype=torch.bool))
     with pytest.raises(ValueError, match="sdpa/eager"):
-        block_mask(seg, "flash_attention_2", torch.float32)
+        block_mask(seg, own, "flash_attention_2", torch.float32)
 
 
 @pytest.mark.parametrize("chunk", [0, 3, 1000])
@@ -83,7 +99,7 @@ def _mags() -> list[MAG]:
 
 
 def _losses_and_grads(make_lm, tok, items, **cfg_kw):
-    cfg = TrainCfg(mags_per_step=3, max_prompt_tokens=48, max_target_tokens=16, hidden_dim=16,
+    cfg = TrainCfg(mags_per_step=5, max_prompt_tokens=48, max_target_tokens=16, hidden_dim=16,
                    weights=LossWeights(ntp=1.0, contrastive=0.5, graph=1.0), ntp_chunk=7, **cfg_kw)
     torch.manual_seed(0)
     lm = make_lm()
@@ -103,12 +119,15 @@ def _losses_and_grads(make_lm, tok, items, **cfg_kw):
 @pytest.mark.parametrize("encoder", ["gcn", "token_attention"])
 @pytest.mark.parametrize("node_repr", ["live", "frozen"])
 def test_packed_core_matches_fused_losses_and_gradients(make_lm, tiny_tokenizer, encoder, node_repr) -> None:
-    items = build_items(_mags(), method_spec("magdi"), tiny_tokenizer)
+    # two short MAGs (bare prompts, no chat template) whose packs fit into one row together
+    short = [TrainItem(f"{k}+1?", ["easy", f"it is {k}"], [1, 0], [(0, 1)], f"s{k}") for k in (1, 2)]
+    items = build_items(_mags(), method_spec("magdi"), tiny_tokenizer) + short
     kw = {"encoder": encoder, "node_repr": node_repr}
     l_f, g_f, enc_f = _losses_and_grads(make_lm, tiny_tokenizer, items, core="fused", **kw)
     l_p, g_p, enc_p = _losses_and_grads(make_lm, tiny_tokenizer, items, core="packed", **kw)
     assert enc_p.n_tokens == enc_f.n_tokens  # same useful tokens...
     assert enc_p.lm_tokens < enc_f.n_tokens  # ...fewer through the LM
+    assert enc_p.input_ids.shape[0] < len(items)  # the short MAGs' packs share a row
     for k in l_f:
         assert l_p[k] == pytest.approx(l_f[k], rel=1e-5), k
     assert g_f.keys() == g_p.keys()

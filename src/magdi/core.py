@@ -10,7 +10,8 @@ rounding; with LoRA dropout > 0 the prompt's dropout mask is drawn once per MAG 
 an equally valid sample). A packed batch goes through ordinary layers with a 4D mask, so it also works
 under gradient checkpointing (a KV-cache prefix would be dropped by transformers' checkpointing wrapper).
 
-After the pass, ``packed_hidden`` gathers a row view ``[R, 1 + C, D]``: column 0 is the last prompt
+Packs of a step share rows where they fit (first-fit decreasing into rows as wide as the longest pack),
+so short MAGs are not padded to the longest one. After the pass, ``packed_hidden`` gathers a row view ``[R, 1 + C, D]``: column 0 is the last prompt
 position (it predicts the first chain token), columns 1… the chain. ``labels`` and ``chain_mask`` of
 ``PackedEncoded`` use the same view, so ``MagdiStudent.forward`` treats both cores alike.
 
@@ -35,10 +36,11 @@ IGNORE_INDEX = -100
 class PackedEncoded:
     """A step packed per unique prompt, plus the row view of every unique (prompt, chain)."""
 
-    input_ids: Tensor  # [G, L] one pack per unique prompt: prompt, then its unique chains; right-padded
-    position_ids: Tensor  # [G, L] prompt 0..P-1, each chain P..P+C-1, padding 0
-    segments: Tensor  # [G, L] 0 = prompt, i >= 1 = i-th chain of the pack, -1 = padding
-    gather: Tensor  # [R, 1 + C] flat index (g * L + t) into the packed hidden states of each row-view cell
+    input_ids: Tensor  # [N, L] rows of packs (a pack = a prompt, then its unique chains); right-padded
+    position_ids: Tensor  # [N, L] prompt 0..P-1, each chain P..P+C-1, padding 0
+    segments: Tensor  # [N, L] a step-wide id per prompt and per chain, -1 = padding
+    owners: Tensor  # [N, L] the segment id of the position's prompt (a prompt owns itself), -1 = padding
+    gather: Tensor  # [R, 1 + C] flat index (row * L + t) into the packed hidden states of each row-view cell
     labels: Tensor  # [R, 1 + C] chain token ids, -100 in column 0 and on padding
     chain_mask: Tensor  # [R, 1 + C] 1 on the chain's own tokens (pooling)
     node_rows: list[list[int]]
@@ -47,7 +49,24 @@ class PackedEncoded:
 
     def to(self, device) -> PackedEncoded:
         return replace(self, **{k: getattr(self, k).to(device) for k in
-                                ("input_ids", "position_ids", "segments", "gather", "labels", "chain_mask")})
+                                ("input_ids", "position_ids", "segments", "owners", "gather", "labels", "chain_mask")})
+
+
+def _first_fit(lengths: list[int], capacity: int) -> list[list[int]]:
+    """Bins of pack indices, longest first, each pack into the first row with room (first-fit decreasing):
+    rows are as wide as the longest pack, and shorter packs share rows instead of being padded."""
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for g in sorted(range(len(lengths)), key=lambda g: (-lengths[g], g)):
+        for r, free in enumerate(room):
+            if lengths[g] <= free:
+                rows[r].append(g)
+                room[r] -= lengths[g]
+                break
+        else:
+            rows.append([g])
+            room.append(capacity - lengths[g])
+    return rows
 
 
 def encode_packed(items: Sequence, tokenizer, max_prompt: int, max_target: int) -> PackedEncoded:
@@ -57,7 +76,7 @@ def encode_packed(items: Sequence, tokenizer, max_prompt: int, max_target: int) 
     prompts: list[list[int]] = []
     chains: list[list[list[int]]] = []  # per pack, its unique chains
     rows: dict[tuple[str, str], int] = {}
-    row_at: list[tuple[int, int]] = []  # row -> (pack, chain index in pack)
+    row_at: list[tuple[int, int]] = []  # row-view row -> (pack, chain index in pack)
     node_rows: list[list[int]] = []
     for it in items:
         if it.prompt not in packs:
@@ -77,47 +96,57 @@ def encode_packed(items: Sequence, tokenizer, max_prompt: int, max_target: int) 
                 chains[g].append((tokenizer(t, add_special_tokens=False)["input_ids"] + eos)[:max_target])
             idx.append(rows[key])
         node_rows.append(idx)
-    width = max(len(p) + sum(len(c) for c in cs) for p, cs in zip(prompts, chains, strict=True))
-    n_packs, n_rows = len(prompts), len(row_at)
+    lengths = [len(p) + sum(len(c) for c in cs) for p, cs in zip(prompts, chains, strict=True)]
+    width = max(lengths)
+    bins = _first_fit(lengths, width)
+    n_bins, n_rows = len(bins), len(row_at)
     cmax = max(len(c) for cs in chains for c in cs)
-    ids = torch.full((n_packs, width), tokenizer.pad_token_id, dtype=torch.long)
-    pos = torch.zeros((n_packs, width), dtype=torch.long)
-    seg = torch.full((n_packs, width), -1, dtype=torch.long)
+    ids = torch.full((n_bins, width), tokenizer.pad_token_id, dtype=torch.long)
+    pos = torch.zeros((n_bins, width), dtype=torch.long)
+    seg = torch.full((n_bins, width), -1, dtype=torch.long)
+    own = torch.full((n_bins, width), -1, dtype=torch.long)
     gather = torch.zeros((n_rows, 1 + cmax), dtype=torch.long)
     lab = torch.full((n_rows, 1 + cmax), IGNORE_INDEX, dtype=torch.long)
-    start: dict[tuple[int, int], int] = {}
-    for g, (p, cs) in enumerate(zip(prompts, chains, strict=True)):
-        ids[g, : len(p)] = torch.tensor(p)
-        pos[g, : len(p)] = torch.arange(len(p))
-        seg[g, : len(p)] = 0
-        s = len(p)
-        for i, c in enumerate(cs):
-            ids[g, s : s + len(c)] = torch.tensor(c)
-            pos[g, s : s + len(c)] = torch.arange(len(p), len(p) + len(c))
-            seg[g, s : s + len(c)] = i + 1
-            start[(g, i)] = s
-            s += len(c)
+    start: dict[tuple[int, int], int] = {}  # (pack, chain) -> flat index of its first token
+    last_prompt: dict[int, int] = {}  # pack -> flat index of its last prompt token
+    next_seg = 0
+    for b, members in enumerate(bins):
+        s = 0
+        for g in members:
+            p = prompts[g]
+            ids[b, s : s + len(p)] = torch.tensor(p)
+            pos[b, s : s + len(p)] = torch.arange(len(p))
+            seg[b, s : s + len(p)] = own[b, s : s + len(p)] = base = next_seg
+            last_prompt[g] = b * width + s + len(p) - 1
+            s, next_seg = s + len(p), next_seg + 1
+            for i, c in enumerate(chains[g]):
+                ids[b, s : s + len(c)] = torch.tensor(c)
+                pos[b, s : s + len(c)] = torch.arange(len(p), len(p) + len(c))
+                seg[b, s : s + len(c)] = next_seg
+                own[b, s : s + len(c)] = base
+                start[(g, i)] = b * width + s
+                s, next_seg = s + len(c), next_seg + 1
     for r, (g, i) in enumerate(row_at):
-        c, p = chains[g][i], prompts[g]
-        gather[r, 0] = g * width + len(p) - 1
-        gather[r, 1 : 1 + len(c)] = g * width + start[(g, i)] + torch.arange(len(c))
-        gather[r, 1 + len(c) :] = g * width + len(p) - 1  # padding cells: any valid index (masked out)
+        c = chains[g][i]
+        gather[r, :] = last_prompt[g]  # column 0; padding cells keep any valid index (masked out)
+        gather[r, 1 : 1 + len(c)] = start[(g, i)] + torch.arange(len(c))
         lab[r, 1 : 1 + len(c)] = torch.tensor(c)
     n_tokens = sum(len(prompts[g]) + len(chains[g][i]) for g, i in row_at)
-    lm_tokens = int((seg >= 0).sum())
-    return PackedEncoded(ids, pos, seg, gather, lab, (lab != IGNORE_INDEX).long(), node_rows, n_tokens, lm_tokens)
+    return PackedEncoded(ids, pos, seg, own, gather, lab, (lab != IGNORE_INDEX).long(), node_rows, n_tokens,
+                         int((seg >= 0).sum()))
 
 
-def block_mask(segments: Tensor, attn_implementation: str, dtype: torch.dtype) -> Tensor:
-    """``[G, 1, L, L]`` mask: causal, and a chain sees only the prompt and itself.
+def block_mask(segments: Tensor, owners: Tensor, attn_implementation: str, dtype: torch.dtype) -> Tensor:
+    """``[N, 1, L, L]`` mask: causal, and a position sees only its own segment and its prompt.
 
-    A padding position sees only itself (no fully masked query row, hence no NaN), and no real position
-    sees a padding one. Bool (True = attend) for SDPA, additive float for eager attention.
+    So a prompt sees itself, a chain its prompt and itself, never another chain or another MAG's pack. A
+    padding position sees only itself (no fully masked query row, hence no NaN), and no real position sees a
+    padding one. Bool (True = attend) for SDPA, additive float for eager attention.
     """
     n = segments.shape[1]
     causal = torch.ones(n, n, dtype=torch.bool, device=segments.device).tril()
-    q, k = segments[:, :, None], segments[:, None, :]
-    allowed = causal & (q >= 0) & (k >= 0) & ((k == 0) | (k == q))
+    q_seg, q_own, k_seg = segments[:, :, None], owners[:, :, None], segments[:, None, :]
+    allowed = causal & (q_seg >= 0) & (k_seg >= 0) & ((k_seg == q_seg) | (k_seg == q_own))
     allowed |= torch.eye(n, dtype=torch.bool, device=segments.device)
     allowed = allowed[:, None]
     if attn_implementation == "sdpa":
@@ -134,7 +163,7 @@ def packed_hidden(decoder, enc: PackedEncoded) -> Tensor:
     dtype = decoder.get_input_embeddings().weight.dtype
     if torch.is_autocast_enabled(enc.input_ids.device.type):
         dtype = torch.get_autocast_dtype(enc.input_ids.device.type)
-    mask = block_mask(enc.segments, impl, dtype)
+    mask = block_mask(enc.segments, enc.owners, impl, dtype)
     hidden = decoder(input_ids=enc.input_ids, attention_mask=mask, position_ids=enc.position_ids).last_hidden_state
     return hidden.reshape(-1, hidden.shape[-1])[enc.gather]
 
