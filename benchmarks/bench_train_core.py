@@ -1,6 +1,11 @@
-"""Benchmark: the fused MAGDi training core vs the official code's three-pass pattern.
+"""Benchmark: the packed MAGDi training core vs the fused one vs the official code's three-pass pattern.
 
-"fused" is what ``magdi.train.train`` does per step: ``encode_step`` (each unique (prompt, chain) of the
+"packed" is what ``magdi.train.train`` does per step with ``train.core: packed`` (``magdi.core``): each MAG
+prompt once, followed by its unique chains under a block attention mask (packs share rows where they fit),
+so every unique token goes through the LM once; L_ntp projects only the scored positions, in chunks. It is
+also measured under bf16 autocast with fp32 weights and with bf16 frozen weights (fp32 LoRA/heads/AdamW).
+
+"fused" is the previous core (``train.core: fused``): ``encode_step`` (each unique (prompt, chain) of the
 step once, right-padded), one LM pass, vocab logits only for positive rows, the pooled hidden states
 reused for L_contrastive and L_graph (``MagdiStudent.forward``), then backward, gradient clipping and an
 AdamW step.
