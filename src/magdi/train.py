@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from .config import TASK_TYPES, TrainCfg
+from .core import PackedEncoded, encode_packed, lm_hidden, ntp_from_hidden
 from .losses import (
     ScoreHead,
     graph_node_loss,
@@ -122,6 +123,10 @@ class Encoded:
     node_rows: list[list[int]]
     n_tokens: int
 
+    def to(self, device) -> Encoded:
+        return Encoded(self.input_ids.to(device), self.attention_mask.to(device), self.labels.to(device),
+                       self.chain_mask.to(device), self.node_rows, self.n_tokens)
+
 
 def encode_step(items: Sequence[TrainItem], tokenizer, max_prompt: int, max_target: int) -> Encoded:
     """Tokenise each unique (prompt, chain) once; right-pad (pooling is padding-invariant)."""
@@ -151,6 +156,13 @@ def encode_step(items: Sequence[TrainItem], tokenizer, max_prompt: int, max_targ
         att[i, :n] = 1
         lab[i, len(p) : n] = torch.tensor(t)
     return Encoded(ids, att, lab, (lab != -100).long(), node_rows, int(att.sum()))
+
+
+def encode_batch(items: Sequence[TrainItem], tokenizer, cfg: TrainCfg) -> Encoded | PackedEncoded:
+    """The step's LM input for ``train.core``: one row per (prompt, chain), or one pack per prompt."""
+    if cfg.core == "packed":
+        return encode_packed(items, tokenizer, cfg.max_prompt_tokens, cfg.max_target_tokens)
+    return encode_step(items, tokenizer, cfg.max_prompt_tokens, cfg.max_target_tokens)
 
 
 def plan_steps(items: Sequence[TrainItem], per_step: int, seed: int, epoch: int,
@@ -211,7 +223,7 @@ def enable_gradient_checkpointing(lm: nn.Module) -> None:
 
 def _row_keys(enc: Encoded, items: Sequence[TrainItem]) -> list[tuple[str, str]]:
     """The (prompt, chain) text behind each encoded row: the key of the frozen-representation cache."""
-    keys: list[tuple[str, str] | None] = [None] * enc.input_ids.shape[0]
+    keys: list[tuple[str, str] | None] = [None] * enc.chain_mask.shape[0]  # row view (fused or packed)
     for it, rows in zip(items, enc.node_rows, strict=True):
         for t, r in zip(it.targets, rows, strict=True):
             keys[r] = (it.prompt, t)
@@ -242,12 +254,14 @@ class MagdiStudent(nn.Module):
 
     def forward(self, enc: Encoded, items: Sequence[TrainItem], step_seed: int) -> dict[str, torch.Tensor]:
         decoder, lm_head = self._backbone()
-        hidden = decoder(input_ids=enc.input_ids, attention_mask=enc.attention_mask).last_hidden_state
+        hidden = lm_hidden(decoder, enc)  # fused rows or the packed core's row view (magdi.core)
         labels_flat = [lab for it in items for lab in it.labels]
         rows_flat = [r for rows in enc.node_rows for r in rows]
         # L_ntp: logits only for rows that are positive chains (the vocab projection is the costly part)
         pos_rows = sorted({r for r, y in zip(rows_flat, labels_flat, strict=True) if y == 1})
-        if pos_rows:
+        if pos_rows and self.cfg.core == "packed":  # only scored positions, in vocab chunks
+            l_ntp = ntp_from_hidden(lm_head, hidden[pos_rows], enc.labels[pos_rows], self.cfg.ntp_chunk)
+        elif pos_rows:
             logits = lm_head(hidden[pos_rows])
             l_ntp = ntp_loss(logits, enc.labels[pos_rows], torch.ones(len(pos_rows), dtype=torch.bool))
         else:
@@ -299,7 +313,7 @@ class MagdiStudent(nn.Module):
         off = self.lm.disable_adapter() if hasattr(self.lm, "disable_adapter") else contextlib.nullcontext()
         with off:
             decoder, _ = self._backbone()
-            h = decoder(input_ids=enc.input_ids[todo], attention_mask=enc.attention_mask[todo]).last_hidden_state
+            h = lm_hidden(decoder, enc)[todo]  # row view for either core
         mask = enc.chain_mask[todo]
         pooled = position_weighted_mean(h, mask)
         keep_tokens = self.encoder is not None and self.encoder.takes_tokens
@@ -452,9 +466,7 @@ def train(
         torch.manual_seed(cfg.seed * 100003 + step)  # dropout masks independent of resume point
         idx = flat_steps[step][accel.process_index :: accel.num_processes] or flat_steps[step][:1]
         batch_items = [items[i] for i in idx]
-        enc = encode_step(batch_items, tokenizer, cfg.max_prompt_tokens, cfg.max_target_tokens)
-        enc = Encoded(enc.input_ids.to(accel.device), enc.attention_mask.to(accel.device),
-                      enc.labels.to(accel.device), enc.chain_mask.to(accel.device), enc.node_rows, enc.n_tokens)
+        enc = encode_batch(batch_items, tokenizer, cfg).to(accel.device)
         boundary = is_update_step(step, total, cfg.grad_accum)
         window = accumulation_window(step, total, cfg.grad_accum)
         with contextlib.nullcontext() if boundary else accel.no_sync(model):
@@ -467,7 +479,7 @@ def train(
             sched.step()
             opt.zero_grad()
         tokens += enc.n_tokens
-        uniq += enc.input_ids.shape[0]
+        uniq += enc.chain_mask.shape[0]  # unique (prompt, chain) sequences, either core
         history.append(rec)
         if log_fn:
             log_fn(rec)

@@ -1,0 +1,205 @@
+"""The LM pass of a training step: each unique token through the LM once (prefix sharing).
+
+The nodes of one MAG share the question prompt. The ``fused`` core (``train.encode_step``) runs every
+unique (prompt, chain) as its own row, so a MAG with k unique chains sends its prompt through the LM k
+times. The ``packed`` core here packs one row per unique prompt: ``[prompt, chain_1, …, chain_k]`` with a
+block attention mask (a chain sees the prompt and, causally, itself; never another chain) and position ids
+that restart after the prompt for every chain. Every chain token then sees exactly the keys/values and
+positions it sees in its fused row, so the hidden states, losses and gradients are the same (up to float
+rounding; with LoRA dropout > 0 the prompt's dropout mask is drawn once per MAG instead of once per chain,
+an equally valid sample). A packed batch goes through ordinary layers with a 4D mask, so it also works
+under gradient checkpointing (a KV-cache prefix would be dropped by transformers' checkpointing wrapper).
+
+Packs of a step share rows where they fit (first-fit decreasing into rows as wide as the longest pack),
+so short MAGs are not padded to the longest one. After the pass, ``packed_hidden`` gathers a row view ``[R, 1 + C, D]``: column 0 is the last prompt
+position (it predicts the first chain token), columns 1… the chain. ``labels`` and ``chain_mask`` of
+``PackedEncoded`` use the same view, so ``MagdiStudent.forward`` treats both cores alike.
+
+``ntp_from_hidden`` projects onto the vocabulary only the positions that are scored, in chunks that are
+recomputed in backward: the ``[N, V]`` logits of a 49k vocabulary never exist all at once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.checkpoint import checkpoint
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class PackedEncoded:
+    """A step packed per unique prompt, plus the row view of every unique (prompt, chain)."""
+
+    input_ids: Tensor  # [N, L] rows of packs (a pack = a prompt, then its unique chains); right-padded
+    position_ids: Tensor  # [N, L] prompt 0..P-1, each chain P..P+C-1, padding 0
+    segments: Tensor  # [N, L] a step-wide id per prompt and per chain, -1 = padding
+    owners: Tensor  # [N, L] the segment id of the position's prompt (a prompt owns itself), -1 = padding
+    gather: Tensor  # [R, 1 + C] flat index (row * L + t) into the packed hidden states of each row-view cell
+    labels: Tensor  # [R, 1 + C] chain token ids, -100 in column 0 and on padding
+    chain_mask: Tensor  # [R, 1 + C] 1 on the chain's own tokens (pooling)
+    node_rows: list[list[int]]
+    n_tokens: int  # real tokens of the unique (prompt, chain) sequences (same count as the fused core)
+    lm_tokens: int  # real tokens actually through the LM (each prompt once)
+
+    def to(self, device) -> PackedEncoded:
+        return replace(self, **{k: getattr(self, k).to(device) for k in
+                                ("input_ids", "position_ids", "segments", "owners", "gather", "labels", "chain_mask")})
+
+
+def _first_fit(lengths: list[int], capacity: int) -> list[list[int]]:
+    """Bins of pack indices, longest first, each pack into the first row with room (first-fit decreasing):
+    rows are as wide as the longest pack, and shorter packs share rows instead of being padded."""
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for g in sorted(range(len(lengths)), key=lambda g: (-lengths[g], g)):
+        for r, free in enumerate(room):
+            if lengths[g] <= free:
+                rows[r].append(g)
+                room[r] -= lengths[g]
+                break
+        else:
+            rows.append([g])
+            room.append(capacity - lengths[g])
+    return rows
+
+
+def encode_packed(items: Sequence, tokenizer, max_prompt: int, max_target: int) -> PackedEncoded:
+    """Tokenise each unique prompt and each unique (prompt, chain) once, with ``encode_step``'s truncation."""
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    packs: dict[str, int] = {}
+    prompts: list[list[int]] = []
+    chains: list[list[list[int]]] = []  # per pack, its unique chains
+    rows: dict[tuple[str, str], int] = {}
+    row_at: list[tuple[int, int]] = []  # row-view row -> (pack, chain index in pack)
+    node_rows: list[list[int]] = []
+    for it in items:
+        if it.prompt not in packs:
+            p_ids = tokenizer(it.prompt, add_special_tokens=False)["input_ids"][-max_prompt:]
+            if not p_ids:
+                raise ValueError("packed core: an empty prompt has no position to predict the first chain token")
+            packs[it.prompt] = len(prompts)
+            prompts.append(p_ids)
+            chains.append([])
+        g = packs[it.prompt]
+        idx = []
+        for t in it.targets:
+            key = (it.prompt, t)
+            if key not in rows:
+                rows[key] = len(row_at)
+                row_at.append((g, len(chains[g])))
+                chains[g].append((tokenizer(t, add_special_tokens=False)["input_ids"] + eos)[:max_target])
+            idx.append(rows[key])
+        node_rows.append(idx)
+    lengths = [len(p) + sum(len(c) for c in cs) for p, cs in zip(prompts, chains, strict=True)]
+    width = max(lengths)
+    bins = _first_fit(lengths, width)
+    n_bins, n_rows = len(bins), len(row_at)
+    cmax = max(len(c) for cs in chains for c in cs)
+    ids = torch.full((n_bins, width), tokenizer.pad_token_id, dtype=torch.long)
+    pos = torch.zeros((n_bins, width), dtype=torch.long)
+    seg = torch.full((n_bins, width), -1, dtype=torch.long)
+    own = torch.full((n_bins, width), -1, dtype=torch.long)
+    gather = torch.zeros((n_rows, 1 + cmax), dtype=torch.long)
+    lab = torch.full((n_rows, 1 + cmax), IGNORE_INDEX, dtype=torch.long)
+    start: dict[tuple[int, int], int] = {}  # (pack, chain) -> flat index of its first token
+    last_prompt: dict[int, int] = {}  # pack -> flat index of its last prompt token
+    next_seg = 0
+    for b, members in enumerate(bins):
+        s = 0
+        for g in members:
+            p = prompts[g]
+            ids[b, s : s + len(p)] = torch.tensor(p)
+            pos[b, s : s + len(p)] = torch.arange(len(p))
+            seg[b, s : s + len(p)] = own[b, s : s + len(p)] = base = next_seg
+            last_prompt[g] = b * width + s + len(p) - 1
+            s, next_seg = s + len(p), next_seg + 1
+            for i, c in enumerate(chains[g]):
+                ids[b, s : s + len(c)] = torch.tensor(c)
+                pos[b, s : s + len(c)] = torch.arange(len(p), len(p) + len(c))
+                seg[b, s : s + len(c)] = next_seg
+                own[b, s : s + len(c)] = base
+                start[(g, i)] = b * width + s
+                s, next_seg = s + len(c), next_seg + 1
+    for r, (g, i) in enumerate(row_at):
+        c = chains[g][i]
+        gather[r, :] = last_prompt[g]  # column 0; padding cells keep any valid index (masked out)
+        gather[r, 1 : 1 + len(c)] = start[(g, i)] + torch.arange(len(c))
+        lab[r, 1 : 1 + len(c)] = torch.tensor(c)
+    n_tokens = sum(len(prompts[g]) + len(chains[g][i]) for g, i in row_at)
+    return PackedEncoded(ids, pos, seg, own, gather, lab, (lab != IGNORE_INDEX).long(), node_rows, n_tokens,
+                         int((seg >= 0).sum()))
+
+
+def block_mask(segments: Tensor, owners: Tensor, attn_implementation: str, dtype: torch.dtype) -> Tensor:
+    """``[N, 1, L, L]`` mask: causal, and a position sees only its own segment and its prompt.
+
+    So a prompt sees itself, a chain its prompt and itself, never another chain or another MAG's pack. A
+    padding position sees only itself (no fully masked query row, hence no NaN), and no real position sees a
+    padding one. Bool (True = attend) for SDPA, additive float for eager attention.
+    """
+    n = segments.shape[1]
+    causal = torch.ones(n, n, dtype=torch.bool, device=segments.device).tril()
+    q_seg, q_own, k_seg = segments[:, :, None], owners[:, :, None], segments[:, None, :]
+    allowed = causal & (q_seg >= 0) & (k_seg >= 0) & ((k_seg == q_seg) | (k_seg == q_own))
+    allowed |= torch.eye(n, dtype=torch.bool, device=segments.device)
+    allowed = allowed[:, None]
+    if attn_implementation == "sdpa":
+        return allowed
+    if attn_implementation == "eager":
+        return torch.zeros(allowed.shape, dtype=dtype, device=segments.device).masked_fill(
+            ~allowed, torch.finfo(dtype).min)
+    raise ValueError(f"train.core=packed supports sdpa/eager attention, not '{attn_implementation}' (use fused)")
+
+
+def packed_hidden(decoder, enc: PackedEncoded) -> Tensor:
+    """One pass over the packs; returns the row view ``[R, 1 + C, D]`` of the last hidden layer."""
+    impl = getattr(decoder.config, "_attn_implementation", None) or "eager"
+    dtype = decoder.get_input_embeddings().weight.dtype
+    if torch.is_autocast_enabled(enc.input_ids.device.type):
+        dtype = torch.get_autocast_dtype(enc.input_ids.device.type)
+    mask = block_mask(enc.segments, enc.owners, impl, dtype)
+    hidden = decoder(input_ids=enc.input_ids, attention_mask=mask, position_ids=enc.position_ids).last_hidden_state
+    return hidden.reshape(-1, hidden.shape[-1])[enc.gather]
+
+
+def lm_hidden(decoder, enc) -> Tensor:
+    """Last hidden layer per unique (prompt, chain) row for either core (fused rows or packed row view)."""
+    if isinstance(enc, PackedEncoded):
+        return packed_hidden(decoder, enc)
+    return decoder(input_ids=enc.input_ids, attention_mask=enc.attention_mask).last_hidden_state
+
+
+def _chunk_nll(lm_head, h: Tensor, y: Tensor) -> Tensor:
+    return F.cross_entropy(lm_head(h).float(), y, reduction="none")
+
+
+def ntp_from_hidden(lm_head, hidden: Tensor, labels: Tensor, chunk: int = 0) -> Tensor:
+    """L_ntp (``losses.ntp_loss`` with every row positive) from hidden states, projecting only scored positions.
+
+    Position t of a row predicts ``labels[:, t + 1]``; only positions whose next label is not -100 are
+    projected onto the vocabulary. With ``chunk`` > 0 the projection + cross-entropy runs ``chunk``
+    positions at a time under activation checkpointing, so at most ``[chunk, V]`` logits are alive in
+    forward or backward. Same value as ``ntp_loss(lm_head(hidden), labels, ones)``: token mean per row,
+    then mean over rows that have a target.
+    """
+    shift = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], IGNORE_INDEX)], dim=1)
+    sel = shift != IGNORE_INDEX
+    h, y = hidden[sel], shift[sel]
+    row = sel.nonzero()[:, 0]
+    if chunk and h.shape[0] > chunk:
+        parts = [checkpoint(_chunk_nll, lm_head, h[i : i + chunk], y[i : i + chunk], use_reentrant=False)
+                 for i in range(0, h.shape[0], chunk)]
+        nll = torch.cat(parts)
+    else:
+        nll = _chunk_nll(lm_head, h, y)
+    count = sel.sum(dim=1)
+    per_row = torch.zeros(labels.shape[0], dtype=nll.dtype, device=nll.device).index_add(0, row, nll)
+    per_row = per_row / count.clamp(min=1).to(nll.dtype)
+    use = count > 0
+    return (per_row * use.to(per_row.dtype)).sum() / use.sum().clamp(min=1).to(per_row.dtype) + hidden.sum() * 0
