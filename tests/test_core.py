@@ -220,6 +220,14 @@ def test_generation_dtype_is_used_by_generating_stages(monkeypatch, tmp_path) ->
     monkeypatch.setattr(magdi.student, "load_student", fake_load)
     with pytest.raises(RuntimeError, match="stop"):
         pipeline._student_generator(p, None)
+    # a local teacher on the student (no dtype of its own) loads lazily, on its first cache miss
+    from magdi.config import AgentCfg
+
+    agents_cfg = [AgentCfg(name="smol", backend="local", model="student"), AgentCfg(name="ref", backend="reference")]
+    p = p.model_copy(update={"teachers": p.teachers.model_copy(update={"agents": agents_cfg}),
+                             "paths": p.paths.model_copy(update={"cache_dir": str(tmp_path)})})
+    agents = pipeline.make_agents(p)
+    assert seen == ["bfloat16"]
     with pytest.raises(RuntimeError, match="stop"):
-        pipeline.make_agents(p)
+        agents[0].backend._ensure_loaded()
     assert seen == ["bfloat16", "bfloat16"]

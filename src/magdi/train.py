@@ -432,7 +432,13 @@ def train(
     from accelerate.utils import DistributedDataParallelKwargs
     from tqdm.auto import tqdm
 
+    from accelerate.state import AcceleratorState
+
     torch.manual_seed(cfg.seed)
+    # accelerate keeps one state per process and refuses a second Accelerator with another precision; a
+    # process that trains several runs (tests, one-process matrices) starts each from a clean state. The
+    # distributed (partial) state is kept: it belongs to the launcher.
+    AcceleratorState._reset_state()
     # accumulation is counted here, not by accelerate: its counter has no "last micro-step of the run"
     accel = Accelerator(mixed_precision="bf16" if cfg.bf16 else "no",
                         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
