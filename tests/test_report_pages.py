@@ -109,17 +109,23 @@ def test_mag_page_records_graph_and_filter_attributes() -> None:
 
 
 def test_mag_page_size_at_the_default_sizes_is_small() -> None:
-    """params.yaml sizes (n_train MAGs of len(agents) x (max_rounds + 1) nodes), each reasoning at its longest
-    (max_new_tokens tokens of ~8 characters, all of them '<' to make escaping as costly as possible)."""
+    """params.yaml sizes (n_train MAGs of len(agents) x (max_rounds + 1) nodes: every discussion runs all
+    rounds), each reasoning at its longest: max_new_tokens tokens of ~4 characters (English text in these
+    tokenizers; the real pages' sizes are listed in reports/README.md). Escaping cost is bounded separately:
+    an all-'<' reasoning costs 4 bytes a character plus a bounded per-node overhead."""
     p = yaml.safe_load((ROOT / "params.yaml").read_text())
     agents = [a["name"] for a in p["teachers"]["agents"]]
-    chars = 8 * max(a.get("max_new_tokens", 64) for a in p["teachers"]["agents"])
-    mags = [MAG(f"m{i}", "t", "Q" * 300, "yes", [Node(a, r, "<" * chars, "yes", 0.5, r % 2 == 0, 64)
-                                                 for r in range(p["teachers"]["max_rounds"] + 1) for a in agents])
-            for i in range(p["data"]["n_train"])]
-    size = len(mag_page("t", mags, "fc").encode())
+    chars = 4 * max(a.get("max_new_tokens", 64) for a in p["teachers"]["agents"])
+    rounds = range(p["teachers"]["max_rounds"] + 1)
+
+    def mags(text: str, n: int) -> list[MAG]:
+        return [MAG(f"m{i}", "t", "Q" * 300, "yes", [Node(a, r, text, "yes", 0.5, r % 2 == 0, 64)
+                                                     for r in rounds for a in agents]) for i in range(n)]
+
+    size = len(mag_page("t", mags("word " * (chars // 5), p["data"]["n_train"]), "fc").encode())
     assert size < 5 * 2**20
-    per_node = size / (len(mags) * len(mags[0].nodes))
+    hostile = mags("<" * chars, 8)
+    per_node = len(mag_page("t", hostile, "fc").encode()) / (len(hostile) * len(hostile[0].nodes))
     assert per_node < 4 * chars + 2000  # escaped text ('&lt;' = 4 bytes) plus a bounded per-node overhead
 
 

@@ -43,7 +43,12 @@ def test_stage_cli_rejects_unknown_choices_in_one_line(tmp_path: Path, argv: lis
 
 
 def test_check_run_accepts_what_params_can_resolve() -> None:
-    p = parse_params(_raw())
+    raw = _raw()  # the real params file, with agents and ablations fixed here so the test reads on its own
+    raw["teachers"]["agents"] = [{"name": "smol_careful", "backend": "local", "model": "student"},
+                                 {"name": "reference", "backend": "reference"}]
+    raw["data"]["benchmarks"] = ["strategyqa", "ecqa", "arc_challenge", "gsm8k", "math", "boolq", "svamp"]
+    raw["experiments"].update(methods=["magdi"], ablations={"magdi_frozen": {"node_repr": "frozen"}})
+    p = parse_params(raw)
     for task, method in [("gsm8k", "magdi"), ("gsm8k", "sit_reference"), ("strategyqa", "magdi_frozen"),
                          ("strategyqa", "scale_4"), ("multitask", "magdi_mt"), ("ecqa", "dss_mt")]:
         check_run(p, task, method)
