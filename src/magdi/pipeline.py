@@ -91,6 +91,7 @@ def assemble_models(p: Params) -> dict[str, str]:
     from .packaged import assemble, locate_chunk, part_packages
 
     out = {}
+    Path(p.paths.gguf_dir).mkdir(parents=True, exist_ok=True)  # a DVC output even when nothing is packaged
     for name in p.packaged_models_used():
         m = p.models[name]
         chunks = [locate_chunk(pkg, m.member, m.version) for pkg in part_packages(m.package, m.parts)]
