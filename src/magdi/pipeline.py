@@ -251,6 +251,21 @@ def _select_mags(p: Params, task: str, cfg) -> list:
     return out
 
 
+def truncation_stats(items, tok, max_prompt: int, max_target: int) -> dict[str, float]:
+    """Shares of unique prompts and training targets longer than the token limits (they are cut there).
+
+    The target count includes the EOS the encoder appends, exactly what ``max_target_tokens`` cuts.
+    """
+    prompts = {it.prompt for it in items}
+    targets = {t for it in items for t in it.targets}
+
+    def n_tok(text: str) -> int:
+        return len(tok(text, add_special_tokens=False)["input_ids"])
+
+    return {"prompts_truncated_fraction": sum(n_tok(x) > max_prompt for x in prompts) / max(1, len(prompts)),
+            "targets_truncated_fraction": sum(n_tok(x) + 1 > max_target for x in targets) / max(1, len(targets))}
+
+
 def stage_train(p: Params, task: str, method: str) -> dict:
     """Train one (task, method) run: LoRA adapter + metrics + loss curve, logged to MLflow."""
     import torch
@@ -277,7 +292,9 @@ def stage_train(p: Params, task: str, method: str) -> dict:
         summary = {"task": task, "method": method, "base_method": base, "n_mags": len(mags), "n_items": len(items),
                    "steps": res.steps, "tokens": res.tokens, "unique_sequences": res.n_unique_sequences,
                    "seconds": round(res.seconds, 2), "tokens_per_s": round(res.tokens / max(res.seconds, 1e-9), 1),
-                   "resumed_from": res.resumed_from,
+                   "resumed_from": res.resumed_from, "epochs": cfg.epochs,
+                   "updates": sum("grad_norm" in r for r in res.history),
+                   **truncation_stats(items, tok, cfg.max_prompt_tokens, cfg.max_target_tokens),
                    "final_loss": res.history[-1]["loss"] if res.history else None}
         mlf.log_metrics({k: float(v) for k, v in summary.items() if isinstance(v, int | float)})
     write_json(metrics_file(task, method, "train"), summary)

@@ -429,10 +429,9 @@ def train(
     ``stop_after`` ends the loop early after that many global steps (used by tests to simulate a kill).
     """
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
     from accelerate.utils import DistributedDataParallelKwargs
     from tqdm.auto import tqdm
-
-    from accelerate.state import AcceleratorState
 
     torch.manual_seed(cfg.seed)
     # accelerate keeps one state per process and refuses a second Accelerator with another precision; a
