@@ -48,6 +48,7 @@ TINY = {
         "ablations": {"magdi_fc": {"graph": "fc"}},
         "ood_tasks": ["svamp"],
         "self_consistency_methods": ["magdi"],
+        "multitask_methods": ["magdi_mt"],
     },
 }
 

@@ -272,7 +272,13 @@ class ExperimentsCfg(_Strict):
     self_consistency_methods: list[str] = Field(default_factory=list)
     #: tasks on which those methods are also decoded with self-consistency (empty: every evaluated task)
     self_consistency_tasks: list[str] = Field(default_factory=list)
-    multitask: bool = True
+    #: the multi-task run (Table 13, and Table 4's OOD column): ``[magdi_mt]``, or ``[]`` to skip it
+    #: (a list so that DVC can make the stage a matrix of zero or one run)
+    multitask_methods: list[Literal["magdi_mt"]] = Field(default_factory=lambda: ["magdi_mt"])
+
+    @property
+    def multitask(self) -> bool:
+        return bool(self.multitask_methods)
     #: MAGs per task for the data-scaling figure (Fig. 6), trained with method magdi on ablation_tasks
     data_scaling: list[int] = Field(default_factory=list)
 
