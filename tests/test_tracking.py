@@ -31,7 +31,7 @@ def test_evaluation_logs_its_predictions_to_mlflow(tmp_path: Path, monkeypatch: 
     (tmp_path / "data" / "strategyqa").mkdir(parents=True)
     (tmp_path / "data" / "strategyqa" / "test.jsonl").write_text("".join(json.dumps(e) + "\n" for e in examples))
 
-    def fake_generator(prompts, max_new_tokens, temperature, top_p, seed, num_samples=1):
+    def fake_generator(prompts, max_new_tokens, temperature, top_p, seed, num_samples=1, top_k=0):
         return [Generation("The answer is yes.", 5) for _ in prompts for _ in range(num_samples)]
 
     monkeypatch.setattr(pl, "_student_generator", lambda params, adapter: (fake_generator, None))
