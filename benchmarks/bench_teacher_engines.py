@@ -60,12 +60,10 @@ import json, resource, sys, time, torch
 sys.path.insert(0, 'src')
 from magdi.config import load_params
 from magdi.pipeline import model_source
-from magdi.student import chat_prompt, generate, load_source
+from magdi.student import chat_prompt, generate, load_source, ready_for_generation
 from magdi.discussion import RESPONSE_PREFIX
 p = load_params()
-lm, tok = load_source(model_source(p, {model!r}), {dtype!r})
-tok.padding_side = 'left'; tok.pad_token = tok.pad_token or tok.eos_token
-lm.generation_config.pad_token_id = tok.pad_token_id
+lm, tok = ready_for_generation(*load_source(model_source(p, {model!r}), {dtype!r}))
 msgs = json.loads(sys.stdin.read())
 prompts = [chat_prompt(tok, m) + RESPONSE_PREFIX for m in msgs]
 t = time.perf_counter(); n = 0

@@ -200,11 +200,15 @@ def test_vllm_generator_contract(monkeypatch, tiny_tokenizer, tmp_path) -> None:
 
 def test_truncation_stats_counts_what_the_limits_cut() -> None:
     """Hand count with a whitespace 'tokenizer': targets get one EOS on top, prompts are counted as they are."""
-    from magdi.pipeline import truncation_stats
-    from magdi.train import TrainItem
+    from magdi.train import TrainItem, truncation_stats
 
-    def tok(text, add_special_tokens=False):
-        return {"input_ids": text.split()}
+    class Tok:  # whitespace "tokenizer" with an EOS id, as the encoders see it
+        eos_token_id = 0
+
+        def __call__(self, text, add_special_tokens=False):
+            return {"input_ids": text.split()}
+
+    tok = Tok()
 
     items = [TrainItem("p one two", ["a b", "a b c"], [1, 0]), TrainItem("p", ["a b c d", "a b"], [1, 1])]
     # unique targets: "a b" (2+1), "a b c" (3+1), "a b c d" (4+1) against 4 -> 1 of 3 cut; prompts 3 and 1 vs 2

@@ -98,3 +98,17 @@ def test_prefill_is_added_when_a_server_returns_only_the_continuation(tmp_path, 
     out = b.generate([[{"role": "user", "content": "Q?"}]], 0.5, 0.9, 64, 1)
     b.close()
     assert out[0]["text"] == PREFIX + 'Q?", "answer": "42", "confidence": 0.9}'
+
+
+def test_restarts_register_one_exit_handler(tmp_path, fake_bin, monkeypatch):
+    """A server restarted after it stopped (e.g. between build_mags chunks) registers close() at exit once."""
+    import atexit
+
+    calls = []
+    monkeypatch.setattr(atexit, "register", lambda fn: calls.append(fn))
+    b = _backend(tmp_path, fake_bin)
+    for _ in range(2):
+        b.server.ensure()
+        assert b.server.running
+        b.server.close()
+    assert calls == [b.server.close]

@@ -49,8 +49,12 @@ TINY = {
         "ood_tasks": ["svamp"],
         "self_consistency_methods": ["magdi"],
         "multitask_methods": ["magdi_mt"],
+        "scaling_students": ["smol_b"],
+        "scaling_tasks": ["gsm8k"],
     },
 }
+# a second student for the scaling stages: the same pinned package under another name (no extra download)
+TINY["models"] = {"smol_b": {**yaml.safe_load((ROOT / "params.yaml").read_text())["models"]["smollm2_135m"]}}
 
 
 def _merge(base: dict, over: dict) -> dict:
@@ -108,9 +112,17 @@ def test_dvc_repro_tiny(tmp_path: Path) -> None:
         assert (reports / name).exists(), name
     # paired tests on the same 3 test questions: magdi vs zero_shot and vs magdi_r0 (the level below) per task
     sig = list(csv.DictReader((reports / "significance.csv").open()))
-    assert {(r["task"], r["method_b"]) for r in sig} == {(t, m) for t in ("strategyqa", "gsm8k")
-                                                         for m in ("zero_shot", "magdi_r0")}
-    assert all(r["method_a"] == "magdi" and r["n"] == "3" for r in sig)
+    assert {(r["task"], r["method_a"], r["method_b"]) for r in sig} == {
+        *((t, "magdi", m) for t in ("strategyqa", "gsm8k") for m in ("zero_shot", "magdi_r0")),
+        ("gsm8k", "magdi@smol_b", "zero_shot@smol_b")}
+    assert all(r["n"] == "3" for r in sig)
+    # student scaling: the second student ran zero-shot and MAGDi on the scaling task, from its own folder
+    assert (work / "runs/train/gsm8k/magdi@smol_b/adapter/adapter_model.safetensors").exists()
+    scal = json.loads((work / "metrics/eval/magdi@smol_b/gsm8k.json").read_text())
+    assert scal["student"] == "smol_b" and scal["student_parameters"] > 1e8
+    assert json.loads((work / "metrics/eval/zero_shot@smol_b/gsm8k.json").read_text())["student"] == "smol_b"
+    t7 = [r for r in csv.DictReader((reports / "table7_student_scaling.csv").open()) if r["source"] == "ours"]
+    assert {r["student"] for r in t7} == {"smollm2_135m", "smol_b"} and len(t7) == 4
     assert (reports / "mags/strategyqa.html").read_text().count('class="node"') >= 3 * 2  # 3 MAGs x 2 agents
     from magdi.report import OURS
 

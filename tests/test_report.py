@@ -194,7 +194,7 @@ def test_build_report_tables_and_figures(tree: tuple[Path, Path], tmp_path: Path
     t13 = _md_rows((out / "table13_multitask.md").read_text())
     assert t13["magdi_mt (one multi-task model)"][0].startswith("45.8")
     t7 = (out / "table7_student_scaling.md").read_text()
-    assert "student.model" in t7
+    assert "no other student in experiments.scaling_students" in t7
 
     readme = (out / "README.md").read_text()
     assert "test_profile" in readme and "n_test=" in readme and "reference only" in readme
@@ -303,3 +303,47 @@ def test_significance_without_predictions_writes_the_header(tmp_path: Path) -> N
     build_report(_params(), out, tmp_path / "m", tmp_path / "g", tmp_path / "r")
     assert (out / "significance.csv").read_text().startswith("task,method_a,method_b,n,acc_a,acc_b,diff,")
     assert "no comparison possible" in (out / "significance.md").read_text()
+
+
+# ----------------------------------------------------------------------------- student scaling (Table 7 / Fig. 5)
+
+
+def test_student_scaling_table_figure_and_significance(tmp_path: Path) -> None:
+    """A second student (experiments.scaling_students) gets its own rows, ordered by size, and its own paired
+    MAGDi − zero-shot comparison; the main student keeps its pair from the Table 1 comparisons."""
+    raw = _params().model_dump()
+    raw["experiments"].update({"scaling_students": ["big_student"], "scaling_tasks": ["strategyqa"]})
+    raw["student"]["model"] = "smollm2_135m"
+    p = parse_params(raw)
+    metrics, runs = tmp_path / "metrics", tmp_path / "runs"
+    # big student: MAGDi right on q0..q7, zero-shot on q0, q1 -> +60 points, 6 discordant, p = 2 / 2^6
+    right = {"zero_shot": ({0, 1}, 135e6), "magdi": ({0, 1, 2}, 135e6),
+             "zero_shot@big_student": ({0, 1}, 630e6), "magdi@big_student": (set(range(8)), 630e6)}
+    for meth, (ok, size) in right.items():
+        acc = len(ok) / 10
+        _write(metrics / "eval" / meth / "strategyqa.json",
+               {**_ev(acc, acc - 0.1, acc + 0.1, 10.0), "n": 10, "student_parameters": int(size)})
+        f = runs / "eval" / ("base" if meth.startswith("zero_shot") else "strategyqa") / meth / "predictions_strategyqa.jsonl"
+        f.parent.mkdir(parents=True, exist_ok=True)
+        f.write_text("".join(json.dumps(r) + "\n" for r in _pred_rows(ok)))
+    out = tmp_path / "reports"
+    build_report(p, out, metrics, tmp_path / "mags", runs)
+    rows = _md_rows((out / "table7_student_scaling.md").read_text())
+    labels = list(rows)
+    assert labels[1:5] == ["smollm2_135m (135M) · No Teacher", "smollm2_135m (135M) · MAGDi",
+                           "big_student (630M) · No Teacher", "big_student (630M) · MAGDi"]
+    assert rows["big_student (630M) · MAGDi"][0] == "80.0 [70.0, 90.0]"
+    assert rows["big_student (630M) · MAGDi"][1] == DASH  # gsm8k is not a scaling task
+    md = (out / "table7_student_scaling.md").read_text()
+    diff = {ln.split("|")[1].strip(): ln.split("|")[2].strip() for ln in md.split("MAGDi − No Teacher")[1]
+            .split("## paper")[0].splitlines() if ln.startswith("| ") and "(" in ln}
+    assert diff["big_student (630M)"] == "+60.0 [+30.0, +90.0] p=0.0312 *"
+    assert diff["smollm2_135m (135M)"].startswith("+10.0 [") and diff["smollm2_135m (135M)"].endswith("p=1")
+    df = pd.read_csv(out / "significance.csv")
+    big = df[df["method_a"] == "magdi@big_student"].iloc[0]
+    assert (big.method_b, big.task, big["diff"], big.p_mcnemar) == ("zero_shot@big_student", "strategyqa", 60.0,
+                                                                pytest.approx(0.03125))
+    csv7 = pd.read_csv(out / "table7_student_scaling.csv")
+    ours = csv7[csv7["source"] == "ours"]
+    assert list(ours["student_parameters"]) == [135000000, 135000000, 630000000, 630000000]
+    assert (out / "fig5_student_scaling.png").stat().st_size > 10_000

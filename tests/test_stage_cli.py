@@ -25,7 +25,9 @@ def _raw() -> dict:
     [(["stages/train.py", "--task", "gsm9k", "--method", "magdi"], "--task 'gsm9k'"),
      (["stages/train.py", "--task", "gsm8k", "--method", "magdi_xl"], "--method 'magdi_xl'"),
      (["stages/evaluate.py", "--task", "gsm8k", "--method", "nope"], "--method 'nope'"),
-     (["stages/build_mags.py", "--task", "mmlu"], "--task 'mmlu'")],
+     (["stages/build_mags.py", "--task", "mmlu"], "--task 'mmlu'"),
+     (["stages/train.py", "--task", "gsm8k", "--method", "magdi", "--student", "gpt9"], "--student 'gpt9'"),
+     (["stages/evaluate.py", "--zero-shot", "--student", "gpt9"], "--student 'gpt9'")],
 )
 def test_stage_cli_rejects_unknown_choices_in_one_line(tmp_path: Path, argv: list[str], needle: str) -> None:
     raw = _raw()
@@ -39,7 +41,7 @@ def test_stage_cli_rejects_unknown_choices_in_one_line(tmp_path: Path, argv: lis
     assert res.returncode == 2, res.stderr
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], res.stderr
-    assert "valid:" in lines[0] and "Traceback" not in res.stderr
+    assert ("valid:" in lines[0] or "scaling_students" in lines[0]) and "Traceback" not in res.stderr
 
 
 def test_check_run_accepts_what_params_can_resolve() -> None:
@@ -60,3 +62,47 @@ def test_check_run_accepts_what_params_can_resolve() -> None:
         check_run(p, "gsm9k", "magdi")
     with pytest.raises(ConfigError, match="goes with"):
         check_run(p, "multitask", "magdi")
+
+
+# ----------------------------------------------------------------------------- student scaling params
+
+
+def _scaling(students: list[str], tasks: list[str]) -> dict:
+    raw = _raw()
+    raw["experiments"].update(scaling_students=students, scaling_tasks=tasks)
+    return raw
+
+
+def test_scaling_student_params_resolve_to_their_own_folder_and_run_names() -> None:
+    from magdi.pipeline import eval_train_task, run_name
+
+    task = _raw()["experiments"]["tasks"][0]
+    p = parse_params(_scaling(["qwen_coder_0_5b"], [task]))
+    q = p.for_student("qwen_coder_0_5b")
+    assert (q.student.model, q.paths.student_dir) == ("qwen_coder_0_5b", "models/students/qwen_coder_0_5b")
+    assert (p.student.model, p.paths.student_dir) == (_raw()["student"]["model"], "models/student")  # unchanged
+    assert q.train == p.train and q.evaluate == p.evaluate  # same recipe as the main student
+    assert p.for_student(None) is p
+    assert "qwen_coder_0_5b" in p.packaged_models_used()
+    assert (run_name("magdi"), run_name("magdi", "qwen_coder_0_5b")) == ("magdi", "magdi@qwen_coder_0_5b")
+    assert eval_train_task("zero_shot@qwen_coder_0_5b", task) == "base"
+    assert eval_train_task("magdi@qwen_coder_0_5b", task) == task
+    with pytest.raises(ConfigError, match="--student 'gpt9' is not in experiments.scaling_students"):
+        p.for_student("gpt9")
+
+
+@pytest.mark.parametrize(
+    ("students", "tasks", "needle"),
+    [(["qwen_coder_0_5b"], ["math"], "experiments.scaling_tasks.0: 'math' is not in experiments.tasks"),
+     (["qwen_coder_0_5b"], [], "experiments.scaling_tasks: empty"),
+     (["smollm2_135m"], ["gsm8k"], "experiments.scaling_students.0: 'smollm2_135m' is the main student"),
+     (["meta-llama/Llama-2-7b-chat-hf"], ["gsm8k"], "experiments.scaling_students.0: 'meta-llama/Llama-2-7b"),
+     (["a", "a"], ["gsm8k"], "experiments.scaling_students: listed twice")],
+)
+def test_scaling_params_errors_name_the_key(students: list[str], tasks: list[str], needle: str) -> None:
+    raw = _scaling(students, tasks)
+    raw["experiments"]["tasks"] = ["gsm8k", "svamp"]
+    raw["student"]["model"] = "smollm2_135m"
+    with pytest.raises(ConfigError) as e:
+        parse_params(raw)
+    assert needle in str(e.value)

@@ -355,6 +355,27 @@ def test_frozen_reps_come_from_the_base_model(make_lm, tiny_tokenizer, encoder: 
     assert torch.equal(r1[enc1.node_rows[0]], r_frozen[enc.node_rows[1]])
 
 
+def test_frozen_cache_runs_the_base_model_on_new_fused_rows_only(make_lm, tiny_tokenizer) -> None:
+    """Fused core: a step whose rows are partly cached sends only the new rows through the base model, and
+    they get the same values as in a full pass (rows are independent there)."""
+    lm = make_lm()
+    items = _items(tiny_tokenizer)
+    enc = encode_step(items, tiny_tokenizer, 32, 16)
+    full = MagdiStudent(lm, method_spec("magdi"), _cfg(node_repr="frozen", core="fused"))
+    r_full, _, _ = full._graph_inputs(None, None, enc, items)
+    part = MagdiStudent(lm, method_spec("magdi"), _cfg(node_repr="frozen", core="fused"))
+    one = [items[0]]
+    part._graph_inputs(None, None, encode_step(one, tiny_tokenizer, 32, 16), one)
+    seen = []
+    hook = part._backbone()[0].register_forward_hook(lambda m, a, kw, out: seen.append(kw["input_ids"].shape[0]),
+                                                     with_kwargs=True)
+    r_part, _, _ = part._graph_inputs(None, None, enc, items)
+    hook.remove()
+    new_rows = len({r for rows in enc.node_rows[1:] for r in rows} - set(enc.node_rows[0]))
+    assert seen == [new_rows] and new_rows < enc.input_ids.shape[0]
+    assert torch.allclose(r_part, r_full, atol=1e-5)
+
+
 # ============================================================================== train(): checkpoints and resume
 def _train_mags() -> list[MAG]:
     """6 tiny MAGs of different shapes (G0 all-correct, G1 mixed, an invalid node)."""

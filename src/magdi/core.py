@@ -69,9 +69,21 @@ def _first_fit(lengths: list[int], capacity: int) -> list[list[int]]:
     return rows
 
 
+def prompt_ids(tokenizer, prompt: str, max_prompt: int | None = None) -> list[int]:
+    """A node's prompt as the student reads it; a long prompt keeps its END (the question sits last)."""
+    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    return ids if max_prompt is None else ids[-max_prompt:]
+
+
+def target_ids(tokenizer, chain: str, max_target: int | None = None) -> list[int]:
+    """A chain as a training target: its tokens then EOS (the student learns to stop), cut at ``max_target``."""
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    ids = tokenizer(chain, add_special_tokens=False)["input_ids"] + eos
+    return ids if max_target is None else ids[:max_target]
+
+
 def encode_packed(items: Sequence, tokenizer, max_prompt: int, max_target: int) -> PackedEncoded:
     """Tokenise each unique prompt and each unique (prompt, chain) once, with ``encode_step``'s truncation."""
-    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     packs: dict[str, int] = {}
     prompts: list[list[int]] = []
     chains: list[list[list[int]]] = []  # per pack, its unique chains
@@ -80,7 +92,7 @@ def encode_packed(items: Sequence, tokenizer, max_prompt: int, max_target: int) 
     node_rows: list[list[int]] = []
     for it in items:
         if it.prompt not in packs:
-            p_ids = tokenizer(it.prompt, add_special_tokens=False)["input_ids"][-max_prompt:]
+            p_ids = prompt_ids(tokenizer, it.prompt, max_prompt)
             if not p_ids:
                 raise ValueError("packed core: an empty prompt has no position to predict the first chain token")
             packs[it.prompt] = len(prompts)
@@ -93,7 +105,7 @@ def encode_packed(items: Sequence, tokenizer, max_prompt: int, max_target: int) 
             if key not in rows:
                 rows[key] = len(row_at)
                 row_at.append((g, len(chains[g])))
-                chains[g].append((tokenizer(t, add_special_tokens=False)["input_ids"] + eos)[:max_target])
+                chains[g].append(target_ids(tokenizer, t, max_target))
             idx.append(rows[key])
         node_rows.append(idx)
     lengths = [len(p) + sum(len(c) for c in cs) for p, cs in zip(prompts, chains, strict=True)]

@@ -63,6 +63,7 @@ class LlamaServer:
         self.port = free_port()
         self._proc: subprocess.Popen | None = None
         self._lock = threading.Lock()
+        self._atexit = False  # close() registered once, however often the server is (re)started
 
     @property
     def base_url(self) -> str:
@@ -91,7 +92,9 @@ class LlamaServer:
             log.info("starting %s", " ".join(cmd))
             self._proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
             logf.close()
-            atexit.register(self.close)
+            if not self._atexit:
+                atexit.register(self.close)
+                self._atexit = True
             self._wait_ready()
 
     def _wait_ready(self) -> None:

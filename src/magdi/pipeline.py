@@ -148,16 +148,12 @@ def _safe(name: str) -> str:
 
 def _load_teacher(p: Params, model: str, dtype: str):
     """A local teacher in eval mode: the converted student, an assembled packaged GGUF, or a path / hub id."""
-    from .student import load_source, load_student
+    from .student import load_source, load_student, ready_for_generation
 
     if model == "student":
         lm, tok = load_student(p.paths.student_dir, dtype, p.student.trust_remote_code)
     else:
-        lm, tok = load_source(model_source(p, model), dtype, p.student.trust_remote_code)
-        if tok.pad_token is None:
-            tok.pad_token = tok.eos_token
-        tok.padding_side = "left"
-        lm.generation_config.pad_token_id = tok.pad_token_id
+        lm, tok = ready_for_generation(*load_source(model_source(p, model), dtype, p.student.trust_remote_code))
     return lm.eval(), tok
 
 
@@ -267,21 +263,6 @@ def _select_mags(p: Params, task: str, cfg) -> list:
     return out
 
 
-def truncation_stats(items, tok, max_prompt: int, max_target: int) -> dict[str, float]:
-    """Shares of unique prompts and training targets longer than the token limits (they are cut there).
-
-    The target count includes the EOS the encoder appends, exactly what ``max_target_tokens`` cuts.
-    """
-    prompts = {it.prompt for it in items}
-    targets = {t for it in items for t in it.targets}
-
-    def n_tok(text: str) -> int:
-        return len(tok(text, add_special_tokens=False)["input_ids"])
-
-    return {"prompts_truncated_fraction": sum(n_tok(x) > max_prompt for x in prompts) / max(1, len(prompts)),
-            "targets_truncated_fraction": sum(n_tok(x) + 1 > max_target for x in targets) / max(1, len(targets))}
-
-
 def stage_train(p: Params, task: str, method: str, student: str | None = None) -> dict:
     """Train one (task, method) run: LoRA adapter + metrics + loss curve, logged to MLflow.
 
@@ -291,7 +272,7 @@ def stage_train(p: Params, task: str, method: str, student: str | None = None) -
 
     from .student import attach_lora, load_student
     from .tracking import mlflow_run
-    from .train import build_items, method_spec, save_adapter, train
+    from .train import build_items, method_spec, save_adapter, train, truncation_stats
 
     _set_threads()
     base, cfg = p.train_for(method if method != MT_METHOD else "magdi")

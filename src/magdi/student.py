@@ -120,12 +120,18 @@ def load_student(path: str | Path, dtype: str = "float32", trust_remote_code: bo
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    tok.padding_side = "left"
     model = AutoModelForCausalLM.from_pretrained(
         str(path), dtype=_DTYPES[dtype], trust_remote_code=trust_remote_code
     )
+    return ready_for_generation(model, tok)
+
+
+def ready_for_generation(model, tok):
+    """Batched decoding needs left padding (every row's next token sits at the last position) and a pad id;
+    models without a pad token pad with EOS, which the attention mask hides."""
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "left"
     model.generation_config.pad_token_id = tok.pad_token_id
     return model, tok
 

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from .config import TASK_TYPES, TrainCfg
-from .core import PackedEncoded, encode_packed, lm_hidden, ntp_from_hidden
+from .core import PackedEncoded, encode_packed, lm_hidden, ntp_from_hidden, prompt_ids, target_ids
 from .losses import (
     ScoreHead,
     graph_node_loss,
@@ -133,14 +133,13 @@ def encode_step(items: Sequence[TrainItem], tokenizer, max_prompt: int, max_targ
     rows: dict[tuple[str, str], int] = {}
     seqs: list[tuple[list[int], list[int]]] = []
     node_rows: list[list[int]] = []
-    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     for it in items:
-        p_ids = tokenizer(it.prompt, add_special_tokens=False)["input_ids"][-max_prompt:]
+        p_ids = prompt_ids(tokenizer, it.prompt, max_prompt)
         idx = []
         for t in it.targets:
             key = (it.prompt, t)
             if key not in rows:
-                t_ids = (tokenizer(t, add_special_tokens=False)["input_ids"] + eos)[:max_target]
+                t_ids = target_ids(tokenizer, t, max_target)
                 rows[key] = len(seqs)
                 seqs.append((p_ids, t_ids))
             idx.append(rows[key])
@@ -156,6 +155,19 @@ def encode_step(items: Sequence[TrainItem], tokenizer, max_prompt: int, max_targ
         att[i, :n] = 1
         lab[i, len(p) : n] = torch.tensor(t)
     return Encoded(ids, att, lab, (lab != -100).long(), node_rows, int(att.sum()))
+
+
+def truncation_stats(items: Sequence[TrainItem], tokenizer, max_prompt: int, max_target: int) -> dict[str, float]:
+    """Shares of unique prompts and training targets that the encoders cut (target = chain + EOS, as encoded).
+
+    Counted over every item before training, so a resumed run reports the same numbers as an uninterrupted one.
+    """
+    prompts = {it.prompt for it in items}
+    targets = {t for it in items for t in it.targets}
+    return {"prompts_truncated_fraction":
+            sum(len(prompt_ids(tokenizer, x)) > max_prompt for x in prompts) / max(1, len(prompts)),
+            "targets_truncated_fraction":
+            sum(len(target_ids(tokenizer, x)) > max_target for x in targets) / max(1, len(targets))}
 
 
 def encode_batch(items: Sequence[TrainItem], tokenizer, cfg: TrainCfg) -> Encoded | PackedEncoded:
@@ -313,7 +325,12 @@ class MagdiStudent(nn.Module):
         off = self.lm.disable_adapter() if hasattr(self.lm, "disable_adapter") else contextlib.nullcontext()
         with off:
             decoder, _ = self._backbone()
-            h = lm_hidden(decoder, enc)[todo]  # row view for either core
+            if isinstance(enc, Encoded):  # fused rows are independent: run only the new ones
+                t = torch.tensor(todo, device=enc.input_ids.device)
+                h = lm_hidden(decoder, Encoded(enc.input_ids[t], enc.attention_mask[t], enc.labels[t],
+                                               enc.chain_mask[t], [], 0))
+            else:  # a pack holds several rows' prompt: the whole step goes through, then the new rows are kept
+                h = lm_hidden(decoder, enc)[todo]
         mask = enc.chain_mask[todo]
         pooled = position_weighted_mean(h, mask)
         keep_tokens = self.encoder is not None and self.encoder.takes_tokens

@@ -129,22 +129,35 @@ def fig4(ctx: Ctx, out: Path) -> Path:
 
 
 def fig5(ctx: Ctx, out: Path) -> Path:
+    """Accuracy vs student size, zero-shot and MAGDi, averaged over the tasks every student ran on."""
     path = out / "fig5_student_scaling.png"
-    z, _ = _avg_over(ctx, "zero_shot", "accuracy")
-    g, _ = _avg_over(ctx, "magdi", "accuracy")
-    title = f"Fig. 5: student scaling — only one student size available offline\n({ctx.student_name()})"
-    if z is None and g is None:
-        return _placeholder(path, title, "no zero_shot / magdi metrics yet")
+    runs = ctx.students()
+    common = [t for t in runs[0].tasks if all(t in r.tasks for r in runs)] if runs else []
+    title = "Fig. 5: student scaling"
+
+    def avg(method: str) -> float | None:
+        vals = [_num(m.get("accuracy")) for t in common if (m := ctx.m.eval(method, t))]
+        vals = [v for v in vals if v is not None]
+        return 100 * sum(vals) / len(vals) if len(vals) == len(common) and vals else None
+
+    pts = [(r, avg(r.zero_shot), avg(r.magdi)) for r in runs]
+    pts = [(r, z, g) for r, z, g in pts if r.parameters and (z is not None or g is not None)]
+    if not pts:
+        return _placeholder(path, title, "no zero_shot / magdi metrics with a student size yet")
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 4))
-    for val, lab, c in ((z, "No Teacher (zero-shot)", "C7"), (g, "MAGDi", "C0")):
-        if val is not None:
-            ax.scatter([0], [100 * val], color=c, s=60, label=lab, zorder=3)
-    ax.set_xticks([0], [ctx.student_name()])
-    ax.set_xlim(-1, 1)
+    xs = [r.parameters / 1e6 for r, _, _ in pts]
+    for i, lab, c in ((1, "No Teacher (zero-shot)", "C7"), (2, "MAGDi", "C0")):
+        ys = [p[i] for p in pts]
+        ax.plot([x for x, y in zip(xs, ys, strict=True) if y is not None], [y for y in ys if y is not None],
+                "o-", color=c, label=lab, zorder=3)
+    for (r, _, _), x in zip(pts, xs, strict=True):
+        ax.annotate(r.label, (x, 0), xycoords=("data", "axes fraction"), xytext=(0, 4), textcoords="offset points",
+                    ha="center", fontsize=7)
+    ax.set_xscale("log")
+    ax.set_xlabel("student parameters (millions)")
     ax.set_ylabel("average accuracy %")
-    ax.set_title(title + f"\navg over {', '.join(ctx.tasks)}; other sizes: set student.model to other hub ids",
-                 fontsize=8)
+    ax.set_title(f"{title}\navg over {', '.join(common)}", fontsize=9)
     return _save(fig, ax, path, legend_fontsize=8)
 
 

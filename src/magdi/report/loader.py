@@ -18,7 +18,7 @@ import yaml
 
 from ..config import Params
 from ..mag import MAG, read_mags
-from ..pipeline import MT_METHOD, eval_train_task, predictions_name
+from ..pipeline import MT_METHOD, eval_train_task, predictions_name, run_name
 from .format import _num
 
 
@@ -113,6 +113,18 @@ class Metrics:
 
 
 @dataclass
+class StudentRuns:
+    """One base model of the student-scaling comparison: its zero-shot and MAGDi run names, the tasks it
+    ran on, and its parameter count (from the evaluation metrics; ``None`` until it ran)."""
+
+    label: str
+    zero_shot: str
+    magdi: str
+    tasks: list[str]
+    parameters: int | None = None
+
+
+@dataclass
 class Ctx:
     params: Params
     m: Metrics
@@ -141,6 +153,19 @@ class Ctx:
         if self.params.experiments.multitask:
             out.append(MT_METHOD)
         return list(dict.fromkeys(out))
+
+    def students(self) -> list[StudentRuns]:
+        """The student-scaling runs (Table 7 / Fig. 5): the main student on every task, then each of
+        ``experiments.scaling_students`` on ``experiments.scaling_tasks``, ordered by parameter count."""
+        ex = self.params.experiments
+        out = [StudentRuns(self.student_name(), "zero_shot", "magdi", self.tasks)]
+        out += [StudentRuns(s, run_name("zero_shot", s), run_name("magdi", s), list(ex.scaling_tasks))
+                for s in ex.scaling_students]
+        for r in out:
+            for meth in (r.zero_shot, r.magdi):
+                sizes = [m.get("student_parameters") for t in r.tasks if (m := self.m.eval(meth, t))]
+                r.parameters = next((int(n) for n in sizes if isinstance(n, int | float)), r.parameters)
+        return sorted(out, key=lambda r: (r.parameters is None, r.parameters or 0))
 
     def student_name(self) -> str:
         name = self.params.student.model.split("/")[-1]

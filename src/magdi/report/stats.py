@@ -149,6 +149,12 @@ def significance(ctx: Ctx) -> list[Comparison]:
         present = [lv for lv in LEVELS if lv in have]
         for lower, upper in zip(present, present[1:], strict=False):
             add(upper, lower, "level vs the level below")
+    for r in ctx.students():
+        for t in r.tasks if r.magdi != MAGDI else []:  # the main student's pair is above
+            pa, pb = ctx.m.predictions(r.magdi, t), ctx.m.predictions(r.zero_shot, t)
+            if pa and pb and (c := compare(t, r.magdi, r.zero_shot, pa, pb, f"MAGDi vs zero-shot, student {r.label}",
+                                           ev.bootstrap_samples, ev.seed)):
+                out.append(c)
     ctx.cache["significance"] = out
     return out
 

@@ -24,7 +24,7 @@ from .format import (
     pct,
 )
 from .loader import Ctx
-from .stats import ALPHA, table1_marks
+from .stats import ALPHA, significance, table1_marks
 
 
 def _mark(cell: str, mark: str) -> str:
@@ -298,13 +298,31 @@ def table6(ctx: Ctx) -> Table:
                             "L_contrastive always use the live student."])
 
 
+def _params_label(n: int | None) -> str:
+    return DASH if n is None else f"{n / 1e6:.0f}M"
+
+
 def table7(ctx: Ctx) -> Table:
-    tasks, rows, recs = ctx.tasks, [], []
-    for meth, lab in (("zero_shot", "No Teacher"), ("magdi", "MAGDi")):
-        r, rec = _acc_row(ctx, meth, tasks, label=f"{ctx.student_name()} · {lab}")
-        rows.append(r)
-        recs.append({**rec, "student": ctx.params.student.model})
-    secs = [Section(["base · distilled", *tasks, "Avg"], rows, "accuracy % [95% CI]")]
+    """Student scaling: zero-shot and MAGDi per base model, and the paired MAGDi − zero-shot difference."""
+    runs = ctx.students()
+    tasks = list(dict.fromkeys(t for r in runs for t in r.tasks))
+    rows, recs, diffs = [], [], []
+    comps = {(c.task, c.method_a, c.method_b): c for c in significance(ctx)}
+    for r in runs:
+        size = _params_label(r.parameters)
+        for meth, lab in ((r.zero_shot, "No Teacher"), (r.magdi, "MAGDi")):
+            row, rec = _acc_row(ctx, meth, tasks, label=f"{r.label} ({size}) · {lab}")
+            rows.append(row)
+            recs.append({**rec, "student": r.label, "student_parameters": r.parameters})
+        cells = []
+        for t in tasks:
+            c = comps.get((t, r.magdi, r.zero_shot))
+            cells.append(DASH if c is None else f"{100 * c.diff:+.1f} [{100 * c.ci_low:+.1f}, {100 * c.ci_high:+.1f}] "
+                         f"p={c.p_mcnemar:.3g}" + (" *" if c.significant else ""))
+        diffs.append([f"{r.label} ({size})", *cells])
+    secs = [Section(["base · distilled", *tasks, "Avg"], rows, "accuracy % [95% CI]"),
+            Section(["base", *tasks], diffs, "MAGDi − No Teacher, points [paired 95% CI], McNemar p (* p < "
+                    f"{ALPHA})")]
     p = ctx.paper.get("table7_student_scaling", {})
     if p:
         cols: list[str] = []
@@ -317,12 +335,15 @@ def table7(ctx: Ctx) -> Table:
                 prow.append([f"{base} · {meth}", *(paper_num(v.get(c)) for c in cols)])
                 recs.append({"method": meth, "source": PAPER_LABEL, "student": base, **{c: v.get(c) for c in cols}})
         secs.append(Section(["base · distilled", *cols], prow, "Table 7, accuracy %", paper=True))
-    return Table("table7_student_scaling", "Table 7: student scaling", secs, recs,
-                 [f"Only one student is available offline ({ctx.params.student.model}), so this table has one "
-                  "base model. Other sizes need `student.model` set to other hub ids (e.g. "
-                  "meta-llama/Llama-2-7b-chat-hf, meta-llama/Llama-2-13b-chat-hf, "
-                  "mistralai/Mistral-7B-Instruct-v0.2) and network access; no numbers are filled in for them.",
-                  PARTIAL_NOTE, PAPER_NOTE])
+    ex = ctx.params.experiments
+    notes = [f"Base models: the main student ({ctx.student_name()}) on every task"
+             + (f"; {', '.join(ex.scaling_students)} (experiments.scaling_students) on "
+                f"{', '.join(ex.scaling_tasks)} (experiments.scaling_tasks)" if ex.scaling_students else
+                "; no other student in experiments.scaling_students")
+             + ". Every student is trained with the same `train` settings and the same MAGs, and evaluated on "
+             "the same test questions; sizes are parameter counts of the converted weights.",
+             PARTIAL_NOTE, PAPER_NOTE]
+    return Table("table7_student_scaling", "Table 7: student scaling", secs, recs, notes)
 
 
 def table9(ctx: Ctx) -> Table:
