@@ -281,7 +281,7 @@ class Server:
 
     def describe(self) -> dict:
         return {"pid": self.pid, "stages": str(self.stages), "preloaded": self.modules, "skipped": self.skipped,
-                "preload_s": round(self.preload_s, 3), "threads": self.threads}
+                "preload_s": round(self.preload_s, 3), "threads": self.threads, "threads_now": native_threads()}
 
     def _bind(self) -> socket.socket:
         _check_private_dir(self.path.parent)
