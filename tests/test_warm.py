@@ -33,7 +33,7 @@ from magdi import warm
 
 mode = sys.argv[1]
 print(json.dumps({"served": warm.in_server_child(), "argv": sys.argv, "cwd": os.getcwd(), "ppid": os.getppid(),
-                  "value": os.environ.get("PROBE_VALUE"), "socket": os.environ.get("MAGDI_WARM_SOCKET")}))
+                  "value": os.environ.get("PROBE_VALUE"), "by_import": os.environ.get("TORCH_WARM_PROBE"), "socket": os.environ.get("MAGDI_WARM_SOCKET")}))
 print("probe stderr", file=sys.stderr)
 if mode == "exit":
     sys.exit(int(sys.argv[2]))
@@ -60,10 +60,15 @@ def _env(**extra: str) -> dict[str, str]:
     return {**env, "PYTHONPATH": str(ROOT / "src"), **extra}
 
 
+def _probe_env(probe_dir: Path, **extra: str) -> dict[str, str]:
+    """With the probe's helper module on the path (a module that sets a variable when imported)."""
+    return _env(PYTHONPATH=os.pathsep.join([str(ROOT / "src"), str(probe_dir / "mods")]), **extra)
+
+
 class Served:
     """A running server: its process, socket path, stages dir and log file."""
 
-    def __init__(self, tmp: Path, preload: list[str], stages: Path | None = None):
+    def __init__(self, tmp: Path, preload: list[str], stages: Path | None = None, env: dict | None = None):
         self.dir = tmp / "sock"
         self.dir.mkdir(mode=0o700)
         self.path = str(self.dir / "s")
@@ -72,7 +77,7 @@ class Served:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "magdi.warm", "serve", "--socket", self.path, "--stages", str(self.stages),
              "--preload", *preload, "--verbose"],
-            env=_env(), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=self.log.open("w"))
+            env=env or _env(), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=self.log.open("w"))
         deadline = time.monotonic() + 60
         while warm.ping(self.path) is None:
             assert self.proc.poll() is None and time.monotonic() < deadline, self.log.read_text()
@@ -89,19 +94,23 @@ def probe_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (tmp / "stages").mkdir()
     (tmp / "stages" / "probe.py").write_text(PROBE)
     (tmp / "work").mkdir()
+    (tmp / "mods").mkdir()
+    (tmp / "mods" / "sets_env.py").write_text('import os\n\nos.environ["TORCH_WARM_PROBE"] = "set by import"\n')
     return tmp
 
 
 @pytest.fixture(scope="module")
 def server(probe_dir: Path) -> Iterator[Served]:
-    s = Served(probe_dir, ["json"])
+    s = Served(probe_dir, ["json", "sets_env"], env=_probe_env(probe_dir))
     yield s
     s.stop()
 
 
 def _probe(script: Path, *args: str, sock: str | None, cwd: Path, **env: str) -> tuple[int, dict, str]:
+    """Run the probe as a client; ``cwd`` is the probe fixture's dir or below it (its ``mods`` on the path)."""
+    home = next(d for d in (cwd, *cwd.parents) if (d / "mods").is_dir())
     extra = {warm.SOCKET_ENV: sock} if sock else {}
-    res = subprocess.run([sys.executable, str(script), *args], cwd=cwd, env=_env(**extra, **env),
+    res = subprocess.run([sys.executable, str(script), *args], cwd=cwd, env=_probe_env(home, **extra, **env),
                          capture_output=True, text=True, timeout=60)
     first = res.stdout.splitlines()[0] if res.stdout else "{}"
     return res.returncode, json.loads(first), res.stderr
@@ -115,6 +124,7 @@ def test_output_argv_cwd_and_environment_reach_the_child(server: Served, probe_d
     assert info["argv"][1:] == ["echo", "two words"]
     assert info["cwd"] == str(probe_dir / "work")
     assert info["value"] == "seen"
+    assert info["by_import"] == "set by import"  # the server's imports set it; a fresh process would too
     assert "probe stderr" in err  # the child's fd 2 is the client's stderr
 
 
@@ -183,7 +193,7 @@ def test_signal_or_death_of_the_client_stops_the_child(server: Served, probe_dir
                                                        sig: signal.Signals) -> None:
     pid_file = tmp_path / "pid"
     client = subprocess.Popen([sys.executable, str(probe_dir / "stages" / "probe.py"), "sleep", str(pid_file)],
-                              env=_env(**{warm.SOCKET_ENV: server.path}), stdout=subprocess.DEVNULL,
+                              env=_probe_env(probe_dir, **{warm.SOCKET_ENV: server.path}), stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL)
     child = _wait_pid_file(pid_file, client)
     assert child != client.pid

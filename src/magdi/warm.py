@@ -130,7 +130,8 @@ def _request(script: str) -> dict:
     import magdi
 
     return {"script": os.path.abspath(script), "argv": sys.argv, "cwd": os.getcwd(), "env": dict(os.environ),
-            "umask": umask, "python": os.path.realpath(sys.executable), "magdi": os.path.dirname(magdi.__file__)}
+            "umask": umask, "python": [os.path.realpath(sys.executable), sys.prefix],
+            "magdi": os.path.dirname(magdi.__file__)}
 
 
 def delegate(script: str) -> None:
@@ -251,6 +252,13 @@ def _import_env(env: dict[str, str]) -> dict[str, str]:
     return {k: v for k, v in env.items() if k.startswith(IMPORT_ENV_PREFIXES)}
 
 
+def _patched(env: dict[str, str], added: dict[str, str], removed: Sequence[str]) -> dict[str, str]:
+    out = {**env, **added}
+    for k in removed:
+        out.pop(k, None)
+    return out
+
+
 def _check_private_dir(d: Path) -> None:
     st = d.stat()
     if st.st_uid != os.getuid() or stat.S_IMODE(st.st_mode) & 0o077:
@@ -263,6 +271,8 @@ class Server:
     def __init__(self, socket_path: Path, stages_dir: Path, modules: Sequence[str], verbose: bool = False):
         self.path, self.stages = socket_path, stages_dir.resolve()
         self.verbose = verbose
+        start_env = dict(os.environ)
+        self.env = _import_env(start_env)  # what clients must match: the server's environment before imports
         t = time.perf_counter()
         self.modules, self.skipped = preload(modules)
         self.preload_s = time.perf_counter() - t
@@ -270,11 +280,13 @@ class Server:
             raise SystemExit(f"magdi.warm: the imports started Python threads {threading.enumerate()}")
         self.threads = native_threads()  # OpenBLAS/jemalloc pools: fork-aware, but must not grow
         self.files = _magdi_files()
-        self.env = _import_env(dict(os.environ))
+        # variables the imports set (torch sets TORCHINDUCTOR_CACHE_DIR): a fresh process would set them too
+        self.env_added = {k: v for k, v in os.environ.items() if start_env.get(k) != v}
+        self.env_removed = [k for k in start_env if k not in os.environ]
         import magdi
 
         self.magdi = os.path.dirname(magdi.__file__)
-        self.python = os.path.realpath(sys.executable)
+        self.python = [os.path.realpath(sys.executable), sys.prefix]  # interpreter and venv
         self.pid = os.getpid()
         self.running: dict[int, socket.socket | None] = {}  # child pid -> its client (None: gone)
         self.stopping = False
@@ -347,8 +359,8 @@ class Server:
             if why:
                 _send_msg(conn, {"error": why})
                 raise EOFError
-            job = Job(fds, req["script"], [str(a) for a in req["argv"]], str(req["cwd"]), req["env"],
-                      int(req["umask"]))
+            job = Job(fds, req["script"], [str(a) for a in req["argv"]], str(req["cwd"]),
+                      _patched(req["env"], self.env_added, self.env_removed), int(req["umask"]))
         except (OSError, EOFError, ValueError, KeyError, TypeError) as e:
             if self.verbose and not isinstance(e, EOFError):
                 print(f"magdi.warm: dropped a request: {e!r}", file=sys.stderr, flush=True)
