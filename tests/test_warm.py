@@ -43,6 +43,12 @@ if mode == "sleep":
     open(sys.argv[2] + ".tmp", "w").write(str(os.getpid()))
     os.replace(sys.argv[2] + ".tmp", sys.argv[2])
     time.sleep(60)
+if mode == "late":
+    import atexit, threading
+    atexit.register(print, "atexit ran")
+    threading.Thread(target=lambda: (time.sleep(0.3), print("thread done", flush=True))).start()
+    unclosed = open(sys.argv[2], "w")
+    unclosed.write("flushed at exit")
 if mode == "torch":
     import torch
 
@@ -137,6 +143,17 @@ def test_exit_codes_propagate(server: Served, probe_dir: Path, args: list[str], 
         assert "RuntimeError: probe failure" in err and "Traceback" in err
 
 
+def test_the_child_ends_like_an_interpreter(server: Served, probe_dir: Path, tmp_path: Path) -> None:
+    """Non-daemon threads are joined, then atexit handlers run; a file left open is flushed."""
+    res = subprocess.run([sys.executable, str(probe_dir / "stages" / "probe.py"), "late", str(tmp_path / "f")],
+                         cwd=probe_dir, env=_probe_env(probe_dir, **{warm.SOCKET_ENV: server.path}),
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout.splitlines()[0])["served"] is True
+    assert res.stdout.splitlines()[1:] == ["thread done", "atexit ran"]
+    assert (tmp_path / "f").read_text() == "flushed at exit"
+
+
 def test_fallback_when_the_socket_is_missing_or_stale(probe_dir: Path, tmp_path: Path) -> None:
     stale = tmp_path / "stale"
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -188,7 +205,7 @@ def _gone(pid: int, timeout: float = 10) -> bool:
     return False
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGKILL])
 def test_signal_or_death_of_the_client_stops_the_child(server: Served, probe_dir: Path, tmp_path: Path,
                                                        sig: signal.Signals) -> None:
     pid_file = tmp_path / "pid"
@@ -197,8 +214,8 @@ def test_signal_or_death_of_the_client_stops_the_child(server: Served, probe_dir
                               stderr=subprocess.DEVNULL)
     child = _wait_pid_file(pid_file, client)
     assert child != client.pid
-    client.send_signal(sig)  # SIGTERM is forwarded; SIGKILL: the server sees the connection close
-    assert client.wait(10) == -sig
+    client.send_signal(sig)  # SIGTERM, SIGINT are forwarded; SIGKILL: the server sees the connection close
+    assert client.wait(10) == -sig  # SIGINT: KeyboardInterrupt in the child, which then dies of SIGINT
     assert _gone(child)
 
 
