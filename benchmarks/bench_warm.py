@@ -8,7 +8,9 @@ two taking turns in every repeat so that load from other processes on the machin
   floor: interpreter start-up, ``magdi.config``, and for warm the socket round trip and the fork;
 - ``imports``: the libraries and modules a training/evaluation stage imports before it computes
   (torch, transformers, peft, mlflow, torch-geometric, ``magdi.pipeline``/``student``/``train``/...);
-- ``imports + student``: the same, then ``magdi.student.load_student`` (if ``--student`` exists).
+- ``imports + student``: the same, then ``magdi.student.load_student`` (if ``--student`` exists);
+- ``imports + student + MLflow run``: the same, then one MLflow run logging one metric to a SQLite store
+  (as ``tracking.mlflow_run`` does in every train/evaluate stage; the DB is created before the timing).
 
 The probe scripts are copied into a temp ``stages/`` directory (the server runs only scripts there) and
 run with the repository root as working directory. The server's own start (pre-imports, paid once per
@@ -55,6 +57,11 @@ from magdi import encoders, evaluate, student, tracking, train  # noqa: F401
 
 if len(sys.argv) > 1:
     student.load_student(sys.argv[1])
+if len(sys.argv) > 2:  # what every train/evaluate stage does: one MLflow run in the project's SQLite store
+    mlflow.set_tracking_uri(f"sqlite:///{sys.argv[2]}")
+    mlflow.set_experiment("bench_warm")
+    with mlflow.start_run():
+        mlflow.log_metric("x", 1.0)
 '''
 
 
@@ -93,6 +100,9 @@ def main(argv: list[str] | None = None) -> int:
         cases = {"report --help": [str(stages / "report.py"), "--help"], "imports": [str(stages / "probe.py")]}
         if a.student.exists():
             cases["imports + student"] = [str(stages / "probe.py"), str(a.student)]
+            db = tmp / "mlflow.db"
+            cases["imports + student + MLflow run"] = [str(stages / "probe.py"), str(a.student), str(db)]
+            timed([sys.executable, *cases["imports + student + MLflow run"]], env)  # creates the DB, untimed
         proc, server_s, info = start_server(sock, stages, env)
         try:
             times: dict[str, dict[str, list[float]]] = {c: {"cold": [], "warm": []} for c in cases}

@@ -64,7 +64,8 @@ from pathlib import Path
 
 SOCKET_ENV = "MAGDI_WARM_SOCKET"
 DEFAULT_PRELOAD = (
-    "torch", "transformers", "peft", "accelerate", "mlflow", "torch_geometric", "pandas",
+    "torch", "transformers", "peft", "accelerate", "mlflow", "mlflow.store.tracking.sqlalchemy_store",
+    "torch_geometric", "pandas",
     "magdi.config", "magdi.pipeline", "magdi.student", "magdi.train", "magdi.evaluate", "magdi.tracking",
     "magdi.mag", "magdi.data", "magdi.discussion", "magdi.encoders", "magdi.losses", "magdi.report",
 )
