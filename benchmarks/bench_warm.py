@@ -16,14 +16,13 @@ The probe scripts are copied into a temp ``stages/`` directory (the server runs 
 run with the repository root as working directory. The server's own start (pre-imports, paid once per
 ``make repro``) is timed too.
 
-    .venv/bin/python benchmarks/bench_warm.py          # -> reports/benchmark_warm.md (+ .json)
+    .venv/bin/python benchmarks/bench_warm.py          # -> reports/benchmark_warm.md
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import os
 import platform
 import shutil
@@ -122,7 +121,6 @@ def main(argv: list[str] | None = None) -> int:
               "threads_after_imports": info["threads"], "threads_after_runs": after and after["threads_now"],
               "repeats": a.repeats, "times": times}
     a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
     a.out.write_text(render(result))
     print(a.out.read_text())
     return 0
