@@ -386,8 +386,9 @@ class Server:
             os.close(fd)
         try:
             _send_msg(conn, {"pid": pid})
-        except OSError:
-            os.killpg(pid, signal.SIGTERM)
+        except OSError:  # the client is gone already
+            with contextlib.suppress(OSError):
+                os.killpg(pid, signal.SIGTERM)
         self.running[pid] = conn
         if self.verbose:
             print(f"magdi.warm: {pid} runs {job.argv}", file=sys.stderr, flush=True)
@@ -416,6 +417,7 @@ class Server:
         wake_r, wake_w = os.pipe()
         os.set_blocking(wake_w, False)
         os.set_blocking(wake_r, False)
+
         def stop(_s: int, _f: object) -> None:
             self.stopping = True
 
