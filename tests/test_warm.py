@@ -179,6 +179,14 @@ def test_script_outside_the_stages_dir_is_refused(server: Served, probe_dir: Pat
         link.unlink()
 
 
+def test_other_interpreter_flags_fall_back(server: Served, probe_dir: Path) -> None:
+    res = subprocess.run([sys.executable, "-X", "dev", str(probe_dir / "stages" / "probe.py"), "exit", "0"],
+                         cwd=probe_dir, env=_probe_env(probe_dir, **{warm.SOCKET_ENV: server.path}),
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0 and json.loads(res.stdout.splitlines()[0])["served"] is False
+    assert "flags" in res.stderr
+
+
 def test_import_time_environment_difference_falls_back(server: Served, probe_dir: Path) -> None:
     rc, info, err = _probe(probe_dir / "stages" / "probe.py", "exit", "0", sock=server.path, cwd=probe_dir,
                            HF_HUB_OFFLINE="differs")
@@ -217,6 +225,18 @@ def test_signal_or_death_of_the_client_stops_the_child(server: Served, probe_dir
     client.send_signal(sig)  # SIGTERM, SIGINT are forwarded; SIGKILL: the server sees the connection close
     assert client.wait(10) == -sig  # SIGINT: KeyboardInterrupt in the child, which then dies of SIGINT
     assert _gone(child)
+
+
+def test_server_refuses_to_start_when_its_imports_left_a_thread(probe_dir: Path, tmp_path: Path) -> None:
+    (tmp_path / "mods").mkdir()
+    (tmp_path / "mods" / "starts_thread.py").write_text(
+        "import threading, time\n\nthreading.Thread(target=time.sleep, args=(60,), daemon=True).start()\n")
+    (tmp_path / "sock").mkdir(mode=0o700)
+    res = subprocess.run([sys.executable, "-m", "magdi.warm", "serve", "--socket", str(tmp_path / "sock" / "s"),
+                          "--stages", str(probe_dir / "stages"), "--preload", "starts_thread"],
+                         env=_probe_env(tmp_path), capture_output=True, text=True, timeout=60)
+    assert res.returncode == 1 and "Python threads are running" in res.stderr
+    assert not (tmp_path / "sock" / "s").exists()
 
 
 def test_run_wraps_a_command_and_removes_its_socket(probe_dir: Path) -> None:

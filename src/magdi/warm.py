@@ -24,9 +24,12 @@ Why the rules below:
   so no OpenMP/intra-op pool exists in the parent (the child sizes it via ``torch.set_num_threads``).
   Native threads some libraries start at load (OpenBLAS of numpy/scipy, pyarrow's jemalloc) register
   ``pthread_atfork`` handlers; the server records their number after the imports and refuses to fork
-  (client falls back) if a Python thread exists or the native count grew.
+  (client falls back) if a Python thread exists, the native count grew or CUDA was initialised.
+  Pre-imported objects are ``gc.freeze()``-d so the children's collections do not copy their pages, and a
+  child ends without the module teardown (``exit_child``), which in a fork copied every inherited page.
 * Same code, same import-time settings: a request is refused (client falls back) when a ``magdi`` module
-  the server imported changed on disk, when the client's interpreter or ``magdi`` package differs, or when
+  the server imported changed on disk, when the client's interpreter, venv, flags (-u, -X, -W ...) or
+  ``magdi`` package differ, or when
   an environment variable read at import time (``IMPORT_ENV_PREFIXES``: HF_*, TORCH*, OMP_*, PYTHON*, ...)
   differs from the server's.
 * Security: the socket is 0600 inside a directory only its owner may enter, the peer's uid (SO_PEERCRED)
@@ -127,13 +130,19 @@ def _connect(path: str, timeout: float | None = None) -> socket.socket:
 # ----------------------------------------------------------------------------- client
 
 
+def _interpreter() -> list:
+    """Interpreter, venv and command-line flags (-u, -O, -W, -X ...): a child inherits the server's."""
+    return json.loads(json.dumps([os.path.realpath(sys.executable), sys.prefix, list(sys.flags),
+                                  sys.warnoptions, sys._xoptions]))
+
+
 def _request(script: str) -> dict:
     umask = os.umask(0o022)
     os.umask(umask)
     import magdi
 
     return {"script": os.path.abspath(script), "argv": sys.argv, "cwd": os.getcwd(), "env": dict(os.environ),
-            "umask": umask, "python": [os.path.realpath(sys.executable), sys.prefix],
+            "umask": umask, "python": _interpreter(),
             "magdi": os.path.dirname(magdi.__file__)}
 
 
@@ -224,6 +233,23 @@ def native_threads() -> int:
     return len(os.listdir("/proc/self/task"))
 
 
+def fork_hazard(max_threads: int) -> str | None:
+    """Why forking now could hand the child a broken library state (None: safe as far as we can see).
+
+    A fork copies only the calling thread: a Python thread, a thread pool started since the imports
+    (OpenMP/intra-op pools are created by the first torch compute) or an initialised CUDA context would
+    be left half-alive in the child.
+    """
+    if threading.active_count() != 1:
+        return f"Python threads are running: {threading.enumerate()}"
+    if native_threads() > max_threads:
+        return f"{native_threads()} threads, more than the {max_threads} after the imports"
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_initialized():
+        return "CUDA is initialised"
+    return None
+
+
 def preload(modules: Sequence[str]) -> tuple[list[str], dict[str, str]]:
     """Import ``modules`` (missing optional libraries are skipped): (imported, skipped -> reason)."""
     done, skipped = [], {}
@@ -279,9 +305,10 @@ class Server:
         t = time.perf_counter()
         self.modules, self.skipped = preload(modules)
         self.preload_s = time.perf_counter() - t
-        if threading.active_count() != 1:
-            raise SystemExit(f"magdi.warm: the imports started Python threads {threading.enumerate()}")
         self.threads = native_threads()  # OpenBLAS/jemalloc pools: fork-aware, but must not grow
+        hazard = fork_hazard(self.threads)
+        if hazard:
+            raise SystemExit(f"magdi.warm: after the imports, {hazard}")
         gc.collect()
         gc.freeze()  # children's collections skip the pre-imported objects (no copy-on-write of them)
         self.files = _magdi_files()
@@ -291,7 +318,7 @@ class Server:
         import magdi
 
         self.magdi = os.path.dirname(magdi.__file__)
-        self.python = [os.path.realpath(sys.executable), sys.prefix]  # interpreter and venv
+        self.python = _interpreter()
         self.pid = os.getpid()
         self.running: dict[int, socket.socket | None] = {}  # child pid -> its client (None: gone)
         self.stopping = False
@@ -328,7 +355,7 @@ class Server:
         if real.suffix != ".py" or not real.is_file() or not real.is_relative_to(self.stages):
             return f"{script} is not a .py file under {self.stages}"
         if req.get("python") != self.python or req.get("magdi") != self.magdi:
-            return "the client's interpreter or magdi package differs from the server's"
+            return "the client's interpreter, its flags or the magdi package differ from the server's"
         env = req.get("env")
         if not isinstance(env, dict) or not all(isinstance(v, str) for v in env.values()):
             return "bad environment"
@@ -341,9 +368,7 @@ class Server:
                     return f"{f} changed since the server started"
             except OSError:
                 return f"{f} is gone"
-        if threading.active_count() != 1 or native_threads() > self.threads:
-            return "the server has more threads than after its imports: not safe to fork"
-        return None
+        return fork_hazard(self.threads)
 
     def _accept(self, lst: socket.socket) -> Job | None:
         conn, _ = lst.accept()
