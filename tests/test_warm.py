@@ -57,7 +57,8 @@ if mode == "torch":
     a = torch.arange(n * n, dtype=torch.float64).reshape(n, n)
     rows = (a @ torch.ones(n, n, dtype=torch.float64))[:, 0]
     expected = torch.tensor([n * n * i + n * (n - 1) / 2 for i in range(n)], dtype=torch.float64)
-    print(json.dumps({"threads": torch.get_num_threads(), "ok": bool(torch.equal(rows, expected))}))
+    print(json.dumps({"threads": torch.get_num_threads(), "ok": bool(torch.equal(rows, expected)),
+                      "seed": torch.initial_seed()}))
 '''
 
 
@@ -279,4 +280,6 @@ def test_torch_computes_in_the_child_with_the_requested_threads(tmp_path: Path) 
         assert info["threads_now"] <= info["threads"]
     finally:
         s.stop()
+    seeds = [out.pop("seed") for _, out in outs]
+    assert seeds[0] != seeds[1]  # reseeded per child from the OS, as two fresh processes would be
     assert outs == [(True, {"threads": 2, "ok": True}), (True, {"threads": 1, "ok": True})]

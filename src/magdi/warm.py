@@ -29,16 +29,15 @@ Why the rules below:
   child ends without the module teardown (``exit_child``), which in a fork copied every inherited page.
 * Same code, same import-time settings: a request is refused (client falls back) when a ``magdi`` module
   the server imported changed on disk, when the client's interpreter, venv, flags (-u, -X, -W ...) or
-  ``magdi`` package differ, or when
-  an environment variable read at import time (``IMPORT_ENV_PREFIXES``: HF_*, TORCH*, OMP_*, PYTHON*, ...)
-  differs from the server's.
+  ``magdi`` package differ, or when an environment variable read at import time (``IMPORT_ENV_PREFIXES``:
+  HF_*, TORCH*, OMP_*, PYTHON*, ...) differs from the server's before its imports.
 * Security: the socket is 0600 inside a directory only its owner may enter, the peer's uid (SO_PEERCRED)
   must be the server's, and only ``.py`` files under the configured stages directory are run: the
   socket never carries code, only the path of a stage script the client would have run itself.
 * Concurrency: every request gets its own child, so concurrent stages (``dvc exp run --jobs``, which run
   in temp copies whose scripts are outside the stages directory and therefore fall back anyway) are safe.
   What a fork does not copy from the client: resource limits, nice value, the controlling terminal.
-  ``random`` is reseeded in each child by CPython; numpy's global RNG is not (the stages seed explicitly).
+  Each child reseeds torch's and numpy's global RNGs from the OS like a fresh process (CPython: ``random``).
 """
 
 from __future__ import annotations
@@ -512,6 +511,14 @@ def _mark_child() -> None:
     _in_child = True
 
 
+def _reseed() -> None:
+    """Fresh RNG seeds from the OS, as a fresh process gets them (CPython reseeds ``random`` itself)."""
+    if (torch := sys.modules.get("torch")) is not None:
+        torch.seed()
+    if (np := sys.modules.get("numpy")) is not None:
+        np.random.seed()
+
+
 def run_job(job: Job) -> int:
     """In the forked child: become the client's process, run its stage script as ``__main__``: exit code.
 
@@ -529,6 +536,7 @@ def run_job(job: Job) -> int:
     os.environ.update(job.env)
     sys.argv = list(job.argv)
     sys.path[0] = os.path.dirname(job.script)
+    _reseed()
     # fds 0-2 now are the client's; buffering as a fresh interpreter would choose for them
     unbuffered = bool(job.env.get("PYTHONUNBUFFERED"))
     for f, tty_line in ((sys.stdout, True), (sys.stderr, False)):
