@@ -7,6 +7,11 @@ export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM := false
 export MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR := false
+# WARM=1: `make repro` runs every DVC stage in a fork of one server process that imported torch, transformers,
+# peft, mlflow, ... once (src/magdi/warm.py; socket in a private temp dir, server stopped when dvc ends,
+# whatever the outcome). DVC still runs one command per stage. WARM=0: each stage is a fresh Python process.
+WARM    ?= 1
+WARM_RUN = $(if $(filter 1,$(WARM)),$(BIN)/python -m magdi.warm run --)
 
 .PHONY: repro test env lint clean-runs llama-server
 
@@ -46,7 +51,7 @@ llama-server: $(BIN)/llama-server
 repro: env $(BIN)/.models
 	@[ -d .dvc ] || $(BIN)/dvc init -q
 	$(BIN)/dvc config core.analytics false
-	$(BIN)/dvc repro
+	$(WARM_RUN) $(BIN)/dvc repro
 
 test: env
 	$(BIN)/python -m pytest

@@ -1,5 +1,10 @@
 """DVC stage `download`: benchmarks (mirror or hub) -> normalised, seeded train/test JSONL subsets."""
 
+# ruff: noqa: E402 -- delegate() comes first: in a warm server (magdi.warm) the imports below are pre-loaded
+from magdi.warm import delegate
+
+delegate(__file__)
+
 import argparse
 
 from magdi.config import cli_params

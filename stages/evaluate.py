@@ -1,5 +1,10 @@
 """DVC stage `evaluate`: the trained student answers test questions alone; accuracy, CI, tokens, predictions."""
 
+# ruff: noqa: E402 -- delegate() comes first: in a warm server (magdi.warm) the imports below are pre-loaded
+from magdi.warm import delegate
+
+delegate(__file__)
+
 import argparse
 import json
 

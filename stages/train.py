@@ -1,5 +1,10 @@
 """DVC stage `train`: fine-tune the student (LoRA) with one method on one task's MAGs (or all tasks: multitask)."""
 
+# ruff: noqa: E402 -- delegate() comes first: in a warm server (magdi.warm) the imports below are pre-loaded
+from magdi.warm import delegate
+
+delegate(__file__)
+
 import argparse
 import json
 
