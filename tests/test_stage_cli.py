@@ -82,6 +82,11 @@ def test_scaling_student_params_resolve_to_their_own_folder_and_run_names() -> N
     assert (q.student.model, q.paths.student_dir) == ("qwen_coder_0_5b", "models/students/qwen_coder_0_5b")
     assert (p.student.model, p.paths.student_dir) == (_raw()["student"]["model"], "models/student")  # unchanged
     assert q.train == p.train and q.evaluate == p.evaluate  # same recipe as the main student
+    raw = _scaling(["qwen_coder_0_5b"], [task])
+    raw["experiments"]["scaling_train"] = {"bf16": True}
+    p2 = parse_params(raw)
+    assert p2.for_student("qwen_coder_0_5b").train.bf16 and not p2.train.bf16  # only the scaling runs
+    assert p2.for_student("qwen_coder_0_5b").train.lr == p2.train.lr
     assert p.for_student(None) is p
     assert "qwen_coder_0_5b" in p.packaged_models_used()
     assert (run_name("magdi"), run_name("magdi", "qwen_coder_0_5b")) == ("magdi", "magdi@qwen_coder_0_5b")
@@ -97,10 +102,13 @@ def test_scaling_student_params_resolve_to_their_own_folder_and_run_names() -> N
      (["qwen_coder_0_5b"], [], "experiments.scaling_tasks: empty"),
      (["smollm2_135m"], ["gsm8k"], "experiments.scaling_students.0: 'smollm2_135m' is the main student"),
      (["meta-llama/Llama-2-7b-chat-hf"], ["gsm8k"], "experiments.scaling_students.0: 'meta-llama/Llama-2-7b"),
-     (["a", "a"], ["gsm8k"], "experiments.scaling_students: listed twice")],
+     (["a", "a"], ["gsm8k"], "experiments.scaling_students: listed twice"),
+     (["a"], ["gsm8k"], "experiments.scaling_train.lr: Input should be greater than 0")],
 )
 def test_scaling_params_errors_name_the_key(students: list[str], tasks: list[str], needle: str) -> None:
     raw = _scaling(students, tasks)
+    if "scaling_train" in needle:
+        raw["experiments"]["scaling_train"] = {"lr": -1}
     raw["experiments"]["tasks"] = ["gsm8k", "svamp"]
     raw["student"]["model"] = "smollm2_135m"
     with pytest.raises(ConfigError) as e:

@@ -288,6 +288,8 @@ class ExperimentsCfg(_Strict):
     #: zero-shot and with MAGDi (``train`` settings of the main student) on ``scaling_tasks``
     scaling_students: list[str] = Field(default_factory=list)
     scaling_tasks: list[str] = Field(default_factory=list)
+    #: overrides of ``train`` for the scaling students' MAGDi runs (e.g. {bf16: true} for a bigger model on CPU)
+    scaling_train: dict[str, Any] = Field(default_factory=dict)
 
     @field_validator("tasks", "ablation_tasks", "ood_tasks", "self_consistency_tasks", "scaling_tasks")
     @classmethod
@@ -358,6 +360,12 @@ class Params(_Strict):
             raise ValueError("experiments.scaling_students: listed twice")
         if ex.scaling_students and not ex.scaling_tasks:
             raise ValueError("experiments.scaling_tasks: empty, but experiments.scaling_students lists students")
+        try:
+            TrainCfg(**{**self.train.model_dump(), **ex.scaling_train})
+        except ValidationError as e:
+            err = e.errors()[0]
+            key = ".".join(str(p) for p in err["loc"])
+            raise ValueError(f"experiments.scaling_train.{key}: {err['msg']}") from None
 
     def packaged_models_used(self) -> list[str]:
         """Keys of ``models`` that the student or a local teacher loads (what ``prepare_student`` assembles)."""
@@ -371,7 +379,8 @@ class Params(_Strict):
 
     def for_student(self, student: str | None) -> Params:
         """These params with ``student`` (one of ``experiments.scaling_students``) as the base model: the run
-        trains and evaluates exactly as the main student does, on that model's converted weights."""
+        trains (``train`` + ``experiments.scaling_train``) and evaluates as the main student does, on that
+        model's converted weights."""
         if student is None:
             return self
         if student not in self.experiments.scaling_students:
@@ -379,7 +388,8 @@ class Params(_Strict):
                               f"({', '.join(self.experiments.scaling_students) or 'empty'})")
         return self.model_copy(update={
             "student": self.student.model_copy(update={"model": student}),
-            "paths": self.paths.model_copy(update={"student_dir": self.student_folder(student)})})
+            "paths": self.paths.model_copy(update={"student_dir": self.student_folder(student)}),
+            "train": TrainCfg(**{**self.train.model_dump(), **self.experiments.scaling_train})})
 
     def agent(self, name: str) -> AgentCfg:
         for a in self.teachers.agents:

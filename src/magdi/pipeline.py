@@ -275,8 +275,9 @@ def stage_train(p: Params, task: str, method: str, student: str | None = None) -
     from .train import build_items, method_spec, save_adapter, train, truncation_stats
 
     _set_threads()
+    p = p.for_student(student)  # a scaling student: its own weights, train + experiments.scaling_train
     base, cfg = p.train_for(method if method != MT_METHOD else "magdi")
-    p, method = p.for_student(student), run_name(method, student)
+    method = run_name(method, student)
     spec = method_spec(base)
     out = train_dir(p, task, method)
     mags = _select_mags(p, task, cfg)

@@ -340,8 +340,10 @@ def table7(ctx: Ctx) -> Table:
              + (f"; {', '.join(ex.scaling_students)} (experiments.scaling_students) on "
                 f"{', '.join(ex.scaling_tasks)} (experiments.scaling_tasks)" if ex.scaling_students else
                 "; no other student in experiments.scaling_students")
-             + ". Every student is trained with the same `train` settings and the same MAGs, and evaluated on "
-             "the same test questions; sizes are parameter counts of the converted weights.",
+             + ". Every student is trained on the same MAGs with the same `train` settings"
+             + (f" (scaling students with the overrides {ex.scaling_train} of experiments.scaling_train)"
+                if ex.scaling_train and ex.scaling_students else "")
+             + " and evaluated on the same test questions; sizes are parameter counts of the converted weights.",
              PARTIAL_NOTE, PAPER_NOTE]
     return Table("table7_student_scaling", "Table 7: student scaling", secs, recs, notes)
 
