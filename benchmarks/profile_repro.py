@@ -55,17 +55,20 @@ def stage_times(log: Path) -> tuple[list[tuple[str, float]], float]:
 def compute_seconds(stage: str) -> float | None:
     """What the stage measured itself (metrics files), or None when it does not record it."""
     kind, _, item = stage.partition("@")
-    if kind in ("train", "train_ablation"):
+    if kind in ("train", "train_ablation", "train_scaling"):
         task, method = item.split("-", 1)
+        method = f"magdi@{method}" if kind == "train_scaling" else method
         f = ROOT / "metrics" / "train" / method / f"{task}.json"
         return json.loads(f.read_text()).get("seconds") if f.exists() else None
-    if kind in ("evaluate", "evaluate_ablation"):
+    if kind in ("evaluate", "evaluate_ablation", "evaluate_scaling"):
         task, method = item.split("-", 1)
+        method = f"magdi@{method}" if kind == "evaluate_scaling" else method
         f = ROOT / "metrics" / "eval" / method / f"{task}.json"
         return json.loads(f.read_text()).get("generation_seconds") if f.exists() else None
-    if kind == "zero_shot":
+    if kind in ("zero_shot", "zero_shot_scaling"):
+        folder = "zero_shot" if kind == "zero_shot" else f"zero_shot@{item}"
         return sum(json.loads(f.read_text()).get("generation_seconds", 0.0)
-                   for f in (ROOT / "metrics" / "eval" / "zero_shot").glob("*.json")) or None
+                   for f in (ROOT / "metrics" / "eval" / folder).glob("*.json")) or None
     return None
 
 
@@ -82,18 +85,23 @@ def fixed_costs() -> dict[str, float]:
             "imports + loading the student": _timed(load)}
 
 
-def throughput() -> dict[str, float]:
-    """Achieved FLOP/s of training and generation from the run's metrics, with the parameter counts."""
+def throughput(student_dir: Path, runs: str = "main") -> dict[str, float]:
+    """Achieved FLOP/s of training and generation of one student's runs (``main``: run folders without
+    ``@``; else the runs ``*@<runs>``), with that student's parameter count."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from peak import matmul_peak  # noqa: E402
 
-    cfg = json.loads((ROOT / "models" / "student" / "config.json").read_text())
-    info = json.loads((ROOT / "models" / "student" / "magdi_student.json").read_text())
+    cfg = json.loads((student_dir / "config.json").read_text())
+    info = json.loads((student_dir / "magdi_student.json").read_text())
     n_params = info["parameters"]
     n_embed = cfg["vocab_size"] * cfg["hidden_size"]
-    tr = [json.loads(f.read_text()) for f in (ROOT / "metrics" / "train").glob("*/*.json")]
+
+    def mine(f: Path) -> bool:
+        return "@" not in f.parent.name if runs == "main" else f.parent.name.endswith(f"@{runs}")
+
+    tr = [json.loads(f.read_text()) for f in (ROOT / "metrics" / "train").glob("*/*.json") if mine(f)]
     tr_tokens, tr_secs = sum(m["tokens"] for m in tr), sum(m["seconds"] for m in tr)
-    ev = [json.loads(f.read_text()) for f in (ROOT / "metrics" / "eval").glob("*/*.json")]
+    ev = [json.loads(f.read_text()) for f in (ROOT / "metrics" / "eval").glob("*/*.json") if mine(f)]
     ev = [m for m in ev if "generation_seconds" in m]
     ev_tokens = sum(m["mean_tokens"] * m["n"] for m in ev)
     ev_secs = sum(m["generation_seconds"] for m in ev)
@@ -102,7 +110,8 @@ def throughput() -> dict[str, float]:
             "train_gflops": 4 * (n_params - n_embed) * tr_tokens / tr_secs / 1e9 if tr_secs else 0.0,
             "gen_tokens_per_s": ev_tokens / ev_secs if ev_secs else 0.0,
             "gen_gflops": 2 * n_params * ev_tokens / ev_secs / 1e9 if ev_secs else 0.0,
-            "peak_fp32": peak["float32"], "peak_bf16": peak["bfloat16"], "threads": peak["threads"]}
+            "peak_fp32": peak["float32"], "peak_bf16": peak["bfloat16"], "threads": peak["threads"],
+            "n_params": n_params}
 
 
 def report(log: Path, out: Path) -> None:
@@ -127,16 +136,27 @@ def report(log: Path, out: Path) -> None:
     for kind, (wall, comp, n) in sorted(groups.items(), key=lambda kv: -kv[1][0]):
         lines.append(f"| {kind} | {n} | {wall / 60:.1f} | {comp / 60:.1f} | {100 * wall / all_wall:.0f} % |")
     fc = fixed_costs()
-    lines += ["", "Fixed costs measured directly (fresh process each, same machine, after the run):", ""]
+    lines += ["", "`make repro` runs each stage in a fork of the warm server (src/magdi/warm.py, "
+              "reports/benchmark_warm.md), which imported the libraries once; a stage's fixed column above is "
+              "what remains (fork, model load, MLflow, DVC). Without it (`make repro WARM=0`, plain `dvc repro`) "
+              "each stage also pays a cold start, measured directly (fresh process each, same machine, after "
+              "the run):", ""]
     lines += [f"- {k}: {v:.1f} s" for k, v in fc.items()]
-    tp = throughput()
-    lines += ["", "Achieved throughput over the whole run (sum of tokens / sum of compute seconds) against the "
-              f"matmul peak measured now ({tp['threads']} threads, 2048², FLOPs = 2n³):", "",
-              f"- training: {tp['train_tokens_per_s']:.0f} tokens/s = {tp['train_gflops']:.1f} GFLOP/s "
-              f"(fp32 peak {tp['peak_fp32']:.0f} GFLOP/s: {100 * tp['train_gflops'] / tp['peak_fp32']:.0f} %)",
-              f"- generation: {tp['gen_tokens_per_s']:.0f} generated tokens/s = {tp['gen_gflops']:.1f} GFLOP/s "
-              f"(bf16 peak {tp['peak_bf16']:.0f} GFLOP/s: {100 * tp['gen_gflops'] / tp['peak_bf16']:.0f} %; "
-              "decoding is bound by reading weights and by per-step overhead, not by matmul peak)", ""]
+    students = [("main", ROOT / "models" / "student")]
+    students += [(d.name, d) for d in sorted((ROOT / "models" / "students").glob("*")) if d.is_dir()]
+    for runs, folder in students:
+        tp = throughput(folder, runs)
+        lines += ["", f"Achieved throughput of the {'main student' if runs == 'main' else runs} "
+                  f"({tp['n_params'] / 1e6:.0f} M parameters; sum of tokens / sum of compute seconds of its runs) against "
+                  f"the matmul peak measured now ({tp['threads']} threads, 2048², FLOPs = 2n³; training counts "
+                  "4 × non-embedding parameters per token: forward + activation gradients, LoRA weight gradients "
+                  "are negligible):", "",
+                  f"- training: {tp['train_tokens_per_s']:.0f} tokens/s = {tp['train_gflops']:.1f} GFLOP/s "
+                  f"(fp32 peak {tp['peak_fp32']:.0f} GFLOP/s: {100 * tp['train_gflops'] / tp['peak_fp32']:.0f} %)",
+                  f"- generation: {tp['gen_tokens_per_s']:.0f} generated tokens/s = {tp['gen_gflops']:.1f} GFLOP/s "
+                  f"(bf16 peak {tp['peak_bf16']:.0f} GFLOP/s: {100 * tp['gen_gflops'] / tp['peak_bf16']:.0f} %; "
+                  "decoding is bound by reading weights and by per-step overhead, not by matmul peak)"]
+    lines.append("")
     out.write_text("\n".join(lines))
     print(out.read_text())
 
