@@ -9,8 +9,9 @@ paired bootstrap, magdi.report.stats).
 
 Questions: the first ``--n`` questions of the task's train pool are measured. ReConcile's convincing samples
 (gold explanations of questions the *other* agents answered correctly in round 0) come from the compact MAGs
-of the remaining train questions, so the measured reconcile prompt carries its few-shot samples (in
-`build_mags` they come from earlier chunks only, and a single chunk would have none).
+of the discussed train questions from ``--pool-start`` on (fixed, so a smaller ``--n`` replays the same
+prompts), so the measured reconcile prompt carries its few-shot samples (in `build_mags` they come from
+earlier chunks only, and a single chunk would have none).
 
 Every call goes through the agents' CallCache: compact replies replay from the committed teacher_cache/, the
 reconcile replies live in ``--cache-dir`` (default teacher_cache/prompt_style/), so a rerun costs seconds.
@@ -154,6 +155,8 @@ def main() -> None:
     ap.add_argument("--student-dir", default=None, help="override paths.student_dir")
     ap.add_argument("--task", default="gsm8k")
     ap.add_argument("--n", type=int, default=16, help="measured questions: the first n of the train pool")
+    ap.add_argument("--pool-start", type=int, default=16,
+                    help="convincing-sample pool: the discussed train questions from this index on (>= --n)")
     ap.add_argument("--chunk", type=int, default=8, help="questions per discussion chunk (batched together)")
     ap.add_argument("--compact-cache", default="teacher_cache", help="the committed cache of compact replies")
     ap.add_argument("--cache-dir", default="teacher_cache/prompt_style", help="cache of the reconcile replies")
@@ -165,7 +168,9 @@ def main() -> None:
     base = params_for(args, args.compact_cache)
     task, atype = args.task, TASK_TYPES[args.task]
     pool = load_examples(base, task, "train")[: base.data.n_train]  # the questions the teachers discussed
-    measured, rest = pool[: args.n], pool[args.n :]
+    if args.n > args.pool_start:
+        ap.error("--n must not exceed --pool-start: measured questions and the convincing pool are disjoint")
+    measured, rest = pool[: args.n], pool[args.pool_start :]
     timings = Path(args.cache_dir) / "timings.jsonl"
     t0 = time.perf_counter()
 
