@@ -117,6 +117,8 @@ def params_for(args: argparse.Namespace, cache_dir: str):
         if val:
             raw["paths"][key] = val
     raw["paths"]["cache_dir"] = cache_dir
+    if args.max_rounds is not None:
+        raw["teachers"]["max_rounds"] = args.max_rounds
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False, encoding="utf-8") as f:
         yaml.safe_dump(raw, f)
     return load_params(f.name, check_mirror=False)
@@ -157,6 +159,8 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=16, help="measured questions: the first n of the train pool")
     ap.add_argument("--pool-start", type=int, default=16,
                     help="convincing-sample pool: the discussed train questions from this index on (>= --n)")
+    ap.add_argument("--max-rounds", type=int, default=None,
+                    help="override teachers.max_rounds (0 = round 0 only: the prompts' direct effect)")
     ap.add_argument("--chunk", type=int, default=8, help="questions per discussion chunk (batched together)")
     ap.add_argument("--compact-cache", default="teacher_cache", help="the committed cache of compact replies")
     ap.add_argument("--cache-dir", default="teacher_cache/prompt_style", help="cache of the reconcile replies")
@@ -309,7 +313,8 @@ def write_report(args, p, runs, conv, timings_path: Path, agent_names: list[str]
          f"Written by `benchmarks/bench_prompt_style.py` ({datetime.now(UTC):%Y-%m-%d %H:%M} UTC). Task "
          f"{args.task}: the first {n} questions of the train pool ({seen_ids}). Teachers, sampling and rounds are "
          f"params.yaml's: {', '.join(f'{a} ({model_of[a]}, max_new_tokens {max_new[a]})' for a in agent_names)}; "
-         f"temperature/top_p per agent, `teachers.max_rounds` {p.teachers.max_rounds}, "
+         f"temperature/top_p per agent, `teachers.max_rounds` {p.teachers.max_rounds}"
+         + (" (set by --max-rounds)" if args.max_rounds is not None else "") + ", "
          f"`parse_retries` {p.teachers.parse_retries}, `context_chars` {p.teachers.context_chars}, "
          f"backend local (transformers, {', '.join(sorted({a.dtype or p.student.gen_dtype for a in p.teachers.agents}))}).",
          "",
