@@ -253,6 +253,14 @@ def agent_round_rows(style: str, mags: list[MAG], calls: list[Call], agent: str,
     }
 
 
+def min_discordant(n: int) -> int | str:
+    """Fewest discordant pairs, all one way, for which McNemar's exact test gives p < 0.05 (n + 1: never)."""
+    for k in range(1, n + 1):
+        if mcnemar_exact([True] * k, [False] * k)[2] < 0.05:
+            return k
+    return f"{n + 1} (impossible)"
+
+
 def read_timings(path: Path) -> dict[tuple[str, int, str], float]:
     """Seconds spent really generating, per (style, round, model id), as recorded when the calls were made."""
     out: dict[tuple[str, int, str], float] = defaultdict(float)
@@ -279,6 +287,7 @@ def write_report(args, p, runs, conv, timings_path: Path, agent_names: list[str]
             memo[key] = len(tok(chat_prompt(tok, messages) + RESPONSE_PREFIX, add_special_tokens=False).input_ids)
         return memo[key]
 
+    params_rounds = yaml.safe_load(Path(args.params).read_text(encoding="utf-8"))["teachers"]["max_rounds"]
     timings = read_timings(timings_path)
     rounds = range(p.teachers.max_rounds + 1)
     rows = []
@@ -328,6 +337,12 @@ def write_report(args, p, runs, conv, timings_path: Path, agent_names: list[str]
          + ", ".join(f"{a} {len(conv.get(a, []))}" for a in agent_names) + ". In `build_mags` they come from "
          "earlier chunks, and with `batch_size` 32 a 32-question run would have none, so this pool is what makes "
          "the measured prompt the published one.",
+         *([f"* Scope: only rounds 0..{p.teachers.max_rounds} were run (`--max-rounds`; params.yaml runs "
+            f"{params_rounds}), so the team answer is the vote at round {p.teachers.max_rounds}"
+            + (" of the independent answers and the discussion-round prompt is not measured here."
+               if p.teachers.max_rounds == 0 else ".")] if p.teachers.max_rounds != params_rounds else []),
+         f"* Power: with n = {n} paired questions McNemar's exact test reaches p < 0.05 only if at least "
+         f"{min_discordant(n)} questions are discordant and all go the same way; only a large difference can show.",
          "* The machine: 2 CPU cores, shared with other workers' jobs during the run, so seconds are indicative "
          "only.", "",
          "## Team result (paired, same questions)", "",
