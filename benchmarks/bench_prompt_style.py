@@ -43,6 +43,7 @@ from magdi.discussion import (
     Agent,
     Request,
     _sampling,
+    consensus,
     discuss_chunk,
     parse_reply,
     select_convincing,
@@ -308,7 +309,7 @@ def write_report(args, p, runs, conv, timings_path: Path, agent_names: list[str]
     per_q = {s: {"gen": sum(c.n_tokens for c in runs[s][1]) / n,
                  "prompt": sum(prompt_tokens(c.agent, c.messages) for c in runs[s][1]) / n,
                  "calls": len(runs[s][1]) / n,
-                 "round1": sum(any(x.round > 0 for x in m.nodes) for m in runs[s][0]),
+                 "r0_consensus": sum(consensus([x for x in m.nodes if x.round == 0]) for m in runs[s][0]),
                  "consensus": sum(bool(m.consensus) for m in runs[s][0]),
                  "first_ok": _mean([float(parse_reply(c.text, atype, None) is not None)
                                     for c in runs[s][1] if c.attempt == 0]),
@@ -327,6 +328,7 @@ def write_report(args, p, runs, conv, timings_path: Path, agent_names: list[str]
          f"`parse_retries` {p.teachers.parse_retries}, `context_chars` {p.teachers.context_chars}, "
          f"backend local (transformers, {', '.join(sorted({a.dtype or p.student.gen_dtype for a in p.teachers.agents}))}).",
          "",
+         "Command: `PYTHONPATH=src python benchmarks/bench_prompt_style.py " + " ".join(sys.argv[1:]) + "`", "",
          "* **compact** replies replay from the committed `teacher_cache/` (the pipeline's own GSM8K discussions: "
          "same prompts, same sampling keys); they were not re-generated or re-timed here.",
          f"* **reconcile** replies were generated for this benchmark and are cached in `{args.cache_dir}/` "
@@ -346,13 +348,13 @@ def write_report(args, p, runs, conv, timings_path: Path, agent_names: list[str]
          "* The machine: 2 CPU cores, shared with other workers' jobs during the run, so seconds are indicative "
          "only.", "",
          "## Team result (paired, same questions)", "",
-         "| style | team accuracy (final vote) | round-0 vote accuracy | questions that needed round 1 | "
+         "| style | team accuracy (final vote) | round-0 vote accuracy | round-0 consensus | "
          "consensus at the end | first-attempt format compliance | valid nodes | replies truncated | "
          "calls / question | generated tokens / question | prompt tokens / question | generation seconds |",
          "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for s in STYLES:
         q = per_q[s]
-        L.append(f"| {s} | {sum(team[s])}/{n} = {_pct(acc[s])} | {_pct(r0team[s])} | {q['round1']}/{n} | "
+        L.append(f"| {s} | {sum(team[s])}/{n} = {_pct(acc[s])} | {_pct(r0team[s])} | {q['r0_consensus']}/{n} | "
                  f"{q['consensus']}/{n} | {_pct(q['first_ok'])} | {_pct(q['valid'])} | {_pct(q['truncated'])} | "
                  f"{q['calls']:.2f} | {q['gen']:.0f} | {q['prompt']:.0f} | "
                  + (f"{secs[s]:.0f}" if secs[s] else "not re-timed") + " |")
@@ -400,7 +402,9 @@ def verdict(acc: dict[str, float], p_mc: float, lo: float, hi: float, per_q: dic
     cost = (f"reconcile reads {ratio:.1f}x the prompt tokens per question "
             f"({per_q['reconcile']['prompt']:.0f} vs {per_q['compact']['prompt']:.0f})")
     fmt = (f"first-attempt format compliance {_pct(per_q['reconcile']['first_ok'])} (reconcile) vs "
-           f"{_pct(per_q['compact']['first_ok'])} (compact)")
+           f"{_pct(per_q['compact']['first_ok'])} (compact), valid nodes after the parse retry "
+           f"{_pct(per_q['reconcile']['valid'])} vs {_pct(per_q['compact']['valid'])}, replies truncated at "
+           f"max_new_tokens {_pct(per_q['reconcile']['truncated'])} vs {_pct(per_q['compact']['truncated'])}")
     if p_mc < 0.05 and lo > 0:
         return (f"**Switch the default to `reconcile`**: its team accuracy is significantly higher "
                 f"({_pct(acc['reconcile'])} vs {_pct(acc['compact'])}, p = {p_mc:.3f}), although {cost}; {fmt}.")
