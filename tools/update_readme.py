@@ -1,0 +1,96 @@
+"""Rewrite the results block at the top of README.md from a finished `make repro`: the timestamped log
+(benchmarks/profile_repro.py stamp), reports/table1_main.md, reports/table7_student_scaling.md and
+reports/significance.csv. Nothing in the block is typed by hand.
+
+    python tools/update_readme.py /path/to/repro.log
+"""
+
+from __future__ import annotations
+
+import csv
+import re
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+START = "Measured on this workplace's 2-core CPU machine"
+END = "## What it does"
+
+
+def ours_tables(md: str) -> list[str]:
+    """The markdown tables of the 'ours' sections of a report table, in order."""
+    return [m.group(1).strip() for m in re.finditer(r"## ours[^\n]*\n\n?(\|.*?)(?:\n\n|\n##|$)", md, flags=re.S)]
+
+
+def significance_lines(rows: list[dict]) -> list[str]:
+    out = []
+    for r in rows:
+        p = float(r["p_mcnemar"])
+        verdict = "**significant** (p < 0.05)" if p < 0.05 else "not significant"
+        out.append(f"- {r['task']}: {r['method_a']} vs {r['method_b']} ({r['comparison']}): "
+                   f"{float(r['acc_a']):.1f} vs {float(r['acc_b']):.1f} %, difference {float(r['diff']):+.1f} points "
+                   f"[{float(r['ci_low']):+.1f}, {float(r['ci_high']):+.1f}], McNemar p = {p:.3g}: {verdict}")
+    return out
+
+
+def summary(rows: list[dict]) -> str:
+    sig = [r for r in rows if float(r["p_mcnemar"]) < 0.05]
+    if not sig:
+        return "No comparison reaches p < 0.05 in this run."
+    parts = [f"{r['method_a']} vs {r['method_b']} on {r['task']} ({float(r['diff']):+.1f} points)" for r in sig]
+    return f"{len(sig)} of {len(rows)} comparisons reach p < 0.05: " + "; ".join(parts) + ". The others do not."
+
+
+def block(total_s: int) -> str:
+    t1 = ours_tables((ROOT / "reports/table1_main.md").read_text())[0]
+    t7 = ours_tables((ROOT / "reports/table7_student_scaling.md").read_text())
+    rows = list(csv.DictReader((ROOT / "reports/significance.csv").open()))
+    return f"""{START} (fresh clone, quiet machine, pip cache warm): `make repro`
+took **{total_s // 60} min {total_s % 60} s** from the first line to the last, install included; where the time goes, stage by
+stage, is in [`reports/benchmark_pipeline.md`](reports/benchmark_pipeline.md). It replays the teachers' discussions
+from the committed `teacher_cache/` (see "Teachers" below): generating them took 1,667 s (GSM8K) + 1,217 s
+(SVAMP) more. `make test` runs the unit tests plus one end-to-end `dvc repro` + `dvc exp run -S` on tiny sizes.
+
+The results of that run are committed: [`reports/`](reports/README.md) (tables and figures mirroring the
+paper), `metrics/` (one JSON per run, `dvc metrics show`) and `dvc.lock`. What produced the numbers can be read
+too: the teachers' discussions in a MAG browser per task (e.g. [`reports/mags/gsm8k.html`](reports/mags/gsm8k.html)),
+every test question the methods disagree on in `reports/predictions/<task>.html`, and the paired significance of
+every comparison (bootstrap interval + McNemar's exact test) in [`reports/significance.md`](reports/significance.md).
+
+Table 1 of this run (accuracy %, 95 % bootstrap interval, 200 test questions per task; `*` marks a cell whose
+paired comparison in `reports/significance.md` has p < 0.05; [all tables](reports/README.md)):
+
+{t1}
+
+Student scaling (Table 7: the same MAGs and recipe, a second student on the scaling task):
+
+{t7[0]}
+
+{t7[1] if len(t7) > 1 else ''}
+
+**What these results show** (every line below is generated from `reports/significance.csv`: same test
+questions, paired bootstrap 95 % interval of the difference, McNemar's exact test):
+
+{chr(10).join(significance_lines(rows))}
+
+{summary(rows)} Read them for what they are. The default is a real but small MAGDi experiment: three different
+teachers (Qwen2.5-Coder-1.5B and -0.5B, SmolLM2-135M; none of them strong), 32 discussions (MAGs) per task
+with two rounds, a 135 M-parameter student (plus Qwen2.5-Coder-0.5B as a second student on SVAMP), two epochs.
+The size is what the 2-core machine allows (teacher generation: ~28 min per 32 GSM8K discussions; per-stage
+times in reports/benchmark_pipeline.md). A difference without "significant" above is inside the noise of 200
+questions; growing the experiment is one edit (`data.n_train`; the cache keeps what was already generated) and
+more CPU time.
+
+"""
+
+
+def main(log: Path) -> None:
+    stamps = [float(t) for t in re.findall(r"^\[(\d+\.\d+)\]", log.read_text(errors="replace"), flags=re.M)]
+    total_s = round(stamps[-1] - stamps[0])  # first to last line of the timestamped `make repro` output
+    readme = (ROOT / "README.md").read_text()
+    start, end = readme.index(START), readme.index(END)
+    (ROOT / "README.md").write_text(readme[:start] + block(total_s) + readme[end:])
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]))
