@@ -45,9 +45,12 @@ def block(total_s: int) -> str:
     t1 = ours_tables((ROOT / "reports/table1_main.md").read_text())[0]
     t7 = ours_tables((ROOT / "reports/table7_student_scaling.md").read_text())
     rows = list(csv.DictReader((ROOT / "reports/significance.csv").open()))
+    scaling = any("@" in r["method_a"] for r in rows)
+    t7_text = (f"Student scaling (Table 7: the same MAGs and recipe, a second student on the scaling task):\n\n"
+               f"{t7[0]}\n\n{t7[1] if len(t7) > 1 else ''}\n\n" if scaling else "")
     return f"""{START} (fresh clone, quiet machine, pip cache warm): `make repro`
 took **{total_s // 60} min {total_s % 60} s** from the first line to the last, install included; where the time goes, stage by
-stage, is in [`reports/benchmark_pipeline.md`](reports/benchmark_pipeline.md). It replays the teachers' discussions
+stage, and exactly which run it was, is in [`reports/benchmark_pipeline.md`](reports/benchmark_pipeline.md). It replays the teachers' discussions
 from the committed `teacher_cache/` (see "Teachers" below): generating them took 1,667 s (GSM8K) + 1,217 s
 (SVAMP) more. `make test` runs the unit tests plus one end-to-end `dvc repro` + `dvc exp run -S` on tiny sizes.
 
@@ -62,20 +65,14 @@ paired comparison in `reports/significance.md` has p < 0.05; [all tables](report
 
 {t1}
 
-Student scaling (Table 7: the same MAGs and recipe, a second student on the scaling task):
-
-{t7[0]}
-
-{t7[1] if len(t7) > 1 else ''}
-
-**What these results show** (every line below is generated from `reports/significance.csv`: same test
+{t7_text}**What these results show** (every line below is generated from `reports/significance.csv`: same test
 questions, paired bootstrap 95 % interval of the difference, McNemar's exact test):
 
 {chr(10).join(significance_lines(rows))}
 
 {summary(rows)} Read them for what they are. The default is a real but small MAGDi experiment: three different
 teachers (Qwen2.5-Coder-1.5B and -0.5B, SmolLM2-135M; none of them strong), 32 discussions (MAGs) per task
-with two rounds, a 135 M-parameter student (plus Qwen2.5-Coder-0.5B as a second student on SVAMP), two epochs.
+with two rounds, a 135 M-parameter student, two epochs.
 The size is what the 2-core machine allows (teacher generation: ~28 min per 32 GSM8K discussions; per-stage
 times in reports/benchmark_pipeline.md). A difference without "significant" above is inside the noise of 200
 questions; growing the experiment is one edit (`data.n_train`; the cache keeps what was already generated) and
