@@ -64,9 +64,10 @@ def fig2(ctx: Ctx, out: Path) -> Path:
     return path
 
 
-def _avg_over(ctx: Ctx, method: str, key: str) -> tuple[float | None, int]:
+def _avg_over(ctx: Ctx, method: str, key: str, tasks: list[str] | None = None) -> tuple[float | None, int]:
+    """Mean of ``key`` over the tasks (default: experiments.tasks) where ``method`` has it, and how many."""
     vals = []
-    for t in ctx.tasks:
+    for t in ctx.tasks if tasks is None else tasks:
         m = ctx.m.eval(method, t)
         if m is not None and _num(m.get(key)) is not None:
             vals.append(float(m[key]))
@@ -135,10 +136,9 @@ def fig5(ctx: Ctx, out: Path) -> Path:
     common = [t for t in runs[0].tasks if all(t in r.tasks for r in runs)] if runs else []
     title = "Fig. 5: student scaling"
 
-    def avg(method: str) -> float | None:
-        vals = [_num(m.get("accuracy")) for t in common if (m := ctx.m.eval(method, t))]
-        vals = [v for v in vals if v is not None]
-        return 100 * sum(vals) / len(vals) if len(vals) == len(common) and vals else None
+    def avg(method: str) -> float | None:  # only over every common task, so the students stay comparable
+        a, n = _avg_over(ctx, method, "accuracy", common)
+        return 100 * a if a is not None and n == len(common) else None
 
     pts = [(r, avg(r.zero_shot), avg(r.magdi)) for r in runs]
     pts = [(r, z, g) for r, z, g in pts if r.parameters and (z is not None or g is not None)]
