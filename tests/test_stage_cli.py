@@ -74,7 +74,7 @@ def _scaling(students: list[str], tasks: list[str]) -> dict:
 
 
 def test_scaling_student_params_resolve_to_their_own_folder_and_run_names() -> None:
-    from magdi.pipeline import eval_train_task, run_name
+    from magdi.pipeline import eval_train_task, for_run, method_of, run_name
 
     task = _raw()["experiments"]["tasks"][0]
     p = parse_params(_scaling(["qwen_coder_0_5b"], [task]))
@@ -92,6 +92,10 @@ def test_scaling_student_params_resolve_to_their_own_folder_and_run_names() -> N
     assert (run_name("magdi"), run_name("magdi", "qwen_coder_0_5b")) == ("magdi", "magdi@qwen_coder_0_5b")
     assert eval_train_task("zero_shot@qwen_coder_0_5b", task) == "base"
     assert eval_train_task("magdi@qwen_coder_0_5b", task) == task
+    assert (method_of("magdi@qwen_coder_0_5b"), method_of("sit_qwen15")) == ("magdi", "sit_qwen15")
+    q2, run = for_run(p, "magdi", "qwen_coder_0_5b")
+    assert (q2.paths.student_dir, run) == (q.paths.student_dir, "magdi@qwen_coder_0_5b")
+    assert for_run(p, "magdi", None) == (p, "magdi")
     with pytest.raises(ConfigError, match="--student 'gpt9' is not in experiments.scaling_students"):
         p.for_student("gpt9")
 
@@ -114,3 +118,28 @@ def test_scaling_params_errors_name_the_key(students: list[str], tasks: list[str
     with pytest.raises(ConfigError) as e:
         parse_params(raw)
     assert needle in str(e.value)
+
+
+@pytest.mark.parametrize(
+    ("over", "needle"),
+    [({"lr": 0}, "experiments.ablations.bad.lr: Input should be greater than 0"),
+     ({"lrr": 1e-4}, "experiments.ablations.bad.lrr: unknown key (typo?)"),
+     ({"method": "magdi", "epochs": "many"}, "experiments.ablations.bad.epochs: Input should be a valid integer")],
+)
+def test_ablation_errors_name_the_overriding_key(over: dict, needle: str) -> None:
+    raw = _raw()
+    raw["experiments"]["ablations"] = {"bad": over}
+    with pytest.raises(ConfigError) as e:
+        parse_params(raw)
+    assert needle in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_train_overrides_resolve_through_one_rule() -> None:
+    raw = _raw()
+    raw["experiments"]["ablations"] = {"short": {"method": "magdi", "epochs": 7}}
+    p = parse_params(raw)
+    base, cfg = p.train_for("short")
+    assert (base, cfg.epochs, cfg.lr) == ("magdi", 7, p.train.lr)
+    assert p.train_for("scale_3")[1].max_mags == 3 and p.train_for("scale_3")[0] == "magdi"
+    assert p.train_for("magdi") == ("magdi", p.train)

@@ -326,13 +326,7 @@ class Params(_Strict):
             base = over.get("method", "magdi")
             if base not in BASE_METHODS:
                 raise ValueError(f"experiments.ablations.{name}.method: unknown method '{base}'")
-            train_over = {k: v for k, v in over.items() if k != "method"}
-            try:
-                TrainCfg(**{**self.train.model_dump(), **train_over})
-            except ValidationError as e:
-                err = e.errors()[0]
-                key = ".".join(str(p) for p in err["loc"])
-                raise ValueError(f"experiments.ablations.{name}.{key}: {err['msg']}") from None
+            self.train_with({k: v for k, v in over.items() if k != "method"}, f"experiments.ablations.{name}")
         if self.teachers.source == "official":
             missing = [t for t in self.experiments.tasks if t not in self.teachers.official_files]
             if missing:
@@ -360,12 +354,18 @@ class Params(_Strict):
             raise ValueError("experiments.scaling_students: listed twice")
         if ex.scaling_students and not ex.scaling_tasks:
             raise ValueError("experiments.scaling_tasks: empty, but experiments.scaling_students lists students")
+        self.train_with(ex.scaling_train, "experiments.scaling_train")
+
+    def train_with(self, overrides: dict[str, Any], key_prefix: str) -> TrainCfg:
+        """``train`` with some keys overridden (an ablation, the scaling recipe, scale_<N>), validated as a whole so
+        an error names the overriding key (``<key_prefix>.<key>``), not a ``train`` key the user never wrote."""
         try:
-            TrainCfg(**{**self.train.model_dump(), **ex.scaling_train})
+            return TrainCfg(**{**self.train.model_dump(), **overrides})
         except ValidationError as e:
             err = e.errors()[0]
-            key = ".".join(str(p) for p in err["loc"])
-            raise ValueError(f"experiments.scaling_train.{key}: {err['msg']}") from None
+            key = ".".join(str(p) for p in err["loc"]) or "<root>"
+            msg = "unknown key (typo?)" if err["type"] == "extra_forbidden" else err["msg"]
+            raise ValueError(f"{key_prefix}.{key}: {msg}") from None
 
     def packaged_models_used(self) -> list[str]:
         """Keys of ``models`` that the student or a local teacher loads (what ``prepare_student`` assembles)."""
@@ -389,7 +389,7 @@ class Params(_Strict):
         return self.model_copy(update={
             "student": self.student.model_copy(update={"model": student}),
             "paths": self.paths.model_copy(update={"student_dir": self.student_folder(student)}),
-            "train": TrainCfg(**{**self.train.model_dump(), **self.experiments.scaling_train})})
+            "train": self.train_with(self.experiments.scaling_train, "experiments.scaling_train")})
 
     def agent(self, name: str) -> AgentCfg:
         for a in self.teachers.agents:
@@ -402,9 +402,9 @@ class Params(_Strict):
         if method in self.experiments.ablations:
             over = dict(self.experiments.ablations[method])
             base = over.pop("method", "magdi")
-            return base, TrainCfg(**{**self.train.model_dump(), **over})
+            return base, self.train_with(over, f"experiments.ablations.{method}")
         if method.startswith("scale_"):
-            return "magdi", TrainCfg(**{**self.train.model_dump(), "max_mags": int(method.split("_", 1)[1])})
+            return "magdi", self.train_with({"max_mags": int(method.split("_", 1)[1])}, method)
         return method, self.train
 
 

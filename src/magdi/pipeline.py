@@ -36,12 +36,23 @@ def eval_dir(p: Params, task: str, method: str) -> Path:
 
 def eval_train_task(method: str, task: str) -> str:
     """Which run evaluated ``method`` on ``task``: zero-shot and multi-task runs cover many tasks each."""
-    return ZS_TASK if method.split("@")[0] == "zero_shot" else MT_TASK if method == MT_METHOD else task
+    return ZS_TASK if method_of(method) == "zero_shot" else MT_TASK if method == MT_METHOD else task
 
 
 def run_name(method: str, student: str | None = None) -> str:
     """Name of a run in ``runs/`` and ``metrics/``: the method, plus ``@<student>`` for a scaling student."""
     return method if student is None else f"{method}@{_safe(student)}"
+
+
+def method_of(run: str) -> str:
+    """The method of a run name (``magdi@qwen`` -> ``magdi``): the inverse of :func:`run_name`."""
+    return run.split("@", 1)[0]
+
+
+def for_run(p: Params, method: str, student: str | None) -> tuple[Params, str]:
+    """The params (that student's weights and recipe) and run name of ``method`` on a scaling student, or as
+    given for the main student (``student`` None)."""
+    return p.for_student(student), run_name(method, student)
 
 
 def predictions_name(task: str, k: int = 1) -> str:
@@ -275,9 +286,9 @@ def stage_train(p: Params, task: str, method: str, student: str | None = None) -
     from .train import build_items, method_spec, save_adapter, train, truncation_stats
 
     _set_threads()
-    p = p.for_student(student)  # a scaling student: its own weights, train + experiments.scaling_train
+    p, run = for_run(p, method, student)  # a scaling student: its own weights, train + experiments.scaling_train
     base, cfg = p.train_for(method if method != MT_METHOD else "magdi")
-    method = run_name(method, student)
+    method = run
     spec = method_spec(base)
     out = train_dir(p, task, method)
     mags = _select_mags(p, task, cfg)
@@ -380,8 +391,8 @@ def stage_evaluate(p: Params, train_task: str, method: str, eval_tasks: list[str
 
     _set_threads()
     prefix = DSS_ANSWER_PREFIX if method == "dss_mt" else ""
-    p, method = p.for_student(student), run_name(method, student)
-    adapter = None if method.split("@")[0] == "zero_shot" else train_dir(p, train_task, method) / "adapter"
+    p, method = for_run(p, method, student)
+    adapter = None if method_of(method) == "zero_shot" else train_dir(p, train_task, method) / "adapter"
     generator, tok = _student_generator(p, adapter)
     tasks = eval_tasks or [train_task]
     results = {}
