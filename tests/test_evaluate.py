@@ -214,3 +214,30 @@ def test_truncation_stats_counts_what_the_limits_cut() -> None:
     # unique targets: "a b" (2+1), "a b c" (3+1), "a b c d" (4+1) against 4 -> 1 of 3 cut; prompts 3 and 1 vs 2
     assert truncation_stats(items, tok, 2, 4) == {"prompts_truncated_fraction": 0.5,
                                                   "targets_truncated_fraction": 1 / 3}
+
+
+def _head_ops(model, tokenizer, prompts: list[str]) -> set[str]:
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        generate(model, tokenizer, prompts, 2, 0.0, 1.0, 0)
+    return {e.key for e in prof.key_averages()}
+
+
+def test_frozen_merged_model_decodes_without_copying_the_lm_head(make_lm, tiny_tokenizer) -> None:
+    """A merged adapter leaves every weight frozen; torch.matmul then refuses to fold the strided last-position
+    slice of the first decoding step and expands the LM head to batch x hidden x vocab (a bmm). The hook of
+    ready_for_generation hands the head a contiguous input, so decoding stays one mm per step and the
+    outputs do not change."""
+    from magdi.student import ready_for_generation
+
+    prompts = ["two plus two is", "a much longer prompt about three apples and four pears is"]
+    lm = make_lm(lora=False).requires_grad_(False).eval()  # what merge_and_unload hands the evaluator
+    slow = _head_ops(lm, tiny_tokenizer, prompts)
+    before = generate(lm, tiny_tokenizer, prompts, 6, 0.0, 1.0, 0)
+    assert "aten::bmm" in slow  # the pattern the hook avoids (fails if torch changes its folding rule)
+    lm, tok = ready_for_generation(lm, tiny_tokenizer)
+    ready_for_generation(lm, tok)  # idempotent: one hook
+    assert len(lm.get_output_embeddings()._forward_pre_hooks) == 1
+    assert "aten::bmm" not in _head_ops(lm, tok, prompts)
+    assert [g.text for g in generate(lm, tok, prompts, 6, 0.0, 1.0, 0)] == [g.text for g in before]
