@@ -656,9 +656,3 @@ def main(argv: list[str] | None = None) -> int:
     if job is not None:
         exit_child(run_job(job))
     return 0
-
-
-if __name__ == "__main__":
-    from magdi import warm  # the canonical module object, which the stage scripts import too
-
-    sys.exit(warm.main())
