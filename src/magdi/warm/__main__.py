@@ -1,7 +1,7 @@
-"""``python -m magdi.warm serve|run ...``."""
+"""``python -m magdi.warm serve|run ...`` (see ``magdi.warm.cli``)."""
 
 import sys
 
-from magdi.warm.server import main
+from magdi.warm.cli import main
 
 sys.exit(main())
