@@ -1,4 +1,4 @@
-"""``python -m magdi.warm serve|run``: the server's command line, and ``run``, the wrapper ``make repro`` uses."""
+"""``python -m magdi.warm serve|run``: the server's command line and ``run``, which ``make repro`` wraps."""
 
 from __future__ import annotations
 

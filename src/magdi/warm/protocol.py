@@ -24,6 +24,7 @@ STDIO = [0, 1, 2]
 
 
 def send_msg(sock: socket.socket, obj: dict) -> None:
+    """One JSON object, length-prefixed."""
     data = json.dumps(obj).encode()
     sock.sendall(struct.pack("!I", len(data)) + data)
 
@@ -39,6 +40,7 @@ def _recv_exact(sock: socket.socket, n: int) -> bytes:
 
 
 def recv_msg(sock: socket.socket) -> dict:
+    """The next JSON object (EOFError: the peer closed; ValueError: not a message of ours)."""
     (n,) = struct.unpack("!I", _recv_exact(sock, 4))
     if n > MAX_MSG:
         raise ValueError(f"message of {n} bytes")

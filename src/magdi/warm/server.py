@@ -84,6 +84,7 @@ def preload(modules: Sequence[str]) -> tuple[list[str], dict[str, str]]:
 
 
 def _magdi_files() -> dict[str, int]:
+    """mtime of each ``magdi`` module file imported here (``magdi.warm``'s own and ``__main__`` included)."""
     import magdi
 
     root = os.path.dirname(magdi.__file__)
