@@ -8,7 +8,7 @@ export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM := false
 export MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR := false
 # WARM=1: `make repro` runs every DVC stage in a fork of one server process that imported torch, transformers,
-# peft, mlflow, ... once (src/magdi/warm.py; socket in a private temp dir, server stopped when dvc ends,
+# peft, mlflow, ... once (src/magdi/warm/; socket in a private temp dir, server stopped when dvc ends,
 # whatever the outcome). DVC still runs one command per stage. WARM=0: each stage is a fresh Python process.
 WARM    ?= 1
 WARM_RUN = $(if $(filter 1,$(WARM)),$(BIN)/python -m magdi.warm run --)

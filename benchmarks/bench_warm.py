@@ -34,6 +34,7 @@ import time
 from pathlib import Path
 
 from magdi import warm
+from magdi.warm.cli import wait_ready
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -74,7 +75,7 @@ def start_server(sock: str, stages: Path, env: dict[str, str]) -> tuple[subproce
     t = time.perf_counter()
     proc = subprocess.Popen([sys.executable, "-m", "magdi.warm", "serve", "--socket", sock, "--stages",
                              str(stages)], env=env, stdin=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    info = warm.wait_ready(sock, proc, 300)
+    info = wait_ready(sock, proc, 300)
     if info is None:
         raise SystemExit("the warm server did not start")
     return proc, time.perf_counter() - t, info

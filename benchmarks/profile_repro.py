@@ -136,7 +136,7 @@ def report(log: Path, out: Path) -> None:
     for kind, (wall, comp, n) in sorted(groups.items(), key=lambda kv: -kv[1][0]):
         lines.append(f"| {kind} | {n} | {wall / 60:.1f} | {comp / 60:.1f} | {100 * wall / all_wall:.0f} % |")
     fc = fixed_costs()
-    lines += ["", "`make repro` runs each stage in a fork of the warm server (src/magdi/warm.py, "
+    lines += ["", "`make repro` runs each stage in a fork of the warm server (src/magdi/warm/, "
               "reports/benchmark_warm.md), which imported the libraries once; a stage's fixed column above is "
               "what remains (fork, model load, MLflow, DVC). Without it (`make repro WARM=0`, plain `dvc repro`) "
               "each stage also pays a cold start, measured directly (fresh process each, same machine, after "

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -283,3 +284,33 @@ def test_torch_computes_in_the_child_with_the_requested_threads(tmp_path: Path) 
     seeds = [out.pop("seed") for _, out in outs]
     assert seeds[0] != seeds[1]  # reseeded per child from the OS, as two fresh processes would be
     assert outs == [(True, {"threads": 2, "ok": True}), (True, {"threads": 1, "ok": True})]
+
+
+def test_a_changed_file_of_the_warm_package_itself_is_refused(tmp_path: Path) -> None:
+    """Every module of ``magdi.warm`` the server runs (``__main__`` too) counts as magdi code changed on disk."""
+    src = tmp_path / "src"
+    (src / "magdi").mkdir(parents=True)
+    (src / "magdi" / "__init__.py").write_text((ROOT / "src" / "magdi" / "__init__.py").read_text())
+    shutil.copytree(ROOT / "src" / "magdi" / "warm", src / "magdi" / "warm",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    (tmp_path / "stages").mkdir()
+    (tmp_path / "stages" / "probe.py").write_text(PROBE)
+    env = _env(PYTHONPATH=str(src))
+    s = Served(tmp_path, ["json"], env=env)
+    files = sorted((src / "magdi" / "warm").glob("*.py"))
+    assert {f.name for f in files} >= {"__init__.py", "__main__.py", "client.py", "server.py"}
+    try:
+        for f in [None, *files]:
+            if f is not None:
+                st = f.stat()
+                os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+            res = subprocess.run([sys.executable, str(tmp_path / "stages" / "probe.py"), "exit", "0"], cwd=tmp_path,
+                                 env={**env, warm.SOCKET_ENV: s.path}, capture_output=True, text=True, timeout=60)
+            if f is not None:
+                os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))
+            assert res.returncode == 0, res.stderr
+            assert json.loads(res.stdout.splitlines()[0])["served"] is (f is None), (f, res.stderr)
+            if f is not None:
+                assert f"{f} changed since the server started" in res.stderr
+    finally:
+        s.stop()
