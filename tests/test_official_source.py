@@ -39,6 +39,7 @@ def _params(tmp_path: Path, **teachers):
     raw["paths"]["mags_dir"] = str(tmp_path / "mags")
     raw["data"]["n_train"] = 2
     raw["experiments"]["tasks"] = ["ecqa"]
+    raw["experiments"].update(scaling_students=[], scaling_tasks=[])  # the default's scaling task is not ecqa
     raw["experiments"]["methods"] = ["sit_claude", "dss_mt", "magdi_r0", "magdi_cn", "magdi_an", "magdi"]
     raw["teachers"].update(teachers)
     return parse_params(raw)
