@@ -216,28 +216,32 @@ def test_truncation_stats_counts_what_the_limits_cut() -> None:
                                                   "targets_truncated_fraction": 1 / 3}
 
 
-def _head_ops(model, tokenizer, prompts: list[str]) -> set[str]:
+def _head_bmms(model, tokenizer, prompts: list[str]) -> list[list]:
+    """Shapes of the batched matmuls that expand the LM head (a [batch, hidden, vocab] operand)."""
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    head = model.get_output_embeddings().weight
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
         generate(model, tokenizer, prompts, 2, 0.0, 1.0, 0)
-    return {e.key for e in prof.key_averages()}
+    return [e.input_shapes for e in prof.events() if e.name == "aten::bmm"
+            and any(list(s) == [len(prompts), head.shape[1], head.shape[0]] for s in e.input_shapes)]
 
 
 def test_frozen_merged_model_decodes_without_copying_the_lm_head(make_lm, tiny_tokenizer) -> None:
     """A merged adapter leaves every weight frozen; torch.matmul then refuses to fold the strided last-position
     slice of the first decoding step and expands the LM head to batch x hidden x vocab (a bmm). The hook of
-    ready_for_generation hands the head a contiguous input, so decoding stays one mm per step and the
-    outputs do not change."""
+    ready_for_generation hands the head a contiguous input, so the head stays one mm and the outputs do not
+    change."""
     from magdi.student import ready_for_generation
 
     prompts = ["two plus two is", "a much longer prompt about three apples and four pears is"]
-    lm = make_lm(lora=False).requires_grad_(False).eval()  # what merge_and_unload hands the evaluator
-    slow = _head_ops(lm, tiny_tokenizer, prompts)
+    lm = make_lm(lora=True).merge_and_unload().eval()  # what the evaluator gets from a trained adapter
+    assert not any(q.requires_grad for q in lm.parameters())
     before = generate(lm, tiny_tokenizer, prompts, 6, 0.0, 1.0, 0)
-    assert "aten::bmm" in slow  # the pattern the hook avoids (fails if torch changes its folding rule)
+    if not _head_bmms(lm, tiny_tokenizer, prompts):
+        pytest.skip("this torch folds frozen strided inputs itself (pytorch#118548 fixed): nothing to avoid")
     lm, tok = ready_for_generation(lm, tiny_tokenizer)
     ready_for_generation(lm, tok)  # idempotent: one hook
     assert len(lm.get_output_embeddings()._forward_pre_hooks) == 1
-    assert "aten::bmm" not in _head_ops(lm, tok, prompts)
+    assert _head_bmms(lm, tok, prompts) == []
     assert [g.text for g in generate(lm, tok, prompts, 6, 0.0, 1.0, 0)] == [g.text for g in before]

@@ -51,6 +51,7 @@ TINY = {
         "multitask_methods": ["magdi_mt"],
         "scaling_students": ["smol_b"],
         "scaling_tasks": ["gsm8k"],
+        "scaling_train": {},
     },
 }
 # a second student for the scaling stages: the same pinned package under another name (no extra download)

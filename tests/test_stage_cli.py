@@ -82,7 +82,6 @@ def test_scaling_student_params_resolve_to_their_own_folder_and_run_names() -> N
     assert (q.student.model, q.paths.student_dir) == ("qwen_coder_0_5b", "models/students/qwen_coder_0_5b")
     assert (p.student.model, p.paths.student_dir) == (_raw()["student"]["model"], "models/student")  # unchanged
     assert q.train == p.train and q.evaluate == p.evaluate  # same recipe as the main student (no scaling_train)
-    assert parse_params(_raw()).for_student(_raw()["experiments"]["scaling_students"][0]).train.bf16  # the default
     raw = _scaling(["qwen_coder_0_5b"], [task])
     raw["experiments"]["scaling_train"] = {"bf16": True}
     p2 = parse_params(raw)
