@@ -144,15 +144,20 @@ def report(log: Path, out: Path) -> None:
     lines += [f"- {k}: {v:.1f} s" for k, v in fc.items()]
     students = [("main", ROOT / "models" / "student")]
     students += [(d.name, d) for d in sorted((ROOT / "models" / "students").glob("*")) if d.is_dir()]
+    from magdi.config import load_params
+
+    params = load_params(ROOT / "params.yaml", check_mirror=False)
     for runs, folder in students:
         tp = throughput(folder, runs)
+        bf16 = params.for_student(None if runs == "main" else runs).train.bf16  # the precision its training ran in
+        tr_kind, tr_peak = ("bf16", tp["peak_bf16"]) if bf16 else ("fp32", tp["peak_fp32"])
         lines += ["", f"Achieved throughput of the {'main student' if runs == 'main' else runs} "
                   f"({tp['n_params'] / 1e6:.0f} M parameters; sum of tokens / sum of compute seconds of its runs) against "
                   f"the matmul peak measured now ({tp['threads']} threads, 2048², FLOPs = 2n³; training counts "
                   "4 × non-embedding parameters per token: forward + activation gradients, LoRA weight gradients "
                   "are negligible):", "",
                   f"- training: {tp['train_tokens_per_s']:.0f} tokens/s = {tp['train_gflops']:.1f} GFLOP/s "
-                  f"(fp32 peak {tp['peak_fp32']:.0f} GFLOP/s: {100 * tp['train_gflops'] / tp['peak_fp32']:.0f} %)",
+                  f"({tr_kind} training, {tr_kind} peak {tr_peak:.0f} GFLOP/s: {100 * tp['train_gflops'] / tr_peak:.0f} %)",
                   f"- generation: {tp['gen_tokens_per_s']:.0f} generated tokens/s = {tp['gen_gflops']:.1f} GFLOP/s "
                   f"(bf16 peak {tp['peak_bf16']:.0f} GFLOP/s: {100 * tp['gen_gflops'] / tp['peak_bf16']:.0f} %; "
                   "decoding is bound by reading weights and by per-step overhead, not by matmul peak)"]
