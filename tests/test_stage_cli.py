@@ -143,3 +143,24 @@ def test_train_overrides_resolve_through_one_rule() -> None:
     assert (base, cfg.epochs, cfg.lr) == ("magdi", 7, p.train.lr)
     assert p.train_for("scale_3")[1].max_mags == 3 and p.train_for("scale_3")[0] == "magdi"
     assert p.train_for("magdi") == ("magdi", p.train)
+
+
+def test_nested_train_overrides_keep_the_other_nested_values() -> None:
+    """An ablation that changes one loss weight keeps the others of `train.weights`, not the class defaults."""
+    raw = _scaling(["qwen_coder_0_5b"], [_raw()["experiments"]["tasks"][0]])
+    raw["train"]["weights"] = {"ntp": 2.0, "contrastive": 0.3, "graph": 1.0}
+    raw["experiments"]["ablations"] = {"no_graph": {"weights": {"graph": 0.0}}}
+    raw["experiments"]["scaling_train"] = {"weights": {"ntp": 0.5}}
+    p = parse_params(raw)
+    w = p.train_for("no_graph")[1].weights
+    assert (w.ntp, w.contrastive, w.graph) == (2.0, 0.3, 0.0)
+    s = p.for_student("qwen_coder_0_5b").train.weights
+    assert (s.ntp, s.contrastive, s.graph) == (0.5, 0.3, 1.0)
+    assert p.train.weights.graph == 1.0  # the base recipe is untouched
+
+
+def test_override_error_counts_the_other_errors() -> None:
+    raw = _raw()
+    raw["experiments"]["ablations"] = {"bad": {"lr": 0, "epochs": 0}}
+    with pytest.raises(ConfigError, match=r"experiments\.ablations\.bad\.\w+: .* \(\+1 more\)"):
+        parse_params(raw)

@@ -360,12 +360,9 @@ class Params(_Strict):
         """``train`` with some keys overridden (an ablation, the scaling recipe, scale_<N>), validated as a whole so
         an error names the overriding key (``<key_prefix>.<key>``), not a ``train`` key the user never wrote."""
         try:
-            return TrainCfg(**{**self.train.model_dump(), **overrides})
+            return TrainCfg(**_deep_merge(self.train.model_dump(), overrides))
         except ValidationError as e:
-            err = e.errors()[0]
-            key = ".".join(str(p) for p in err["loc"]) or "<root>"
-            msg = "unknown key (typo?)" if err["type"] == "extra_forbidden" else err["msg"]
-            raise ValueError(f"{key_prefix}.{key}: {msg}") from None
+            raise ValueError(f"{key_prefix}.{_first_error(e)}") from None
 
     def packaged_models_used(self) -> list[str]:
         """Keys of ``models`` that the student or a local teacher loads (what ``prepare_student`` assembles)."""
@@ -404,18 +401,30 @@ class Params(_Strict):
             base = over.pop("method", "magdi")
             return base, self.train_with(over, f"experiments.ablations.{method}")
         if method.startswith("scale_"):
-            return "magdi", self.train_with({"max_mags": int(method.split("_", 1)[1])}, method)
+            return "magdi", self.train_with({"max_mags": int(method.split("_", 1)[1])}, f"--method {method}")
         return method, self.train
 
 
-def _format_error(e: ValidationError) -> str:
+def _first_error(e: ValidationError) -> str:
+    """``<dotted key>: <message>`` of the first error, ``(+N more)`` if there are others: one line a user acts on."""
     err = e.errors()[0]
     key = ".".join(str(p) for p in err["loc"]) or "<root>"
-    msg = err["msg"]
-    if err["type"] == "extra_forbidden":
-        msg = "unknown key (typo?)"
+    msg = "unknown key (typo?)" if err["type"] == "extra_forbidden" else err["msg"]
     more = f" (+{len(e.errors()) - 1} more)" if len(e.errors()) > 1 else ""
-    return f"params.yaml: {key}: {msg}{more}"
+    return f"{key}: {msg}{more}"
+
+
+def _format_error(e: ValidationError) -> str:
+    return f"params.yaml: {_first_error(e)}"
+
+
+def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """``over`` on top of ``base``, nested mappings merged key by key: an override of ``weights.graph`` keeps the
+    other ``weights`` of ``train`` instead of resetting them to the class defaults."""
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _deep_merge(base[k], v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
+    return out
 
 
 def parse_params(raw: dict[str, Any]) -> Params:

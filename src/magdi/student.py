@@ -128,7 +128,8 @@ def load_student(path: str | Path, dtype: str = "float32", trust_remote_code: bo
 
 def ready_for_generation(model, tok):
     """Batched decoding needs left padding (every row's next token sits at the last position) and a pad id;
-    models without a pad token pad with EOS, which the attention mask hides."""
+    models without a pad token pad with EOS, which the attention mask hides. Also installs
+    :func:`contiguous_logits_input` (a no-op for training, whose LM-head inputs are already contiguous)."""
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     tok.padding_side = "left"
@@ -137,8 +138,11 @@ def ready_for_generation(model, tok):
     return model, tok
 
 
-def _contiguous_input(module, args):
-    return (args[0].contiguous(), *args[1:])
+def _contiguous_input(module: torch.nn.Module, args: tuple) -> tuple | None:
+    """Forward pre-hook of :func:`contiguous_logits_input`; a head called with keyword arguments is left as is."""
+    if args and isinstance(args[0], torch.Tensor):
+        return (args[0].contiguous(), *args[1:])
+    return None
 
 
 def contiguous_logits_input(model) -> None:
