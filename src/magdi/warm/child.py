@@ -12,6 +12,8 @@ import sys
 import threading
 from dataclasses import dataclass
 
+from magdi.warm.client import exit_with
+
 
 @dataclass
 class Job:
@@ -85,10 +87,4 @@ def exit_child(code: int) -> None:
         threading._shutdown()  # type: ignore[attr-defined]  # what Py_Finalize does first
     atexit._run_exitfuncs()
     gc.collect()  # the server's objects are frozen: only the stage's are scanned
-    for f in (sys.stdout, sys.stderr):
-        with contextlib.suppress(Exception):
-            f.flush()
-    if code < 0:
-        signal.signal(-code, signal.SIG_DFL)
-        os.kill(os.getpid(), -code)
-    os._exit(code & 0xFF)
+    exit_with(code)

@@ -64,7 +64,7 @@ def delegate(script: str) -> None:
                   file=sys.stderr, flush=True)
             return
         code = _wait_child(sock, int(reply["pid"]))
-    _exit_with(code)
+    exit_with(code)
 
 
 def _wait_child(sock: socket.socket, pid: int) -> int:
@@ -85,7 +85,9 @@ def _wait_child(sock: socket.socket, pid: int) -> int:
     return os.waitstatus_to_exitcode(status)
 
 
-def _exit_with(code: int) -> None:
+def exit_with(code: int) -> None:
+    """Flush stdio and end now with ``code``; a negative code is that signal, re-raised on ourselves so the
+    parent sees the same death (``128 + signal`` if its default action does not end the process)."""
     for f in (sys.stdout, sys.stderr):
         with contextlib.suppress(Exception):
             f.flush()
