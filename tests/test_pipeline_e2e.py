@@ -27,6 +27,7 @@ pytestmark = pytest.mark.slow
 TINY = {
     "profile": "e2e_tiny",
     "paths": {"mirror_dir": str(MIRROR)},
+    "student": {"model": "smollm2_135m"},  # the smallest packaged model, whatever the default's student is
     "data": {"benchmarks": ["strategyqa", "gsm8k", "math", "svamp"], "n_train": 3, "n_test": 3},
     "teachers": {
         "agents": [

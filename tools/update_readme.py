@@ -8,9 +8,12 @@ reports/significance.csv. Nothing in the block is typed by hand.
 from __future__ import annotations
 
 import csv
+import json
 import re
 import sys
 from pathlib import Path
+
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 START = "Measured on this workplace's 2-core CPU machine"
@@ -41,6 +44,25 @@ def summary(rows: list[dict]) -> str:
     return f"{len(sig)} of {len(rows)} comparisons reach p < 0.05: " + "; ".join(parts) + ". The others do not."
 
 
+def setup_sentence() -> str:
+    """What the default experiment is, read from params.yaml and the run's metrics (nothing typed by hand)."""
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    models = params["models"]
+    teachers = ", ".join(f"{a['name']} ({models[a['model']]['description'].split(',')[0]})"
+                         if a.get("model") in models else a["name"] for a in params["teachers"]["agents"])
+    student = params["student"]["model"]
+    zs = sorted((ROOT / "metrics/eval/zero_shot").glob("*.json"))
+    n_params = json.loads(zs[0].read_text())["student_parameters"] if zs else None
+    size = f", {n_params / 1e6:.0f} M parameters" if n_params else ""
+    desc = models[student]["description"].split(",")[0] if student in models else student
+    train = params["train"]
+    epochs = train["epochs"]
+    return (f"The default is a real but small MAGDi experiment: teachers {teachers}; "
+            f"{params['data']['n_train']} discussions (MAGs) per task with "
+            f"{params['teachers']['max_rounds'] + 1} rounds; the student {desc}{size}; "
+            f"{epochs} epoch{'s' if epochs != 1 else ''} at learning rate {train['lr']:g}.")
+
+
 def block(total_s: int) -> str:
     t1 = ours_tables((ROOT / "reports/table1_main.md").read_text())[0]
     t7 = ours_tables((ROOT / "reports/table7_student_scaling.md").read_text())
@@ -51,8 +73,8 @@ def block(total_s: int) -> str:
     return f"""{START} (fresh clone, quiet machine, pip cache warm): `make repro`
 took **{total_s // 60} min {total_s % 60} s** from the first line to the last, install included; where the time goes, stage by
 stage, and exactly which run it was, is in [`reports/benchmark_pipeline.md`](reports/benchmark_pipeline.md). It replays the teachers' discussions
-from the committed `teacher_cache/` (see "Teachers" below): generating them took 1,667 s (GSM8K) + 1,217 s
-(SVAMP) more. `make test` runs the unit tests plus one end-to-end `dvc repro` + `dvc exp run -S` on tiny sizes.
+from the committed `teacher_cache/` (see "Teachers" below); generating them is measured in
+[`reports/teacher_generation.md`](reports/teacher_generation.md). `make test` runs the unit tests plus one end-to-end `dvc repro` + `dvc exp run -S` on tiny sizes.
 
 The results of that run are committed: [`reports/`](reports/README.md) (tables and figures mirroring the
 paper), `metrics/` (one JSON per run, `dvc metrics show`) and `dvc.lock`. What produced the numbers can be read
@@ -70,13 +92,11 @@ questions, paired bootstrap 95 % interval of the difference, McNemar's exact tes
 
 {chr(10).join(significance_lines(rows))}
 
-{summary(rows)} Read them for what they are. The default is a real but small MAGDi experiment: three different
-teachers (Qwen2.5-Coder-1.5B and -0.5B, SmolLM2-135M; none of them strong), 32 discussions (MAGs) per task
-with two rounds, a 135 M-parameter student, two epochs.
-The size is what the 2-core machine allows (teacher generation: ~28 min per 32 GSM8K discussions; per-stage
-times in reports/benchmark_pipeline.md). A difference without "significant" above is inside the noise of 200
-questions; growing the experiment is one edit (`data.n_train`; the cache keeps what was already generated) and
-more CPU time.
+{summary(rows)} Read them for what they are. {setup_sentence()}
+The size is what the 2-core machine allows (per-stage times in reports/benchmark_pipeline.md; generating the
+discussions: reports/teacher_generation.md). A difference without "significant" above is inside the noise of
+the test set; growing the experiment is one edit (`data.n_train`; the cache keeps what was already generated)
+and more CPU time.
 
 """
 

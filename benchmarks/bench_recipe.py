@@ -1,0 +1,172 @@
+"""Choose the training recipe (learning rate, epochs) on a validation split, never on the test questions.
+
+The validation questions are the next ``--n-val`` questions of the seeded training draw after the ``data.n_train``
+that became MAGs (``magdi.data.sample_splits`` with a larger ``n_train``): disjoint from the MAG questions and
+from the test set by construction. Every candidate is trained exactly as the ``train`` stage trains ``magdi``
+(same MAGs, ``train`` + the candidate's overrides) and evaluated exactly as ``evaluate`` does (merged adapter,
+greedy, ``evaluate.*``); the base student's zero-shot accuracy on the same questions is the baseline, with a
+paired bootstrap interval and McNemar's exact test for each candidate.
+
+    python benchmarks/bench_recipe.py --task svamp --lrs 1e-4 3e-4 --epochs 1 --n-val 100 \\
+        [--student qwen_coder_0_5b] [--method magdi] --out reports/benchmark_recipe.md
+
+Run it where ``dvc repro`` has built the task's MAGs and the student (``data/mags``, ``models/``). Adapters go to
+``runs/bench_recipe/`` (resumable: a finished candidate is not trained again).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+
+def validation_questions(p, task: str, n_val: int) -> list[dict]:
+    """The ``n_val`` questions that follow the MAG questions in the seeded draw (same pools, same seed)."""
+    from magdi.data import load_benchmark, read_jsonl, sample_splits
+    from magdi.pipeline import bench_file
+
+    pools, _ = load_benchmark(task, p.data.source, p.paths.mirror_dir)
+    draw = sample_splits(pools, p.data.n_train + n_val, p.data.n_test, p.data.seed)
+    mag_ids = {r["id"] for r in read_jsonl(bench_file(p, task, "train"))}
+    test_ids = {r["id"] for r in draw["test"]}
+    first = [r["id"] for r in draw["train"][: p.data.n_train]]
+    if set(first) != mag_ids:
+        raise SystemExit(f"{bench_file(p, task, 'train')} is not the first data.n_train={p.data.n_train} of the "
+                         "seeded draw: run `dvc repro download` with these params first")
+    val = draw["train"][p.data.n_train:]
+    assert not ({r["id"] for r in val} & (mag_ids | test_ids)), "validation overlaps MAG or test questions"
+    return val
+
+
+def evaluate_on(p, adapter: Path | None, task: str, questions: list[dict]):
+    from magdi.config import TASK_TYPES
+    from magdi.evaluate import evaluate_examples
+    from magdi.pipeline import _student_generator, decoding
+
+    generator, tok = _student_generator(p, adapter)
+    t0 = time.perf_counter()
+    preds = evaluate_examples(generator, tok, questions, task, TASK_TYPES[task], p.evaluate.batch_size,
+                              p.evaluate.max_new_tokens, "", k=1, **decoding(p, 1))
+    return preds, time.perf_counter() - t0
+
+
+def train_candidate(p, task: str, method: str, overrides: dict, out: Path) -> dict:
+    """One ``train``-stage run of ``method`` with ``train`` + ``overrides``, adapter saved under ``out``."""
+    import torch
+
+    from magdi.pipeline import _select_mags
+    from magdi.student import attach_lora, load_student
+    from magdi.train import build_items, method_spec, save_adapter, train
+
+    base, cfg0 = p.train_for(method)
+    cfg = p.train_with({**cfg0.model_dump(), **overrides}, "--candidate")
+    spec = method_spec(base)
+    mags = _select_mags(p, task, cfg)
+    torch.manual_seed(cfg.seed)
+    lm, tok = load_student(p.paths.student_dir, p.student.dtype, p.student.trust_remote_code)
+    lm = attach_lora(lm, p.student.lora.r, p.student.lora.alpha, p.student.lora.dropout, p.student.lora.target_modules)
+    items = build_items(mags, spec, tok, cfg.graph)
+    res = train(lm, tok, items, spec, cfg, out)
+    save_adapter(lm, out / "adapter")
+    return {"n_mags": len(mags), "steps": res.steps, "tokens": res.tokens, "seconds": round(res.seconds, 1),
+            "final_loss": res.history[-1]["loss"] if res.history else None}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--task", required=True)
+    ap.add_argument("--method", default="magdi")
+    ap.add_argument("--student", default=None, help="one of experiments.scaling_students (default: the main student)")
+    ap.add_argument("--lrs", type=float, nargs="+", required=True)
+    ap.add_argument("--epochs", type=int, nargs="+", default=None)
+    ap.add_argument("--n-val", type=int, default=100)
+    ap.add_argument("--workdir", default="runs/bench_recipe")
+    ap.add_argument("--out", default="reports/benchmark_recipe.md")
+    a = ap.parse_args()
+
+    import torch
+
+    from magdi.config import cli_params
+    from magdi.pipeline import _set_threads
+    from magdi.report.stats import mcnemar_exact, paired_bootstrap_ci
+
+    _set_threads()
+    p = cli_params(a.params)
+    if a.student:
+        p = p.for_student(a.student)
+    val = validation_questions(p, a.task, a.n_val)
+    work = Path(a.workdir) / a.task / (a.student or p.student.model)
+    work.mkdir(parents=True, exist_ok=True)
+
+    def cached_eval(name: str, adapter: Path | None) -> dict:
+        f = work / f"{name}.eval.json"
+        if f.exists():
+            return json.loads(f.read_text())
+        preds, secs = evaluate_on(p, adapter, a.task, val)
+        row = {"correct": [pr.correct for pr in preds], "tokens": [pr.n_tokens for pr in preds],
+               "seconds": round(secs, 1)}
+        f.write_text(json.dumps(row))
+        return row
+
+    base = cached_eval("zero_shot", None)
+    rows = []
+    for ep in a.epochs or [p.train.epochs]:
+        for lr in a.lrs:
+            name = f"lr{lr:g}_ep{ep}"
+            out = work / name
+            tf = out / "bench_train.json"
+            if not tf.exists():
+                torch.manual_seed(0)
+                info = train_candidate(p, a.task, a.method, {"lr": lr, "epochs": ep}, out)
+                tf.write_text(json.dumps(info))
+            info = json.loads(tf.read_text())
+            ev = cached_eval(name, out / "adapter")
+            lo, hi = paired_bootstrap_ci(ev["correct"], base["correct"], p.evaluate.bootstrap_samples, p.evaluate.seed)
+            b, c, pv = mcnemar_exact(ev["correct"], base["correct"])
+            rows.append({"lr": lr, "epochs": ep, **info, "acc": 100 * sum(ev["correct"]) / len(val),
+                         "diff": 100 * (sum(ev["correct"]) - sum(base["correct"])) / len(val),
+                         "ci": (100 * lo, 100 * hi), "p": pv,
+                         "truncated": 100 * sum(t >= p.evaluate.max_new_tokens for t in ev["tokens"]) / len(val),
+                         "mean_tokens": sum(ev["tokens"]) / len(val), "eval_s": ev["seconds"]})
+
+    zs_acc = 100 * sum(base["correct"]) / len(val)
+    best = max(rows, key=lambda r: (r["acc"], -r["lr"]))
+    lines = [
+        f"# Training recipe chosen on a validation split ({a.task}, {a.method}, student {a.student or p.student.model})",
+        "",
+        f"`python benchmarks/bench_recipe.py --task {a.task} --method {a.method}"
+        + (f" --student {a.student}" if a.student else "")
+        + f" --lrs {' '.join(f'{x:g}' for x in a.lrs)}"
+        + (f" --epochs {' '.join(map(str, a.epochs))}" if a.epochs else "") + f" --n-val {a.n_val}`",
+        f"on {platform.machine()} with {torch.get_num_threads()} threads; `train` and `evaluate` as in params, "
+        "each candidate changing only the learning rate and epochs.",
+        "",
+        f"Validation: {len(val)} {a.task} training-pool questions after the {p.data.n_train} MAG questions of the "
+        "seeded draw (disjoint from the MAGs and the test set). The base student zero-shot on them: "
+        f"{zs_acc:.1f} % ({base['seconds']:.0f} s).",
+        "",
+        "| lr | epochs | MAGs | steps | train tokens | train s | final loss | val acc % | vs zero-shot (paired 95 % CI) "
+        "| McNemar p | truncated % | mean tokens |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(f"| {r['lr']:g} | {r['epochs']} | {r['n_mags']} | {r['steps']} | {r['tokens']} | {r['seconds']:.0f} "
+                     f"| {r['final_loss']:.3f} | {r['acc']:.1f} | {r['diff']:+.1f} [{r['ci'][0]:+.1f}, {r['ci'][1]:+.1f}] "
+                     f"| {r['p']:.3g} | {r['truncated']:.1f} | {r['mean_tokens']:.0f} |")
+    lines += ["", f"Highest validation accuracy: lr {best['lr']:g}, {best['epochs']} epoch(s) ({best['acc']:.1f} %; "
+              "ties go to the smaller learning rate). With this many questions a difference of a few points is "
+              "within noise: read the intervals."]
+    Path(a.out).write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

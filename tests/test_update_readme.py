@@ -1,0 +1,37 @@
+"""The README's results block is generated: its description of the experiment comes from params.yaml and metrics."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _tool():
+    spec = importlib.util.spec_from_file_location("update_readme", ROOT / "tools" / "update_readme.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_setup_sentence_follows_params_and_metrics(tmp_path, monkeypatch) -> None:
+    tool = _tool()
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["data"]["n_train"] = 7
+    params["train"]["epochs"] = 3
+    params["train"]["lr"] = 1e-4
+    params["teachers"]["max_rounds"] = 2
+    params["student"]["model"] = "smollm2_135m"
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    (tmp_path / "metrics/eval/zero_shot").mkdir(parents=True)
+    (tmp_path / "metrics/eval/zero_shot/gsm8k.json").write_text(json.dumps({"student_parameters": 134_515_008}))
+    monkeypatch.setattr(tool, "ROOT", tmp_path)
+    s = tool.setup_sentence()
+    assert "7 discussions (MAGs) per task with 3 rounds" in s
+    assert "the student SmolLM2-135M-Instruct, 135 M parameters" in s
+    assert "3 epochs at learning rate 0.0001" in s
+    assert "qwen15 (Qwen2.5-Coder-1.5B-Instruct)" in s
