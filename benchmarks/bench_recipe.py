@@ -53,7 +53,7 @@ def evaluate_on(p, adapter: Path | None, task: str, questions: list[dict]):
     generator, tok = _student_generator(p, adapter)
     t0 = time.perf_counter()
     preds = evaluate_examples(generator, tok, questions, task, TASK_TYPES[task], p.evaluate.batch_size,
-                              p.evaluate.max_new_tokens, "", k=1, **decoding(p, 1))
+                              p.evaluate.limit(task), "", k=1, **decoding(p, 1))
     return preds, time.perf_counter() - t0
 
 
@@ -134,7 +134,7 @@ def main() -> None:
             rows.append({"lr": lr, "epochs": ep, **info, "acc": 100 * sum(ev["correct"]) / len(val),
                          "diff": 100 * (sum(ev["correct"]) - sum(base["correct"])) / len(val),
                          "ci": (100 * lo, 100 * hi), "p": pv,
-                         "truncated": 100 * sum(t >= p.evaluate.max_new_tokens for t in ev["tokens"]) / len(val),
+                         "truncated": 100 * sum(t >= p.evaluate.limit(a.task) for t in ev["tokens"]) / len(val),
                          "mean_tokens": sum(ev["tokens"]) / len(val), "eval_s": ev["seconds"]})
 
     zs_acc = 100 * sum(base["correct"]) / len(val)

@@ -69,6 +69,7 @@ def test_check_run_accepts_what_params_can_resolve() -> None:
 
 def _scaling(students: list[str], tasks: list[str]) -> dict:
     raw = _raw()
+    raw["student"]["model"] = "smollm2_135m"  # whatever the default's main student is
     raw["experiments"].update(scaling_students=students, scaling_tasks=tasks, scaling_train={})
     return raw
 
@@ -80,9 +81,10 @@ def test_scaling_student_params_resolve_to_their_own_folder_and_run_names() -> N
     p = parse_params(_scaling(["qwen_coder_0_5b"], [task]))
     q = p.for_student("qwen_coder_0_5b")
     assert (q.student.model, q.paths.student_dir) == ("qwen_coder_0_5b", "models/students/qwen_coder_0_5b")
-    assert (p.student.model, p.paths.student_dir) == (_raw()["student"]["model"], "models/student")  # unchanged
+    assert (p.student.model, p.paths.student_dir) == ("smollm2_135m", "models/student")  # unchanged
     assert q.train == p.train and q.evaluate == p.evaluate  # same recipe as the main student (no scaling_train)
     raw = _scaling(["qwen_coder_0_5b"], [task])
+    raw["train"]["bf16"] = False
     raw["experiments"]["scaling_train"] = {"bf16": True}
     p2 = parse_params(raw)
     assert p2.for_student("qwen_coder_0_5b").train.bf16 and not p2.train.bf16  # only the scaling runs
@@ -164,3 +166,39 @@ def test_override_error_counts_the_other_errors() -> None:
     raw["experiments"]["ablations"] = {"bad": {"lr": 0, "epochs": 0}}
     with pytest.raises(ConfigError, match=r"experiments\.ablations\.bad\.\w+: .* \(\+1 more\)"):
         parse_params(raw)
+
+
+def test_answer_limit_per_task_overrides_the_default() -> None:
+    raw = _raw()
+    raw["evaluate"]["max_new_tokens"] = 300
+    raw["evaluate"]["max_new_tokens_by_task"] = {"gsm8k": 450}
+    e = parse_params(raw).evaluate
+    assert (e.limit("gsm8k"), e.limit("svamp")) == (450, 300)
+    raw["evaluate"]["max_new_tokens_by_task"] = {"gsm9k": 450}
+    with pytest.raises(ConfigError, match=r"evaluate\.max_new_tokens_by_task: .*unknown task\(s\) \['gsm9k'\]"):
+        parse_params(raw)
+    raw["evaluate"]["max_new_tokens_by_task"] = {"gsm8k": 0}
+    with pytest.raises(ConfigError, match=r"evaluate\.max_new_tokens_by_task: .*>= 1"):
+        parse_params(raw)
+
+
+def test_evaluation_decodes_and_counts_truncation_at_the_tasks_own_limit(tmp_path: Path, monkeypatch) -> None:
+    import magdi.evaluate
+    from magdi import pipeline
+
+    raw = _raw()
+    raw["evaluate"].update(max_new_tokens=300, max_new_tokens_by_task={"gsm8k": 450})
+    p = parse_params(raw)
+    decoded, counted = {}, []
+    monkeypatch.setattr(pipeline, "load_examples", lambda p, task, split: [])
+
+    def fake_evaluate(gen, tok, examples, task, answer_type, batch_size, limit, *a, **k):
+        decoded[task] = limit
+        return []
+
+    monkeypatch.setattr(magdi.evaluate, "evaluate_examples", fake_evaluate)
+    monkeypatch.setattr(magdi.evaluate, "summarise", lambda preds, samples, seed, limit: counted.append(limit) or {})
+    for task in ("gsm8k", "svamp"):
+        res = pipeline._eval_one(p, None, None, task, tmp_path / task, "")
+        assert res["max_new_tokens"] == {"gsm8k": 450, "svamp": 300}[task]
+    assert decoded == {"gsm8k": 450, "svamp": 300} and counted == [450, 300]

@@ -254,6 +254,9 @@ class EvalCfg(_Strict):
     vllm_engine: dict[str, Any] = Field(default_factory=dict)
     batch_size: int = Field(16, ge=1)
     max_new_tokens: int = Field(160, ge=1)
+    #: per-task limits overriding ``max_new_tokens`` (a task whose answers run longer, e.g. {gsm8k: 448}): one
+    #: limit for all would make every batch of the short-answer tasks decode to the long one's limit
+    max_new_tokens_by_task: dict[str, int] = Field(default_factory=dict)
     #: single-answer decoding: temperature 0 = greedy (CPU default); the official test script samples
     #: (temperature 0.7, top_p 0.9, top_k 50), seeded with ``seed``
     temperature: float = Field(0.0, ge=0)
@@ -262,6 +265,21 @@ class EvalCfg(_Strict):
     self_consistency: SelfConsistencyCfg = SelfConsistencyCfg()
     bootstrap_samples: int = Field(1000, ge=10)
     seed: int = 0
+
+    @field_validator("max_new_tokens_by_task")
+    @classmethod
+    def _limits_known(cls, v: dict[str, int]) -> dict[str, int]:
+        bad = sorted(t for t in v if t not in TASK_TYPES)
+        if bad:
+            raise ValueError(f"unknown task(s) {bad}; known: {sorted(TASK_TYPES)}")
+        low = sorted(t for t, n in v.items() if n < 1)
+        if low:
+            raise ValueError(f"limits must be >= 1, got {[(t, v[t]) for t in low]}")
+        return v
+
+    def limit(self, task: str) -> int:
+        """The answer-length limit for ``task``: its entry in ``max_new_tokens_by_task``, else ``max_new_tokens``."""
+        return self.max_new_tokens_by_task.get(task, self.max_new_tokens)
 
 
 class ExperimentsCfg(_Strict):

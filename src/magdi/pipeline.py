@@ -340,9 +340,10 @@ def _eval_one(p: Params, generator, tok, task: str, out: Path, prefix: str, k: i
     examples = load_examples(p, task, "test")
     t0 = time.perf_counter()
     preds = evaluate_examples(generator, tok, examples, task, TASK_TYPES[task], p.evaluate.batch_size,
-                              p.evaluate.max_new_tokens, prefix, k=k, **decoding(p, k))
+                              p.evaluate.limit(task), prefix, k=k, **decoding(p, k))
     seconds = time.perf_counter() - t0
-    res = summarise(preds, p.evaluate.bootstrap_samples, p.evaluate.seed, p.evaluate.max_new_tokens)
+    res = summarise(preds, p.evaluate.bootstrap_samples, p.evaluate.seed, p.evaluate.limit(task))
+    res["max_new_tokens"] = p.evaluate.limit(task)
     res["generation_seconds"] = round(seconds, 2)  # the compute part of the stage (reports/benchmark_pipeline.md)
     out.mkdir(parents=True, exist_ok=True)
     with (out / predictions_name(task, k)).open("w") as f:
