@@ -68,10 +68,12 @@ def write_readme(ctx: Ctx, out: Path, files: list[Path]) -> Path:
         "",
         "## Caution",
         "",
-        "- The CPU-default profile (`cpu_default`) uses a 135M-parameter student (SmolLM2-135M-Instruct), weak "
-        "offline teachers (personas of the same small model plus an oracle `reference` agent replaying the "
-        "dataset's explanation), a few MAGs per task and tiny test sets: accuracies are noisy and their 95% "
-        "bootstrap CIs are wide. Differences between methods inside a CI say nothing.",
+        f"- This run (profile `{p.profile}`): student `{p.student.model}`, teachers "
+        f"{', '.join(f'`{a.name}`' + (f' ({a.model})' if a.backend != 'reference' else '') for a in p.teachers.agents)}, "
+        f"{p.data.n_train} MAGs per task and {p.data.n_test} test questions per task. Small teachers and few MAGs "
+        "against the paper's GPT-4/Bard/Claude and 1K MAGs: read every accuracy with its 95% interval, and every "
+        "comparison with its paired interval and McNemar p-value (`significance.md`); a difference inside them "
+        "says nothing.",
         "- Teacher numbers (team accuracy, teacher tokens) are measured on the training questions, student "
         "numbers on the test questions.",
         f"- Numbers in sections labelled **{PAPER_LABEL}** are transcribed from the paper "
