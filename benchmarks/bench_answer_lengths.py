@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,22 +36,17 @@ def main() -> None:
     a = ap.parse_args()
 
     import torch
-    from bench_recipe import validation_questions
+    from bench_recipe import evaluate_on, validation_questions
 
-    from magdi.config import TASK_TYPES, cli_params
-    from magdi.evaluate import evaluate_examples
-    from magdi.pipeline import _set_threads, _student_generator, decoding
+    from magdi.config import cli_params
+    from magdi.pipeline import _set_threads
 
     _set_threads()
     p = cli_params(a.params)
     if a.student:
         p = p.for_student(a.student)
     val = validation_questions(p, a.task, a.n)
-    generator, tok = _student_generator(p, None)
-    t0 = time.perf_counter()
-    preds = evaluate_examples(generator, tok, val, a.task, TASK_TYPES[a.task], p.evaluate.batch_size, a.limit,
-                              "", k=1, **decoding(p, 1))
-    secs = time.perf_counter() - t0
+    preds, secs = evaluate_on(p, None, a.task, val, a.limit)
     lengths = sorted(pr.n_tokens for pr in preds)
     q = statistics.quantiles(lengths, n=20)
     limits = sorted({128, 192, 256, 320, 384, 448, 512, a.limit, p.evaluate.limit(a.task)})

@@ -45,7 +45,8 @@ def validation_questions(p, task: str, n_val: int) -> list[dict]:
     return val
 
 
-def evaluate_on(p, adapter: Path | None, task: str, questions: list[dict]):
+def evaluate_on(p, adapter: Path | None, task: str, questions: list[dict], limit: int | None = None):
+    """``evaluate``'s decoding of ``questions`` (``limit``: new tokens, default the task's own limit)."""
     from magdi.config import TASK_TYPES
     from magdi.evaluate import evaluate_examples
     from magdi.pipeline import _student_generator, decoding
@@ -53,7 +54,7 @@ def evaluate_on(p, adapter: Path | None, task: str, questions: list[dict]):
     generator, tok = _student_generator(p, adapter)
     t0 = time.perf_counter()
     preds = evaluate_examples(generator, tok, questions, task, TASK_TYPES[task], p.evaluate.batch_size,
-                              p.evaluate.limit(task), "", k=1, **decoding(p, 1))
+                              limit or p.evaluate.limit(task), "", k=1, **decoding(p, 1))
     return preds, time.perf_counter() - t0
 
 
