@@ -157,10 +157,11 @@ def naive_forward(core: MagdiStudent, items: Sequence[TrainItem], tok, cfg: Trai
     """The three losses from three separate LM passes; returns (losses, counters)."""
     lm = core.lm
     zero = _trainable(core)[0].sum() * 0
+    dev = zero.device  # CPU here; CUDA in bench_gpu.py (the batches are built on the CPU, then moved)
     cnt = {"passes": 0, "rows": 0, "real": 0, "padded": 0, "logits": 0, "rows_per_pass": {}}
 
     def run(name: str, pairs, hidden: bool):
-        ids, att, lab = _left_padded(tok, pairs, cfg)
+        ids, att, lab = (t.to(dev) for t in _left_padded(tok, pairs, cfg))
         out = lm(input_ids=ids, attention_mask=att, output_hidden_states=hidden)  # full-vocab logits
         cnt["passes"] += 1
         cnt["rows"] += ids.shape[0]
@@ -181,7 +182,7 @@ def naive_forward(core: MagdiStudent, items: Sequence[TrainItem], tok, cfg: Trai
                 seen.add((it.prompt, t))
     if pos:
         out, lab = run("A_ntp", pos, hidden=False)
-        l_ntp = ntp_loss(out.logits, lab, torch.tensor(first))
+        l_ntp = ntp_loss(out.logits, lab, torch.tensor(first, device=dev))
         del out
     else:
         l_ntp = zero
@@ -210,9 +211,9 @@ def naive_forward(core: MagdiStudent, items: Sequence[TrainItem], tok, cfg: Trai
     mask = lab != -100
     enc = core.encoder
     if enc.takes_tokens:  # token attention: no fixed node padding in this variant
-        gid = torch.tensor([g for g, it in enumerate(items) for _ in it.targets])
+        gid = torch.tensor([g for g, it in enumerate(items) for _ in it.targets], device=dev)
         logits = enc(hid, mask, gid)
-        y = torch.tensor([y for it in items for y in it.labels])
+        y = torch.tensor([y for it in items for y in it.labels], device=dev)
     else:
         reps = position_weighted_mean(hid, mask)
         # fixed-size graphs with zero features on padding nodes, labels -100 (masked out). Exact for the
@@ -225,15 +226,15 @@ def naive_forward(core: MagdiStudent, items: Sequence[TrainItem], tok, cfg: Trai
             size = max(n, pad_to)
             x = reps.new_zeros(size, reps.shape[1])
             x[:n] = reps[k : k + n]
-            yy = torch.full((size,), -100, dtype=torch.long)
-            yy[:n] = torch.tensor(it.labels)
+            yy = torch.full((size,), -100, dtype=torch.long, device=dev)
+            yy[:n] = torch.tensor(it.labels, device=dev)
             if it.edge_index:
-                es.append(torch.tensor(it.edge_index, dtype=torch.long).t() + off)
+                es.append(torch.tensor(it.edge_index, dtype=torch.long, device=dev).t() + off)
             xs.append(x)
             ys.append(yy)
-            bs.append(torch.full((size,), g, dtype=torch.long))
+            bs.append(torch.full((size,), g, dtype=torch.long, device=dev))
             k, off = k + n, off + size
-        e = torch.cat(es, dim=1) if es else torch.zeros(2, 0, dtype=torch.long)
+        e = torch.cat(es, dim=1) if es else torch.zeros(2, 0, dtype=torch.long, device=dev)
         logits = enc(torch.cat(xs), e, torch.cat(bs))
         y = torch.cat(ys)
     l_graph = graph_node_loss(logits, y)

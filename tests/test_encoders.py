@@ -217,3 +217,27 @@ def test_build_encoder_names() -> None:
     assert isinstance(build_encoder("token_attention", DIM, 16), TokenAttentionEncoder)
     with pytest.raises(ValueError, match="unknown encoder"):
         build_encoder("gat", DIM, 16)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("name", ["gcn", "node_attention", "token_attention", "score_head"])
+def test_bf16_parameters_take_fp32_inputs(name: str) -> None:
+    """FSDP mixed precision casts a head's parameters to bf16 with no autocast while the pooled inputs are
+    fp32: the head casts its input, giving exactly what a bf16 input gives (seen failing on a GPU)."""
+    from magdi.losses import ScoreHead
+
+    torch.manual_seed(0)
+    mod = (ScoreHead(8, 8) if name == "score_head" else build_encoder(name, 8, 8)).to(torch.bfloat16).eval()
+    batch = torch.tensor([0, 0, 1])
+    if name == "token_attention":
+        x, other = torch.randn(3, 4, 8), torch.tensor([[1, 1, 0, 0], [0, 1, 1, 1], [1, 0, 0, 0]])
+    else:
+        x, other = torch.randn(3, 8), torch.tensor([[0, 1], [1, 0]])
+
+    def run(inp: torch.Tensor) -> torch.Tensor:
+        if name == "score_head":
+            return mod(inp)
+        return mod(inp, other, batch)
+
+    out = run(x)
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+    assert torch.equal(out, run(x.to(torch.bfloat16)))

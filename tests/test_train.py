@@ -626,3 +626,13 @@ def test_gradient_checkpointing_same_loss_and_grads(make_lm, tiny_tokenizer) -> 
     for n in grads[0]:
         assert torch.allclose(grads[0][n], grads[1][n], atol=1e-6), n
     assert any(g.abs().sum() > 0 for n, g in grads[1].items() if "lora_B" in n)
+
+
+def test_fsdp_refused_before_any_step() -> None:
+    """FSDP shards parameters and optimiser state, which the checkpoints cannot save yet: fail at start."""
+    from magdi.train import check_distributed
+
+    with pytest.raises(RuntimeError, match="accelerate_ddp.yaml"):
+        check_distributed("DistributedType.FSDP")
+    for ok in ("DistributedType.NO", "DistributedType.MULTI_GPU"):
+        check_distributed(ok)

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from torch_geometric.nn import GCNConv
 from torch_geometric.utils import to_dense_batch
 
-from magdi.losses import position_weighted_mean
+from magdi.losses import as_param_dtype, position_weighted_mean
 
 EncoderName = Literal["gcn", "node_attention", "token_attention"]
 
@@ -114,7 +114,7 @@ class GCNEncoder(nn.Module):
         ``batch`` is accepted for a uniform signature; message passing only follows ``edge_index``, and
         ``Batch.from_data_list`` never connects two MAGs, so graphs stay independent.
         """
-        h = self.dropout(torch.relu(self.conv1(x, edge_index)))
+        h = self.dropout(torch.relu(self.conv1(as_param_dtype(self, x), edge_index)))
         h = self.conv2(h, edge_index)
         return self.classifier(h)
 
@@ -135,7 +135,7 @@ class NodeAttentionEncoder(_AttentionEncoder):
 
         Output rows follow the input node order (``batch`` need not be sorted).
         """
-        return self.classifier(_attend_within_graphs(self.transformer, self.proj(x), batch))
+        return self.classifier(_attend_within_graphs(self.transformer, self.proj(as_param_dtype(self, x)), batch))
 
 
 class TokenAttentionEncoder(_AttentionEncoder):
@@ -158,11 +158,11 @@ class TokenAttentionEncoder(_AttentionEncoder):
         """
         mask = token_mask.to(torch.bool)
         node_idx, pos_idx = torch.nonzero(mask, as_tuple=True)  # row-major: by node, then by position
-        tokens = self.proj(token_states[node_idx, pos_idx])  # [L, H], the linearisation of each MAG
+        tokens = self.proj(as_param_dtype(self, token_states[node_idx, pos_idx]))  # [L, H], the linearisation of each MAG
         flat = _attend_within_graphs(self.transformer, tokens, node_batch[node_idx])
         per_node = flat.new_zeros(token_states.shape[0], token_states.shape[1], flat.shape[-1])
         per_node[node_idx, pos_idx] = flat
-        return self.classifier(position_weighted_mean(per_node, mask))
+        return self.classifier(as_param_dtype(self, position_weighted_mean(per_node, mask)))  # pooled in fp32
 
 
 def build_encoder(

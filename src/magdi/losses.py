@@ -126,6 +126,18 @@ def position_weighted_mean(hidden: Tensor, mask: Tensor) -> Tensor:
     return torch.bmm(weights.unsqueeze(1), h).squeeze(1)
 
 
+def as_param_dtype(module: nn.Module, x: Tensor) -> Tensor:
+    """``x`` in the dtype of ``module``'s parameters, called inside ``forward``.
+
+    Under FSDP mixed precision the parameters are cast to bf16 only when the module runs, and no autocast
+    is active, while pooled representations arrive in fp32 (``position_weighted_mean``): without this cast
+    the first matmul of a head fails with a dtype mismatch (seen under ``accelerate launch`` with
+    configs/accelerate_fsdp.yaml, reports/benchmark_gpu.md). A no-op when the dtypes agree.
+    """
+    p = next(module.parameters(), None)
+    return x if p is None or x.dtype == p.dtype or not x.is_floating_point() else x.to(p.dtype)
+
+
 class ScoreHead(nn.Module):
     """Scalar plausibility score of a chain: ``s = tanh(w2ᵀ ReLU(W1 h))`` (paper Objective 2).
 
@@ -140,7 +152,7 @@ class ScoreHead(nn.Module):
 
     def forward(self, h: Tensor) -> Tensor:
         """``h`` ``[N, D]`` → scores ``[N]`` in (−1, 1)."""
-        return torch.tanh(self.w2(torch.relu(self.w1(h)))).squeeze(-1)
+        return torch.tanh(self.w2(torch.relu(self.w1(as_param_dtype(self, h))))).squeeze(-1)
 
 
 def pair_indices(labels: Sequence[int] | Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor]:

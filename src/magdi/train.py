@@ -431,6 +431,21 @@ class TrainResult:
     resumed_from: int
 
 
+def check_distributed(distributed_type: str) -> None:
+    """Refuse a launcher this loop cannot checkpoint, before any step is paid for.
+
+    Under FSDP the parameters and AdamW state are sharded DTensors: ``_save_ckpt`` and ``save_adapter``
+    write plain tensors and fail at the first checkpoint (seen on an H200 with configs/accelerate_fsdp.yaml:
+    the steps ran, the first save raised "invalid python storage"; reports/benchmark_gpu.md). A 7B LoRA
+    student fits one GPU without sharding (19-32 GiB peak measured with gradient checkpointing), so DDP
+    is the supported multi-GPU path until checkpoints go through accelerate's sharded state dicts.
+    """
+    if "FSDP" in str(distributed_type).upper():
+        raise RuntimeError("training under FSDP is not supported yet (checkpoints and the adapter are saved "
+                           "unsharded): launch with configs/accelerate_ddp.yaml and train.gradient_checkpointing: "
+                           "true; a 7B LoRA student fits one GPU (reports/benchmark_gpu.md)")
+
+
 def train(
     lm: nn.Module,
     tokenizer,
@@ -458,6 +473,7 @@ def train(
     # accumulation is counted here, not by accelerate: its counter has no "last micro-step of the run"
     accel = Accelerator(mixed_precision="bf16" if cfg.bf16 else "no",
                         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
+    check_distributed(accel.distributed_type)
     model = MagdiStudent(lm, spec, cfg)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
