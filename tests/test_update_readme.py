@@ -35,3 +35,17 @@ def test_setup_sentence_follows_params_and_metrics(tmp_path, monkeypatch) -> Non
     assert "the student SmolLM2-135M-Instruct, 135 M parameters" in s
     assert "3 epochs at learning rate 0.0001" in s
     assert "qwen15 (Qwen2.5-Coder-1.5B-Instruct)" in s
+
+
+def test_a_pair_answering_two_questions_is_listed_once() -> None:
+    """With one SiT student, "vs each SiT" and "vs the best SiT" are one comparison: one line, both labels."""
+    ur = _tool()
+    row = {"task": "svamp", "method_a": "magdi", "method_b": "sit_x", "acc_a": "46.0", "acc_b": "50.5",
+           "diff": "-4.5", "ci_low": "-10.5", "ci_high": "1.5", "p_mcnemar": "0.04"}
+    rows = [{**row, "comparison": "MAGDi vs single-teacher student"},
+            {**row, "comparison": "MAGDi vs best SiT student"},
+            {**row, "method_b": "zero_shot", "comparison": "MAGDi vs zero-shot", "p_mcnemar": "0.5"}]
+    lines = ur.significance_lines(rows)
+    assert len(lines) == 2
+    assert "(MAGDi vs single-teacher student; MAGDi vs best SiT student)" in lines[0]
+    assert ur.summary(rows).startswith("1 of 2 comparisons")

@@ -25,9 +25,22 @@ def ours_tables(md: str) -> list[str]:
     return [m.group(1).strip() for m in re.finditer(r"## ours[^\n]*\n\n?(\|.*?)(?:\n\n|\n##|$)", md, flags=re.S)]
 
 
+def merged(rows: list[dict]) -> list[dict]:
+    """One row per (task, method_a, method_b): a pair that answers two questions (with one SiT student, "vs each
+    SiT" and "vs the best SiT" are the same comparison) is listed once, with both labels."""
+    out: dict[tuple[str, str, str], dict] = {}
+    for r in rows:
+        key = (r["task"], r["method_a"], r["method_b"])
+        if key in out:
+            out[key]["comparison"] += f"; {r['comparison']}"
+        else:
+            out[key] = dict(r)
+    return list(out.values())
+
+
 def significance_lines(rows: list[dict]) -> list[str]:
     out = []
-    for r in rows:
+    for r in merged(rows):
         p = float(r["p_mcnemar"])
         verdict = "**significant** (p < 0.05)" if p < 0.05 else "not significant"
         out.append(f"- {r['task']}: {r['method_a']} vs {r['method_b']} ({r['comparison']}): "
@@ -37,6 +50,7 @@ def significance_lines(rows: list[dict]) -> list[str]:
 
 
 def summary(rows: list[dict]) -> str:
+    rows = merged(rows)
     sig = [r for r in rows if float(r["p_mcnemar"]) < 0.05]
     if not sig:
         return "No comparison reaches p < 0.05 in this run."
