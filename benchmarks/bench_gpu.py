@@ -255,6 +255,37 @@ def set_checkpointing(lm, on: bool) -> None:
                 break
 
 
+def flex_block_mask(segments: torch.Tensor, owners: torch.Tensor):
+    """The packed core's mask (``magdi.core.block_mask``) as a FlexAttention ``BlockMask``: the kernel skips the
+    blocks where it is all False (a chain never sees another chain), instead of computing the full L x L."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    def mask_mod(b, h, q, kv):
+        sq, sk = segments[b, q], segments[b, kv]
+        return ((q >= kv) & (sq >= 0) & (sk >= 0) & ((sk == sq) | (sk == owners[b, q]))) | (q == kv)
+
+    n, length = segments.shape
+    return create_block_mask(mask_mod, B=n, H=None, Q_LEN=length, KV_LEN=length, device=segments.device)
+
+
+def use_flex_masks() -> None:
+    """Let ``magdi.core.packed_hidden`` hand a ``BlockMask`` to a decoder set to ``flex_attention`` (benchmark
+    prototype: the core itself knows sdpa and eager)."""
+    import magdi.core as mcore
+
+    if getattr(mcore.block_mask, "_flex", False):
+        return
+    orig = mcore.block_mask
+
+    def block_mask(segments, owners, attn_implementation, dtype):
+        if attn_implementation == "flex_attention":
+            return flex_block_mask(segments, owners)
+        return orig(segments, owners, attn_implementation, dtype)
+
+    block_mask._flex = True
+    mcore.block_mask = block_mask
+
+
 def cmd_core(a) -> dict:
     from bench_train_core import naive_forward
 
@@ -289,7 +320,7 @@ def cmd_core(a) -> dict:
         enc_s = 0.0
         for g in groups:
             with torch.autocast(dev.split(":")[0], dtype=torch.bfloat16):
-                if variant == "naive":
+                if variant == "naive":  # "flex" runs the packed core with the BlockMask attention
                     out, cnt = naive_forward(core, g, tok, cfg, seed)
                     lm_tokens += cnt["real"]
                     padded += cnt["padded"]
@@ -307,18 +338,33 @@ def cmd_core(a) -> dict:
         opt.zero_grad(set_to_none=True)
         return {"lm_tokens_real": lm_tokens, "lm_tokens_padded": padded, "encode_seconds": enc_s}
 
+    base = lm.get_base_model()
+    if any(v.startswith("flex") for v in a.variants):
+        use_flex_masks()
     variants = []
     for v in a.variants:
         kind, _, ck = v.partition("+")
         micro = a.micro if not kind.endswith("16") else a.mags_per_step
         variants.append((v, kind.rstrip("0123456789"), ck == "ckpt", micro))
     results = {}
+    def eval_loss(kind: str) -> float:
+        base.set_attn_implementation("flex_attention" if kind == "flex" else "sdpa")
+        core.eval()
+        g = steps[0][:2]
+        with torch.no_grad(), torch.autocast(dev.split(":")[0], dtype=torch.bfloat16):
+            out = core(encode_packed(g, tok, cfg.max_prompt_tokens, cfg.max_target_tokens).to(dev), g, 1)
+        core.train()
+        return float(out["loss"])
+
     for name, kind, ckpt, micro in variants:
         set_checkpointing(lm, ckpt)
         core.train()
         reset_peak(dev)
         rec = {"kind": kind, "checkpointing": ckpt, "micro_mags": micro, "seconds": []}
         try:
+            if kind == "flex":  # same objective: the loss on two MAGs (eval mode) under both attentions
+                rec["loss_check"] = {"sdpa": eval_loss("packed"), "flex": eval_loss("flex")}
+            base.set_attn_implementation("flex_attention" if kind == "flex" else "sdpa")
             for i, batch in enumerate(steps):
                 sync(dev)
                 t = time.perf_counter()
@@ -350,6 +396,7 @@ def cmd_core(a) -> dict:
 
         name, kind, ckpt, micro = variants[0]
         set_checkpointing(lm, ckpt)
+        base.set_attn_implementation("flex_attention" if kind == "flex" else "sdpa")
         acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.startswith("cuda") else [])
         with torch_profile(activities=acts) as prof:
             one_step(steps[1], kind, micro, 1)
@@ -362,6 +409,7 @@ def cmd_core(a) -> dict:
         print(prof.key_averages().table(sort_by="self_device_time_total", row_limit=30, max_name_column_width=70),
               flush=True)
     set_checkpointing(lm, False)
+    base.set_attn_implementation("sdpa")
     return {"env": env_info(dev), "profile": profile, "shape": shape, "lm_config": {k: getattr(lcfg, k) for k in (
         "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
         "vocab_size")}, "non_embedding_params": nn_, "params_trainable": sum(p.numel() for p in params),
@@ -498,6 +546,11 @@ def cmd_report(a) -> str:
                           "| operator | self device ms | share of the step | calls |\n|---|---:|---:|---:|\n")
             parts[-1] += "".join(f"| `{e['name']}` | {e['self_device_ms']:,.0f} | {e['self_device_ms'] / step_ms:.0%} | "
                                  f"{e['calls']} |\n" for e in ops[:12])
+        for n, r in c["variants"].items():
+            if "loss_check" in r:
+                lc = r["loss_check"]
+                parts[-1] += (f"\nSame objective for `{n}`: the loss of two MAGs (eval mode, bf16 autocast) is "
+                              f"{lc['sdpa']:.4f} with SDPA and the dense mask, {lc['flex']:.4f} with the BlockMask.\n")
         base = next((r for n, r in c["variants"].items() if r.get("kind") == "naive" and "seconds_median" in r), None)
         if base:
             parts[-1] += "\nSpeed-up over the official three-pass pattern (useful tokens/s): " + ", ".join(
@@ -543,7 +596,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--chain-tokens", type=int, default=250)
     ap.add_argument("--steps", type=int, default=2, help="measured steps (after one warm-up)")
     ap.add_argument("--variants", nargs="+", default=["packed", "packed+ckpt", "packed16+ckpt", "naive+ckpt"],
-                    help="packed|naive, '16' = all MAGs of the step in one micro-step, '+ckpt' = checkpointing")
+                    help="packed|flex|naive ('flex': packed with a FlexAttention BlockMask), '16' = all MAGs of the "
+                         "step in one micro-step, '+ckpt' = checkpointing")
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16, 64])
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--prompt-tokens", type=int, default=128)
