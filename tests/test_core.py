@@ -72,6 +72,28 @@ def test_block_mask_by_hand() -> None:
         block_mask(seg, own, "flash_attention_2", torch.float32)
 
 
+def test_flex_block_mask_of_the_gpu_benchmark_equals_block_mask() -> None:
+    """benchmarks/bench_gpu.py's FlexAttention prototype (1.27x per training step at Mistral-7B shape on an H200,
+    reports/benchmark_gpu.md) must mask exactly as the packed core does, position by position."""
+    import importlib.util
+    from pathlib import Path
+
+    from torch.nn.attention.flex_attention import create_mask
+
+    spec = importlib.util.spec_from_file_location(
+        "bench_gpu", Path(__file__).resolve().parents[1] / "benchmarks" / "bench_gpu.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    items = [TrainItem("abcd", ["ef", "xyz"], [1, 0]), TrainItem("g", ["h"], [1]), TrainItem("i", ["j", "k"], [0, 1])]
+    enc = encode_packed(items, _CharTok(), max_prompt=8, max_target=8)
+    for seg, own in [(enc.segments, enc.owners),
+                     (torch.tensor([[0, 0, 1, 1, 2, -1]]), torch.tensor([[0, 0, 0, 0, 0, -1]]))]:
+        bm = bench.flex_block_mask(seg, own)
+        n, length = seg.shape
+        dense = create_mask(bm.mask_mod, n, 1, length, length, device="cpu")
+        assert torch.equal(dense, block_mask(seg, own, "sdpa", torch.float32))
+
+
 @pytest.mark.parametrize("chunk", [0, 3, 1000])
 def test_ntp_from_hidden_equals_ntp_loss(chunk: int) -> None:
     torch.manual_seed(0)
