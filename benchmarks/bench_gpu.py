@@ -59,10 +59,6 @@ SHAPES = {
 }
 DATASHEET_BF16_TFLOPS = 989.4  # H100/H200 SXM dense bf16
 AGENTS = ["agent_a", "agent_b", "agent_c"]
-CHAT_TEMPLATE = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -70,17 +66,14 @@ CHAT_TEMPLATE = (
 
 def word_tokenizer(vocab: int):
     """A word-level tokenizer with ``vocab`` entries: one token per synthetic word ``w<i>``."""
+    from bench_train_core import SPECIALS, wrap_word_tokenizer
     from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
 
-    specials = ["<pad>", "<eos>", "<unk>", "<|im_start|>", "<|im_end|>"]
-    words = {t: i for i, t in enumerate(specials)}
-    words.update({f"w{i}": len(specials) + i for i in range(vocab - len(specials))})
+    words = {t: i for i, t in enumerate(SPECIALS)}
+    words.update({f"w{i}": len(SPECIALS) + i for i in range(vocab - len(SPECIALS))})
     wl = Tokenizer(models.WordLevel(vocab=words, unk_token="<unk>"))
     wl.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok = PreTrainedTokenizerFast(tokenizer_object=wl, eos_token="<eos>", pad_token="<pad>", unk_token="<unk>")
-    tok.chat_template = CHAT_TEMPLATE
-    return tok
+    return wrap_word_tokenizer(wl)
 
 
 def synthetic_mags(n: int, vocab: int, chain_tokens: int, max_rounds: int = 4, seed: int = 0) -> list[MAG]:
@@ -347,8 +340,12 @@ def cmd_core(a) -> dict:
         micro = a.micro if not kind.endswith("16") else a.mags_per_step
         variants.append((v, kind.rstrip("0123456789"), ck == "ckpt", micro))
     results = {}
-    def eval_loss(kind: str) -> float:
+
+    def use_attention(kind: str) -> None:
         base.set_attn_implementation("flex_attention" if kind == "flex" else "sdpa")
+
+    def eval_loss(kind: str) -> float:
+        use_attention(kind)
         core.eval()
         g = steps[0][:2]
         with torch.no_grad(), torch.autocast(dev.split(":")[0], dtype=torch.bfloat16):
@@ -364,7 +361,7 @@ def cmd_core(a) -> dict:
         try:
             if kind == "flex":  # same objective: the loss on two MAGs (eval mode) under both attentions
                 rec["loss_check"] = {"sdpa": eval_loss("packed"), "flex": eval_loss("flex")}
-            base.set_attn_implementation("flex_attention" if kind == "flex" else "sdpa")
+            use_attention(kind)
             for i, batch in enumerate(steps):
                 sync(dev)
                 t = time.perf_counter()
@@ -374,11 +371,9 @@ def cmd_core(a) -> dict:
                     rec["seconds"].append(time.perf_counter() - t)
                     rec.update(cnt)
                 print(f"{name} step {i}: {time.perf_counter() - t:.2f}s", flush=True)
-        except torch.OutOfMemoryError as e:
-            rec["error"] = f"out of memory: {str(e).splitlines()[0][:160]}"
-            opt.zero_grad(set_to_none=True)
-        except Exception as e:  # one broken variant must not lose the others' numbers
-            rec["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+        except Exception as e:  # one broken variant (out of memory, say) must not lose the others' numbers
+            what = "out of memory" if isinstance(e, torch.OutOfMemoryError) else type(e).__name__
+            rec["error"] = f"{what}: {str(e).splitlines()[0][:160] if str(e) else ''}"
             opt.zero_grad(set_to_none=True)
         rec["peak_mem_gib"] = peak_mem_gib(dev)
         if rec["seconds"]:
@@ -396,20 +391,19 @@ def cmd_core(a) -> dict:
 
         name, kind, ckpt, micro = variants[0]
         set_checkpointing(lm, ckpt)
-        base.set_attn_implementation("flex_attention" if kind == "flex" else "sdpa")
+        use_attention(kind)
         acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.startswith("cuda") else [])
         with torch_profile(activities=acts) as prof:
             one_step(steps[1], kind, micro, 1)
             sync(dev)
         ev = sorted(prof.key_averages(), key=lambda e: -e.device_time_total)
-        total = sum(e.self_device_time_total for e in prof.key_averages())
-        profile = {"variant": name, "device_time_total_ms": total / 1e3,
+        profile = {"variant": name,
                    "top": [{"name": e.key[:120], "self_device_ms": e.self_device_time_total / 1e3,
                             "device_ms": e.device_time_total / 1e3, "calls": e.count} for e in ev[:40]]}
         print(prof.key_averages().table(sort_by="self_device_time_total", row_limit=30, max_name_column_width=70),
               flush=True)
     set_checkpointing(lm, False)
-    base.set_attn_implementation("sdpa")
+    use_attention("packed")
     return {"env": env_info(dev), "profile": profile, "shape": shape, "lm_config": {k: getattr(lcfg, k) for k in (
         "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
         "vocab_size")}, "non_embedding_params": nn_, "params_trainable": sum(p.numel() for p in params),

@@ -321,11 +321,26 @@ def step_naive(core, opt, items, tok, cfg, step_seed, rss_ok) -> StepStats:
 
 # ----------------------------------------------------------------------------- inputs
 
+#: special tokens of the synthetic benchmarks' word-level tokenizers (pad, eos, unk, ChatML markers)
+SPECIALS = ["<pad>", "<eos>", "<unk>", "<|im_start|>", "<|im_end|>"]
+
+
+def wrap_word_tokenizer(wl):
+    """A ``tokenizers`` word-level model as a transformers tokenizer with pad/eos/unk and a ChatML template."""
+    from transformers import PreTrainedTokenizerFast
+
+    tok = PreTrainedTokenizerFast(tokenizer_object=wl, eos_token="<eos>", pad_token="<pad>", unk_token="<unk>")
+    tok.chat_template = (
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    return tok
+
 
 def smoke_inputs():
     """A tiny random Llama (hidden 32, 2 layers), a WordLevel tokenizer and 6 synthetic MAGs."""
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import LlamaConfig, LlamaForCausalLM
 
     from magdi.student import ANSWER_FORMATS
 
@@ -348,13 +363,8 @@ def smoke_inputs():
     corpus += list(ANSWER_FORMATS.values()) + ["The answer is yes. The answer is no. user assistant"]
     wl = Tokenizer(models.WordLevel(unk_token="<unk>"))
     wl.pre_tokenizer = pre_tokenizers.Whitespace()
-    specials = ["<pad>", "<eos>", "<unk>", "<|im_start|>", "<|im_end|>"]
-    wl.train_from_iterator(corpus, trainers.WordLevelTrainer(special_tokens=specials, show_progress=False))
-    tok = PreTrainedTokenizerFast(tokenizer_object=wl, eos_token="<eos>", pad_token="<pad>", unk_token="<unk>")
-    tok.chat_template = (
-        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-    )
+    wl.train_from_iterator(corpus, trainers.WordLevelTrainer(special_tokens=SPECIALS, show_progress=False))
+    tok = wrap_word_tokenizer(wl)
     tok.padding_side = "left"
     lm = LlamaForCausalLM(LlamaConfig(
         vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
