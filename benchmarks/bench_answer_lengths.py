@@ -56,7 +56,7 @@ def main() -> None:
         f"`python benchmarks/bench_answer_lengths.py --task {a.task} --n {a.n} --limit {a.limit}"
         + (f" --student {a.student}" if a.student else "") + f"` ({secs:.0f} s, {torch.get_num_threads()} threads)",
         "",
-        f"{len(val)} validation questions (training pool after the {p.data.n_train} MAG questions; no test question), "
+        f"{len(val)} validation questions (training pool after the {p.data.train_size(a.task)} MAG questions; no test question), "
         f"zero-shot, the evaluation's decoding, at most {a.limit} new tokens. Median {statistics.median(lengths):.0f}, "
         f"p90 {q[17]:.0f}, p95 {q[18]:.0f}, max {lengths[-1]} tokens; the limit in params.yaml for this task: "
         f"{p.evaluate.limit(a.task)}.",

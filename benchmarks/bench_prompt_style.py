@@ -172,7 +172,7 @@ def main() -> None:
 
     base = params_for(args, args.compact_cache)
     task, atype = args.task, TASK_TYPES[args.task]
-    pool = load_examples(base, task, "train")[: base.data.n_train]  # the questions the teachers discussed
+    pool = load_examples(base, task, "train")[: base.data.train_size(task)]  # the questions the teachers discussed
     if args.n > args.pool_start:
         ap.error("--n must not exceed --pool-start: measured questions and the convincing pool are disjoint")
     measured, rest = pool[: args.n], pool[args.pool_start :]

@@ -1,6 +1,6 @@
 """Choose the training recipe (learning rate, epochs) on a validation split, never on the test questions.
 
-The validation questions are the next ``--n-val`` questions of the seeded training draw after the ``data.n_train``
+The validation questions are the next ``--n-val`` questions of the seeded training draw after the task's ``data.n_train``
 that became MAGs (``magdi.data.sample_splits`` with a larger ``n_train``): disjoint from the MAG questions and
 from the test set by construction. Every candidate is trained exactly as the ``train`` stage trains ``magdi``
 (same MAGs, ``train`` + the candidate's overrides) and evaluated exactly as ``evaluate`` does (merged adapter,
@@ -33,14 +33,14 @@ def validation_questions(p, task: str, n_val: int) -> list[dict]:
     from magdi.pipeline import bench_file
 
     pools, _ = load_benchmark(task, p.data.source, p.paths.mirror_dir)
-    draw = sample_splits(pools, p.data.n_train + n_val, p.data.n_test, p.data.seed)
+    draw = sample_splits(pools, p.data.train_size(task) + n_val, p.data.n_test, p.data.seed)
     mag_ids = {r["id"] for r in read_jsonl(bench_file(p, task, "train"))}
     test_ids = {r["id"] for r in draw["test"]}
-    first = [r["id"] for r in draw["train"][: p.data.n_train]]
+    first = [r["id"] for r in draw["train"][: p.data.train_size(task)]]
     if set(first) != mag_ids:
-        raise SystemExit(f"{bench_file(p, task, 'train')} is not the first data.n_train={p.data.n_train} of the "
+        raise SystemExit(f"{bench_file(p, task, 'train')} is not the first data.n_train={p.data.train_size(task)} of the "
                          "seeded draw: run `dvc repro download` with these params first")
-    val = draw["train"][p.data.n_train:]
+    val = draw["train"][p.data.train_size(task):]
     assert not ({r["id"] for r in val} & (mag_ids | test_ids)), "validation overlaps MAG or test questions"
     return val
 
@@ -66,7 +66,7 @@ def train_candidate(p, task: str, method: str, overrides: dict, out: Path) -> di
     from magdi.student import attach_lora, load_student
     from magdi.train import build_items, method_spec, save_adapter, train
 
-    base, cfg0 = p.train_for(method)
+    base, cfg0 = p.train_for(method, task)
     cfg = p.train_with({**cfg0.model_dump(), **overrides}, "--candidate")
     spec = method_spec(base)
     mags = _select_mags(p, task, cfg)
@@ -150,7 +150,7 @@ def main() -> None:
         f"on {platform.machine()} with {torch.get_num_threads()} threads; `train` and `evaluate` as in params, "
         "each candidate changing only the learning rate and epochs.",
         "",
-        f"Validation: {len(val)} {a.task} training-pool questions after the {p.data.n_train} MAG questions of the "
+        f"Validation: {len(val)} {a.task} training-pool questions after the {p.data.train_size(a.task)} MAG questions of the "
         "seeded draw (disjoint from the MAGs and the test set). The base student zero-shot on them: "
         f"{zs_acc:.1f} % ({base['seconds']:.0f} s).",
         "",

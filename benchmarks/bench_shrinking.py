@@ -58,7 +58,7 @@ def main() -> None:
     text = "\n".join([
         f"# Greedy evaluation: dropping finished rows vs `model.generate` ({p.student.model}, {a.task})", "",
         f"`python benchmarks/bench_shrinking.py --task {a.task} --n-val {a.n_val}` — {n} validation questions "
-        f"(the training pool after the {p.data.n_train} MAG questions; never test questions), the `evaluate` "
+        f"(the training pool after the {p.data.train_size(a.task)} MAG questions; never test questions), the `evaluate` "
         f"decoding path: batch {p.evaluate.batch_size}, {limit} new tokens, {p.student.gen_dtype}, "
         f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}.", "",
         "| decoding | wall s | accuracy | mean answer tokens | answers at the limit |", "|---|---:|---:|---:|---:|",

@@ -394,6 +394,13 @@ def test_prepare_all(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None
         train = read_jsonl(tmp_path / task / "train.jsonl")
         test = read_jsonl(tmp_path / task / "test.jsonl")
         assert len(test) == 6 and not {r["id"] for r in train} & {r["id"] for r in test}
+    # a per-task size draws more of the same seeded prefix for that task only, and the same test questions
+    more = tmp_path / "more"
+    sized = prepare_all(["gsm8k", "svamp"], "mirror", MIRROR, more, n_train=4, n_test=6, seed=0,
+                        n_train_by_task={"gsm8k": 7})
+    assert (sized["gsm8k"]["n_train"], sized["svamp"]["n_train"]) == (7, 4)
+    assert read_jsonl(more / "gsm8k" / "train.jsonl")[:4] == read_jsonl(tmp_path / "gsm8k" / "train.jsonl")
+    assert (more / "gsm8k" / "test.jsonl").read_text() == (tmp_path / "gsm8k" / "test.jsonl").read_text()
     again = tmp_path / "again"
     prepare_all(["ecqa"], "mirror", MIRROR, again, n_train=4, n_test=6, seed=0)
     assert (again / "ecqa" / "test.jsonl").read_text() == (tmp_path / "ecqa" / "test.jsonl").read_text()

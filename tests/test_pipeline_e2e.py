@@ -28,7 +28,8 @@ TINY = {
     "profile": "e2e_tiny",
     "paths": {"mirror_dir": str(MIRROR)},
     "student": {"model": "smollm2_135m"},  # the smallest packaged model, whatever the default's student is
-    "data": {"benchmarks": ["strategyqa", "gsm8k", "math", "svamp"], "n_train": 3, "n_test": 3},
+    "data": {"benchmarks": ["strategyqa", "gsm8k", "math", "svamp"], "n_train": 3, "n_train_by_task": {"gsm8k": 4},
+             "n_test": 3},
     "teachers": {
         "agents": [
             {"name": "smol", "backend": "local", "model": "student", "temperature": 0.7, "seed": 1, "max_new_tokens": 12},
@@ -53,10 +54,12 @@ TINY = {
         "scaling_students": ["smol_b"],
         "scaling_tasks": ["gsm8k"],
         "scaling_train": {},
+        "task_train": {"gsm8k": {"lr": 5e-4}},  # a task's own recipe reaches every run on it, not the others
     },
 }
 # a second student for the scaling stages: the same pinned package under another name (no extra download)
 TINY["models"] = {"smol_b": {**yaml.safe_load((ROOT / "params.yaml").read_text())["models"]["smollm2_135m"]}}
+TRAIN_LR = yaml.safe_load((ROOT / "params.yaml").read_text())["train"]["lr"]  # TINY keeps the default's lr
 
 
 def _merge(base: dict, over: dict) -> dict:
@@ -120,6 +123,9 @@ def test_dvc_repro_tiny(tmp_path: Path) -> None:
     assert all(r["n"] == "3" for r in sig)
     # student scaling: the second student ran zero-shot and MAGDi on the scaling task, from its own folder
     assert (work / "runs/train/gsm8k/magdi@smol_b/adapter/adapter_model.safetensors").exists()
+    for task, n_mags, lr in (("gsm8k", 4, 5e-4), ("strategyqa", 3, TRAIN_LR)):
+        m = json.loads((work / f"metrics/train/magdi/{task}.json").read_text())
+        assert (m["n_mags"], m["lr"]) == (n_mags, lr), (task, m)
     scal = json.loads((work / "metrics/eval/magdi@smol_b/gsm8k.json").read_text())
     assert scal["student"] == "smol_b" and scal["student_parameters"] > 1e8
     assert json.loads((work / "metrics/eval/zero_shot@smol_b/gsm8k.json").read_text())["student"] == "smol_b"

@@ -347,3 +347,12 @@ def test_student_scaling_table_figure_and_significance(tmp_path: Path) -> None:
     ours = csv7[csv7["source"] == "ours"]
     assert list(ours["student_parameters"]) == [135000000, 135000000, 630000000, 630000000]
     assert (out / "fig5_student_scaling.png").stat().st_size > 10_000
+
+
+def test_a_setting_that_differs_by_task_is_never_shown_as_one_number() -> None:
+    from magdi.report.format import per_task
+
+    assert per_task({"gsm8k": 64, "svamp": 64}) == "64"
+    assert per_task({"gsm8k": 100, "svamp": 64}) == "100 on gsm8k, 64 on svamp"
+    assert per_task({"gsm8k": 3e-4, "svamp": 1e-3}, "g") == "0.0003 on gsm8k, 0.001 on svamp"
+    assert per_task({}) == DASH

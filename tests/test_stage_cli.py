@@ -182,6 +182,53 @@ def test_answer_limit_per_task_overrides_the_default() -> None:
         parse_params(raw)
 
 
+def test_mag_count_per_task_overrides_the_default() -> None:
+    raw = _raw()
+    raw["data"].update(n_train=64, n_train_by_task={"gsm8k": 100})
+    d = parse_params(raw).data
+    assert (d.train_size("gsm8k"), d.train_size("svamp")) == (100, 64)
+    raw["data"]["n_train_by_task"] = {"gsm9k": 100}
+    with pytest.raises(ConfigError, match=r"data\.n_train_by_task: .*unknown task\(s\) \['gsm9k'\]"):
+        parse_params(raw)
+    raw["data"]["n_train_by_task"] = {"gsm8k": 0}
+    with pytest.raises(ConfigError, match=r"data\.n_train_by_task: .*>= 1"):
+        parse_params(raw)
+
+
+def test_task_recipe_applies_under_the_ablation_and_over_the_scaling_recipe() -> None:
+    """train -> scaling_train (scaling student) -> task_train[task] -> the ablation's own overrides."""
+    task = _raw()["experiments"]["tasks"][0]
+    raw = _scaling(["qwen_coder_0_5b"], [task])
+    raw["train"].update(lr=1e-3, epochs=1)
+    raw["experiments"]["task_train"] = {task: {"lr": 3e-4, "weights": {"graph": 0.5}}}
+    raw["experiments"]["scaling_train"] = {"bf16": False, "lr": 5e-4}
+    raw["experiments"]["ablations"] = {"long": {"epochs": 3}, "fast": {"lr": 2e-3}}
+    p = parse_params(raw)
+    other = next(t for t in ("gsm8k", "svamp") if t != task)
+    assert p.train_for("magdi", other) == ("magdi", p.train)  # no entry: the plain recipe
+    assert p.train_for("magdi") == ("magdi", p.train)
+    cfg = p.train_for("sit_qwen15", task)[1]
+    assert (cfg.lr, cfg.epochs, cfg.weights.graph, cfg.weights.ntp) == (3e-4, 1, 0.5, p.train.weights.ntp)
+    assert p.train_for("long", task)[1].lr == 3e-4 and p.train_for("long", task)[1].epochs == 3
+    assert p.train_for("fast", task)[1].lr == 2e-3  # the ablation's own key wins
+    assert p.train_for("scale_5", task)[1].lr == 3e-4
+    s = p.for_student("qwen_coder_0_5b")
+    assert (s.train_for("magdi", task)[1].lr, s.train_for("magdi", task)[1].bf16) == (3e-4, False)
+    assert s.train_for("magdi", other)[1].lr == 5e-4
+
+
+@pytest.mark.parametrize(("over", "needle"), [
+    ({"gsm9k": {"lr": 1e-4}}, r"experiments\.task_train: .*unknown task\(s\) \['gsm9k'\]"),
+    ({"gsm8k": {"lr": -1}}, r"experiments\.task_train\.gsm8k\.lr: Input should be greater than 0"),
+    ({"gsm8k": {"learning_rate": 1e-4}}, r"experiments\.task_train\.gsm8k\.learning_rate: unknown key"),
+])
+def test_task_recipe_errors_name_the_key(over: dict, needle: str) -> None:
+    raw = _raw()
+    raw["experiments"]["task_train"] = over
+    with pytest.raises(ConfigError, match=needle):
+        parse_params(raw)
+
+
 def test_evaluation_decodes_and_counts_truncation_at_the_tasks_own_limit(tmp_path: Path, monkeypatch) -> None:
     import magdi.evaluate
     from magdi import pipeline

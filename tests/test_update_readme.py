@@ -22,10 +22,13 @@ def test_setup_sentence_follows_params_and_metrics(tmp_path, monkeypatch) -> Non
     tool = _tool()
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["data"]["n_train"] = 7
+    params["data"]["n_train_by_task"] = {}
+    params["experiments"]["task_train"] = {}
     params["train"]["epochs"] = 3
     params["train"]["lr"] = 1e-4
     params["teachers"]["max_rounds"] = 2
     params["student"]["model"] = "smollm2_135m"
+    params["experiments"]["scaling_students"] = []  # it was the scaling student; params must stay valid
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     (tmp_path / "metrics/eval/zero_shot").mkdir(parents=True)
     (tmp_path / "metrics/eval/zero_shot/gsm8k.json").write_text(json.dumps({"student_parameters": 134_515_008}))
@@ -35,6 +38,13 @@ def test_setup_sentence_follows_params_and_metrics(tmp_path, monkeypatch) -> Non
     assert "the student SmolLM2-135M-Instruct, 135 M parameters" in s
     assert "3 epochs at learning rate 0.0001" in s
     assert "qwen15 (Qwen2.5-Coder-1.5B-Instruct)" in s
+    params["data"]["n_train_by_task"] = {params["experiments"]["tasks"][0]: 9}
+    params["experiments"]["task_train"] = {params["experiments"]["tasks"][0]: {"lr": 3e-4}}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    t0, t1 = params["experiments"]["tasks"][:2]
+    s = tool.setup_sentence()
+    assert f"9 on {t0}, 7 on {t1} discussions (MAGs) per task" in s
+    assert f"3 epochs at learning rate 0.0003 on {t0}, 0.0001 on {t1}" in s
 
 
 def test_a_pair_answering_two_questions_is_listed_once() -> None:

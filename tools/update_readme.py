@@ -16,6 +16,7 @@ from pathlib import Path
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
 START = "Measured on this workplace's 2-core CPU machine"
 END = "## What it does"
 
@@ -60,7 +61,11 @@ def summary(rows: list[dict]) -> str:
 
 def setup_sentence() -> str:
     """What the default experiment is, read from params.yaml and the run's metrics (nothing typed by hand)."""
+    from magdi.config import parse_params
+    from magdi.report.format import per_task
+
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    p = parse_params(params)
     models = params["models"]
     teachers = ", ".join(f"{a['name']} ({models[a['model']]['description'].split(',')[0]})"
                          if a.get("model") in models else a["name"] for a in params["teachers"]["agents"])
@@ -69,12 +74,14 @@ def setup_sentence() -> str:
     n_params = json.loads(zs[0].read_text())["student_parameters"] if zs else None
     size = f", {n_params / 1e6:.0f} M parameters" if n_params else ""
     desc = models[student]["description"].split(",")[0] if student in models else student
-    train = params["train"]
-    epochs = train["epochs"]
+    tasks = p.experiments.tasks
+    recipes = {t: p.train_for("magdi", t)[1] for t in tasks}
+    epochs = {t: c.epochs for t, c in recipes.items()}
+    plural = "s" if any(e != 1 for e in epochs.values()) else ""
     return (f"The default is a real but small MAGDi experiment: teachers {teachers}; "
-            f"{params['data']['n_train']} discussions (MAGs) per task with "
-            f"{params['teachers']['max_rounds'] + 1} rounds; the student {desc}{size}; "
-            f"{epochs} epoch{'s' if epochs != 1 else ''} at learning rate {train['lr']:g}.")
+            f"{per_task({t: p.data.train_size(t) for t in tasks})} discussions (MAGs) per task with "
+            f"{p.teachers.max_rounds + 1} rounds; the student {desc}{size}; "
+            f"{per_task(epochs)} epoch{plural} at learning rate {per_task({t: c.lr for t, c in recipes.items()}, 'g')}.")
 
 
 def block(total_s: int) -> str:
@@ -109,8 +116,8 @@ questions, paired bootstrap 95 % interval of the difference, McNemar's exact tes
 {summary(rows)} Read them for what they are. {setup_sentence()}
 The size is what the 2-core machine allows (per-stage times in reports/benchmark_pipeline.md; generating the
 discussions: reports/teacher_generation.md). A difference without "significant" above is inside the noise of
-the test set; growing the experiment is one edit (`data.n_train`; the cache keeps what was already generated)
-and more CPU time.
+the test set; growing the experiment is one edit (`data.n_train`, or `data.n_train_by_task` for one task; the
+cache keeps what was already generated) and more CPU time.
 
 """
 

@@ -58,6 +58,9 @@ class DataCfg(_Strict):
     seed: int = 0
     benchmarks: list[str] = Field(default_factory=lambda: list(TASK_TYPES))
     n_train: int = Field(16, ge=1)
+    #: per-task numbers of MAG questions overriding ``n_train`` (teacher time and training time differ by task:
+    #: e.g. {gsm8k: 100} where the teachers disagree most). Each is a prefix of the same seeded draw.
+    n_train_by_task: dict[str, int] = Field(default_factory=dict)
     n_test: int = Field(24, ge=1)
 
     @field_validator("benchmarks")
@@ -67,6 +70,21 @@ class DataCfg(_Strict):
         if bad:
             raise ValueError(f"unknown benchmark(s) {bad}; known: {sorted(TASK_TYPES)}")
         return v
+
+    @field_validator("n_train_by_task")
+    @classmethod
+    def _sizes_known(cls, v: dict[str, int]) -> dict[str, int]:
+        bad = sorted(t for t in v if t not in TASK_TYPES)
+        if bad:
+            raise ValueError(f"unknown task(s) {bad}; known: {sorted(TASK_TYPES)}")
+        low = sorted(t for t, n in v.items() if n < 1)
+        if low:
+            raise ValueError(f"sizes must be >= 1, got {[(t, v[t]) for t in low]}")
+        return v
+
+    def train_size(self, task: str) -> int:
+        """Questions of ``task`` the teachers discuss (= its MAGs): its ``n_train_by_task`` entry, else ``n_train``."""
+        return self.n_train_by_task.get(task, self.n_train)
 
 
 class LoraCfg(_Strict):
@@ -308,11 +326,24 @@ class ExperimentsCfg(_Strict):
     scaling_tasks: list[str] = Field(default_factory=list)
     #: overrides of ``train`` for the scaling students' MAGDi runs (e.g. {bf16: true} for a bigger model on CPU)
     scaling_train: dict[str, Any] = Field(default_factory=dict)
+    #: task -> overrides of ``train`` for every run trained on that task (a recipe chosen on that task's own
+    #: validation questions, e.g. {gsm8k: {lr: 3.0e-4}}), applied on top of ``train`` (and of ``scaling_train``
+    #: for a scaling student); an ablation's own overrides apply last. The multi-task run (magdi_mt) spans tasks
+    #: and keeps ``train``.
+    task_train: dict[str, dict[str, Any]] = Field(default_factory=dict)
 
     @field_validator("tasks", "ablation_tasks", "ood_tasks", "self_consistency_tasks", "scaling_tasks")
     @classmethod
     def _tasks(cls, v: list[str]) -> list[str]:
         bad = [t for t in v if t not in TASK_TYPES]
+        if bad:
+            raise ValueError(f"unknown task(s) {bad}; known: {sorted(TASK_TYPES)}")
+        return v
+
+    @field_validator("task_train")
+    @classmethod
+    def _train_tasks(cls, v: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        bad = sorted(t for t in v if t not in TASK_TYPES)
         if bad:
             raise ValueError(f"unknown task(s) {bad}; known: {sorted(TASK_TYPES)}")
         return v
@@ -353,6 +384,8 @@ class Params(_Strict):
         for t in self.experiments.tasks + self.experiments.ood_tasks:
             if t not in self.data.benchmarks:
                 raise ValueError(f"experiments: task '{t}' is not in data.benchmarks")
+        for t, over in self.experiments.task_train.items():
+            self.train_with(over, f"experiments.task_train.{t}")
         self._check_scaling()
         return self
 
@@ -374,11 +407,12 @@ class Params(_Strict):
             raise ValueError("experiments.scaling_tasks: empty, but experiments.scaling_students lists students")
         self.train_with(ex.scaling_train, "experiments.scaling_train")
 
-    def train_with(self, overrides: dict[str, Any], key_prefix: str) -> TrainCfg:
-        """``train`` with some keys overridden (an ablation, the scaling recipe, scale_<N>), validated as a whole so
-        an error names the overriding key (``<key_prefix>.<key>``), not a ``train`` key the user never wrote."""
+    def train_with(self, overrides: dict[str, Any], key_prefix: str, base: TrainCfg | None = None) -> TrainCfg:
+        """``base`` (default ``train``) with some keys overridden (an ablation, the scaling recipe, a task's recipe,
+        scale_<N>), validated as a whole so an error names the overriding key (``<key_prefix>.<key>``), not a
+        ``train`` key the user never wrote."""
         try:
-            return TrainCfg(**_deep_merge(self.train.model_dump(), overrides))
+            return TrainCfg(**_deep_merge((base or self.train).model_dump(), overrides))
         except ValidationError as e:
             raise ValueError(f"{key_prefix}.{_first_error(e)}") from None
 
@@ -412,15 +446,19 @@ class Params(_Strict):
                 return a
         raise KeyError(name)
 
-    def train_for(self, method: str) -> tuple[str, TrainCfg]:
-        """Resolve a run name (a base method, sit_<agent> or an ablation) to (base method, train config)."""
+    def train_for(self, method: str, task: str | None = None) -> tuple[str, TrainCfg]:
+        """Resolve a run name (a base method, sit_<agent> or an ablation) on ``task`` to (base method, train
+        config): ``train``, then ``experiments.task_train[task]``, then the ablation's or scale_<N>'s overrides."""
+        cfg = self.train
+        if task in self.experiments.task_train:
+            cfg = self.train_with(self.experiments.task_train[task], f"experiments.task_train.{task}")
         if method in self.experiments.ablations:
             over = dict(self.experiments.ablations[method])
             base = over.pop("method", "magdi")
-            return base, self.train_with(over, f"experiments.ablations.{method}")
+            return base, self.train_with(over, f"experiments.ablations.{method}", cfg)
         if method.startswith("scale_"):
-            return "magdi", self.train_with({"max_mags": int(method.split("_", 1)[1])}, f"--method {method}")
-        return method, self.train
+            return "magdi", self.train_with({"max_mags": int(method.split("_", 1)[1])}, f"--method {method}", cfg)
+        return method, cfg
 
 
 def _first_error(e: ValidationError) -> str:

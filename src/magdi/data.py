@@ -26,7 +26,7 @@ import json
 import os
 import random
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -610,8 +610,12 @@ def prepare_all(
     n_train: int,
     n_test: int,
     seed: int,
+    n_train_by_task: Mapping[str, int] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Write ``out_dir/<task>/{train,test}.jsonl`` for every available task and return a per-task summary.
+
+    ``n_train_by_task`` sizes some tasks' training draws differently from ``n_train`` (each a prefix of the
+    task's seeded draw, so raising one only adds questions).
 
     Unavailable tasks (e.g. MATH from the mirror) are skipped with a printed reason instead of failing the
     stage, so an offline run still produces every benchmark it can; a broken mirror or hub still raises.
@@ -639,7 +643,7 @@ def prepare_all(
                 f"{task}: {report.n_malformed} of {report.n_raw} raw rows malformed and left out, e.g. "
                 + "; ".join(report.malformed_examples[:3])
             )
-        splits = sample_splits(pools, n_train, n_test, seed)
+        splits = sample_splits(pools, (n_train_by_task or {}).get(task, n_train), n_test, seed)
         for name, rows in splits.items():
             write_jsonl(Path(out_dir) / task / f"{name}.jsonl", rows)
         summary[task] = {

@@ -92,7 +92,7 @@ def stage_download(p: Params) -> dict:
     from .data import prepare_all
 
     summary = prepare_all(p.data.benchmarks, p.data.source, Path(p.paths.mirror_dir), Path(p.paths.data_dir),
-                          p.data.n_train, p.data.n_test, p.data.seed)
+                          p.data.n_train, p.data.n_test, p.data.seed, p.data.n_train_by_task)
     write_json(Path(p.paths.data_dir) / "summary.json", summary)
     return summary
 
@@ -218,7 +218,8 @@ def make_agents(p: Params, student=None):
 
 def import_official_mags(p: Params, task: str) -> list:
     """``teachers.source: official``: the authors' MAG release for ``task`` (a JSON list of records),
-    its first ``data.n_train`` questions, converted to our MAGs (labels re-derived by our scorer)."""
+    its first ``data.n_train`` (or ``n_train_by_task``) questions, converted to our MAGs (labels re-derived by our
+    scorer)."""
     from .mag import import_official
 
     path = Path(p.teachers.official_files[task])
@@ -227,7 +228,7 @@ def import_official_mags(p: Params, task: str) -> list:
     records = json.loads(path.read_text(encoding="utf-8"))
     if not isinstance(records, list):
         raise ValueError(f"teachers.official_files.{task}: {path} is not a JSON list of MAG records")
-    return import_official(records[: p.data.n_train], task, TASK_TYPES[task], max_rounds=10,
+    return import_official(records[: p.data.train_size(task)], task, TASK_TYPES[task], max_rounds=10,
                            clean_agreement=p.teachers.clean_agreement)
 
 
@@ -287,7 +288,7 @@ def stage_train(p: Params, task: str, method: str, student: str | None = None) -
 
     _set_threads()
     p, run = for_run(p, method, student)  # a scaling student: its own weights, train + experiments.scaling_train
-    base, cfg = p.train_for(method if method != MT_METHOD else "magdi")
+    base, cfg = p.train_for(method if method != MT_METHOD else "magdi", task)  # MT_TASK has no task_train entry
     method = run
     spec = method_spec(base)
     out = train_dir(p, task, method)
@@ -306,7 +307,7 @@ def stage_train(p: Params, task: str, method: str, student: str | None = None) -
                    "n_mags": len(mags), "n_items": len(items),
                    "steps": res.steps, "tokens": res.tokens, "unique_sequences": res.n_unique_sequences,
                    "seconds": round(res.seconds, 2), "tokens_per_s": round(res.tokens / max(res.seconds, 1e-9), 1),
-                   "resumed_from": res.resumed_from, "epochs": cfg.epochs,
+                   "resumed_from": res.resumed_from, "epochs": cfg.epochs, "lr": cfg.lr,
                    "updates": sum("grad_norm" in r for r in res.history),
                    **truncation_stats(items, tok, cfg.max_prompt_tokens, cfg.max_target_tokens),
                    "final_loss": res.history[-1]["loss"] if res.history else None}

@@ -31,6 +31,15 @@ def _num(x: Any) -> float | None:
 # ----------------------------------------------------------------------------- formatting
 
 
+def per_task(values: dict[str, Any], fmt: str = "") -> str:
+    """A setting that can differ by task, in one phrase: ``64`` when every task shares it, else ``100 on gsm8k, 64 on
+    svamp`` (so a per-task size or recipe is never reported as one number)."""
+    shown = {t: format(v, fmt) for t, v in values.items()}
+    if len(set(shown.values())) <= 1:
+        return next(iter(shown.values()), DASH)
+    return ", ".join(f"{v} on {t}" for t, v in shown.items())
+
+
 def pct(x: float | None, digits: int = 1) -> str:
     """A fraction as a percentage string: 0.5 -> '50.0'."""
     return DASH if x is None else f"{100 * x:.{digits}f}"

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..pipeline import MT_METHOD
-from .format import PAPER_LABEL, PARTIAL
+from .format import PAPER_LABEL, PARTIAL, per_task
 from .loader import Ctx
 
 DESCRIPTIONS = {
@@ -44,6 +44,10 @@ def _coverage(ctx: Ctx) -> tuple[int, int, list[str]]:
 def write_readme(ctx: Ctx, out: Path, files: list[Path]) -> Path:
     p = ctx.params
     have, total, missing = _coverage(ctx)
+    tasks = p.experiments.tasks
+    mags = {t: p.data.train_size(t) for t in tasks}
+    recipes = {t: p.train_for("magdi", t)[1] for t in tasks}
+    lrs, epochs = {t: c.lr for t, c in recipes.items()}, {t: c.epochs for t, c in recipes.items()}
     lines = [
         "# MAGDi reproduction: report",
         "",
@@ -56,11 +60,11 @@ def write_readme(ctx: Ctx, out: Path, files: list[Path]) -> Path:
         f"- student: `{p.student.model}`",
         f"- teachers: {', '.join(f'`{a.name}` ({a.backend})' for a in p.teachers.agents)}, "
         f"up to {p.teachers.max_rounds} discussion rounds",
-        f"- data: n_train={p.data.n_train} questions per task (→ MAGs), n_test={p.data.n_test} test questions "
+        f"- data: {per_task(mags)} training questions per task (→ MAGs), n_test={p.data.n_test} test questions "
         f"per task, source `{p.data.source}`",
         f"- tasks: {', '.join(p.experiments.tasks)}; OOD: {', '.join(p.experiments.ood_tasks) or 'none'}; "
         f"ablation tasks: {', '.join(p.experiments.ablation_tasks) or 'none'}",
-        f"- training: {p.train.epochs} epoch(s), lr {p.train.lr}, graph `{p.train.graph}`, encoder "
+        f"- training: {per_task(epochs)} epoch(s), lr {per_task(lrs, 'g')}, graph `{p.train.graph}`, encoder "
         f"`{p.train.encoder}`, node_repr `{p.train.node_repr}`",
         f"- evaluation cells found: {have} of {total}" + (
             f" (missing, shown as —: {', '.join(missing[:20])}"
@@ -70,7 +74,7 @@ def write_readme(ctx: Ctx, out: Path, files: list[Path]) -> Path:
         "",
         f"- This run (profile `{p.profile}`): student `{p.student.model}`, teachers "
         f"{', '.join(f'`{a.name}`' + (f' ({a.model})' if a.backend != 'reference' else '') for a in p.teachers.agents)}, "
-        f"{p.data.n_train} MAGs per task and {p.data.n_test} test questions per task. Small teachers and few MAGs "
+        f"{per_task(mags)} MAGs per task and {p.data.n_test} test questions per task. Small teachers and few MAGs "
         "against the paper's GPT-4/Bard/Claude and 1K MAGs: read every accuracy with its 95% interval, and every "
         "comparison with its paired interval and McNemar p-value (`significance.md`); a difference inside them "
         "says nothing.",
