@@ -8,7 +8,7 @@ greedy, ``evaluate.*``); the base student's zero-shot accuracy on the same quest
 paired bootstrap interval and McNemar's exact test for each candidate.
 
     python benchmarks/bench_recipe.py --task svamp --lrs 1e-4 3e-4 --epochs 1 --n-val 100 \\
-        [--student qwen_coder_0_5b] [--method magdi] --out reports/benchmark_recipe.md
+        [--student qwen_coder_0_5b] [--method magdi] [--out reports/benchmark_recipe_svamp.md]
 
 Run it where ``dvc repro`` has built the task's MAGs and the student (``data/mags``, ``models/``). Adapters go to
 ``runs/bench_recipe/`` (resumable: a finished candidate is not trained again).
@@ -90,8 +90,9 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, nargs="+", default=None)
     ap.add_argument("--n-val", type=int, default=100)
     ap.add_argument("--workdir", default="runs/bench_recipe")
-    ap.add_argument("--out", default="reports/benchmark_recipe.md")
+    ap.add_argument("--out", default=None, help="default: reports/benchmark_recipe_<task>.md")
     a = ap.parse_args()
+    a.out = a.out or f"reports/benchmark_recipe_{a.task}.md"
 
     import torch
 
