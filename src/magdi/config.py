@@ -53,6 +53,18 @@ class Paths(_Strict):
     tracking_uri: str = "sqlite:///mlflow.db"
 
 
+def per_task_mapping(v: dict[str, Any], positive: str | None = None) -> dict[str, Any]:
+    """Check a task -> setting mapping (``*_by_task``, ``task_train``): every key a known task, so a typo fails at
+    start-up instead of silently applying to nothing; with ``positive`` (what the values are), every value >= 1."""
+    bad = sorted(t for t in v if t not in TASK_TYPES)
+    if bad:
+        raise ValueError(f"unknown task(s) {bad}; known: {sorted(TASK_TYPES)}")
+    low = sorted(t for t, n in v.items() if positive and n < 1)
+    if low:
+        raise ValueError(f"{positive} must be >= 1, got {[(t, v[t]) for t in low]}")
+    return v
+
+
 class DataCfg(_Strict):
     source: Literal["mirror", "hub"] = "mirror"
     seed: int = 0
@@ -74,13 +86,7 @@ class DataCfg(_Strict):
     @field_validator("n_train_by_task")
     @classmethod
     def _sizes_known(cls, v: dict[str, int]) -> dict[str, int]:
-        bad = sorted(t for t in v if t not in TASK_TYPES)
-        if bad:
-            raise ValueError(f"unknown task(s) {bad}; known: {sorted(TASK_TYPES)}")
-        low = sorted(t for t, n in v.items() if n < 1)
-        if low:
-            raise ValueError(f"sizes must be >= 1, got {[(t, v[t]) for t in low]}")
-        return v
+        return per_task_mapping(v, "sizes")
 
     def train_size(self, task: str) -> int:
         """Questions of ``task`` the teachers discuss (= its MAGs): its ``n_train_by_task`` entry, else ``n_train``."""
@@ -287,13 +293,7 @@ class EvalCfg(_Strict):
     @field_validator("max_new_tokens_by_task")
     @classmethod
     def _limits_known(cls, v: dict[str, int]) -> dict[str, int]:
-        bad = sorted(t for t in v if t not in TASK_TYPES)
-        if bad:
-            raise ValueError(f"unknown task(s) {bad}; known: {sorted(TASK_TYPES)}")
-        low = sorted(t for t, n in v.items() if n < 1)
-        if low:
-            raise ValueError(f"limits must be >= 1, got {[(t, v[t]) for t in low]}")
-        return v
+        return per_task_mapping(v, "limits")
 
     def limit(self, task: str) -> int:
         """The answer-length limit for ``task``: its entry in ``max_new_tokens_by_task``, else ``max_new_tokens``."""
@@ -343,10 +343,7 @@ class ExperimentsCfg(_Strict):
     @field_validator("task_train")
     @classmethod
     def _train_tasks(cls, v: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
-        bad = sorted(t for t in v if t not in TASK_TYPES)
-        if bad:
-            raise ValueError(f"unknown task(s) {bad}; known: {sorted(TASK_TYPES)}")
-        return v
+        return per_task_mapping(v)  # the overrides themselves are checked against `train` in Params._cross
 
 
 class Params(_Strict):
