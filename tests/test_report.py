@@ -18,7 +18,7 @@ EXPECTED = [
     *(f"{t}.{ext}" for t in ("table1_main", "table2_tokens", "table3_teachers_vs_students", "table4_ood",
                               "table5_self_consistency", "table6_encoder", "table7_student_scaling",
                               "table9_graph_types", "table10_graph_structure", "table12_mag_stats",
-                              "table13_multitask") for ext in ("md", "csv")),
+                              "table13_multitask", "training_runs") for ext in ("md", "csv")),
     "fig2_example_mag.png", "fig4_accuracy_vs_tokens.png", "fig5_student_scaling.png",
     "fig6_data_scaling.png", "training_curves.png", "README.md", "significance.md", "significance.csv",
     *(f"{sub}/{t}.html" for sub in ("mags", "predictions") for t in TASKS),
@@ -93,7 +93,8 @@ def tree(tmp_path: Path) -> tuple[Path, Path]:
         for task, m in by_task.items():
             _write(metrics / "eval" / meth / f"{task}.json", {**m, "task": task, "method": meth})
     for meth, n in (("magdi", 3), ("magdi_n2", 2), ("magdi_ud", 3)):
-        _write(metrics / "train" / meth / "strategyqa.json", {"n_mags": n, "steps": 2, "final_loss": 1.0})
+        _write(metrics / "train" / meth / "strategyqa.json", {"n_mags": n, "steps": 2, "final_loss": 1.0,
+                                                               "lr": 3e-4, "tokens": 1234})
         (metrics / "train" / meth / "strategyqa_history.csv").write_text("step,loss,ntp,lr\n1,2.5,2.0,0.1\n2,2.0,1.8,0.1\n")
     mags = _mags()
     write_mags(mags_dir / "strategyqa.jsonl", mags)
@@ -195,6 +196,14 @@ def test_build_report_tables_and_figures(tree: tuple[Path, Path], tmp_path: Path
     assert t13["magdi_mt (one multi-task model)"][0].startswith("45.8")
     t7 = (out / "table7_student_scaling.md").read_text()
     assert "no other student in experiments.scaling_students" in t7
+    runs = pd.read_csv(out / "training_runs.csv")
+    assert len(runs) == len(TASKS) * 4 + 5 + 1  # methods x tasks, ablations on strategyqa, the multi-task run
+    r = runs[(runs["task"] == "strategyqa") & (runs["run"] == "magdi_n2")].iloc[0]
+    assert (r["n_mags"], r["steps"], r["lr"], r["tokens"]) == (2, 2, 3e-4, 1234)
+    assert runs[(runs["task"] == "strategyqa") & (runs["run"] == "magdi_r0")][["n_mags", "lr"]].isna().all(axis=None)
+    md = (out / "training_runs.md").read_text()
+    cells = [[c.strip() for c in ln.strip("|").split("|")] for ln in md.splitlines() if ln.startswith("| strategyqa")]
+    assert ["strategyqa", "magdi_r0", DASH, DASH] in [c[:4] for c in cells]  # no metrics file: cells missing
 
     readme = (out / "README.md").read_text()
     assert "test_profile" in readme and "n_test=" in readme and "reference only" in readme

@@ -21,7 +21,20 @@ from .loader import Ctx, Metrics, load_paper_numbers
 from .pages import write_pages
 from .readme import write_readme
 from .stats import write_significance
-from .tables import table1, table2, table3, table4, table5, table6, table7, table9, table10, table12, table13
+from .tables import (
+    table1,
+    table2,
+    table3,
+    table4,
+    table5,
+    table6,
+    table7,
+    table9,
+    table10,
+    table12,
+    table13,
+    training_runs,
+)
 
 
 def build_report(params: Params, out_dir: Path, metrics_dir: Path = Path("metrics"),
@@ -33,7 +46,8 @@ def build_report(params: Params, out_dir: Path, metrics_dir: Path = Path("metric
     m = Metrics(Path(metrics_dir), Path(mags_dir or params.paths.mags_dir), Path(runs_dir or params.paths.runs_dir))
     ctx = Ctx(params, m, load_paper_numbers())
     files: list[Path] = []
-    for make in (table1, table2, table3, table4, table5, table6, table7, table9, table10, table12, table13):
+    for make in (table1, table2, table3, table4, table5, table6, table7, table9, table10, table12, table13,
+                 training_runs):
         files += make(ctx).write(out_dir)
     files += write_significance(ctx, out_dir)
     for fig in (fig2, fig4, fig5, fig6, training_curves):

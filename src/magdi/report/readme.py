@@ -20,6 +20,7 @@ DESCRIPTIONS = {
     "table10_graph_structure": "Directed vs undirected vs fully-connected MAG edges (graph-structure ablation).",
     "table12_mag_stats": "MAG statistics: nodes per round and agent, graph types, labels (Table 12).",
     "table13_multitask": "Task-specific vs multi-task MAGDi (Table 13).",
+    "training_runs": "Every training run: MAGs, lr, epochs, steps, updates, tokens seen, time, cut targets, final loss.",
     "fig2_example_mag.png": "One built MAG (green correct, red incorrect; rounds left to right) (Fig. 2).",
     "fig4_accuracy_vs_tokens.png": "Average accuracy vs generated tokens per method, plus the teachers (Fig. 4).",
     "fig5_student_scaling.png": "Accuracy vs student size, zero-shot and MAGDi (Fig. 5).",
