@@ -43,7 +43,7 @@ def test_setup_sentence_follows_params_and_metrics(tmp_path, monkeypatch) -> Non
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     t0, t1 = params["experiments"]["tasks"][:2]
     s = tool.setup_sentence()
-    assert f"9 on {t0}, 7 on {t1} discussions (MAGs) per task" in s
+    assert f"discussions (MAGs) per task: 9 on {t0}, 7 on {t1}, with 3 rounds" in s
     assert f"3 epochs at learning rate 0.0003 on {t0}, 0.0001 on {t1}" in s
 
 

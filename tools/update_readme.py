@@ -78,9 +78,11 @@ def setup_sentence() -> str:
     recipes = {t: p.train_for("magdi", t)[1] for t in tasks}
     epochs = {t: c.epochs for t, c in recipes.items()}
     plural = "s" if any(e != 1 for e in epochs.values()) else ""
+    sizes = {t: p.data.train_size(t) for t in tasks}
+    mags = (f"{per_task(sizes)} discussions (MAGs) per task" if len(set(sizes.values())) <= 1
+            else f"discussions (MAGs) per task: {per_task(sizes)},")
     return (f"The default is a real but small MAGDi experiment: teachers {teachers}; "
-            f"{per_task({t: p.data.train_size(t) for t in tasks})} discussions (MAGs) per task with "
-            f"{p.teachers.max_rounds + 1} rounds; the student {desc}{size}; "
+            f"{mags} with {p.teachers.max_rounds + 1} rounds; the student {desc}{size}; "
             f"{per_task(epochs)} epoch{plural} at learning rate {per_task({t: c.lr for t, c in recipes.items()}, 'g')}.")
 
 
