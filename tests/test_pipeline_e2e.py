@@ -41,7 +41,7 @@ TINY = {
     },
     "train": {"mags_per_step": 2, "max_prompt_tokens": 48, "max_target_tokens": 16, "hidden_dim": 16,
               "checkpoint_every": 1},
-    "evaluate": {"batch_size": 4, "max_new_tokens": 8, "bootstrap_samples": 50,
+    "evaluate": {"batch_size": 4, "max_new_tokens": 8, "max_new_tokens_by_task": {"gsm8k": 8}, "bootstrap_samples": 50,
                  "self_consistency": {"k": 2}},
     "experiments": {
         "tasks": ["strategyqa", "gsm8k"],

@@ -217,6 +217,20 @@ def test_task_recipe_applies_under_the_ablation_and_over_the_scaling_recipe() ->
     assert s.train_for("magdi", other)[1].lr == 5e-4
 
 
+def test_magdi_setup_states_each_tasks_mags_and_recipe() -> None:
+    """What the reports and the README state per task: its own MAG count and its own lr, the rest the defaults."""
+    raw = _raw()
+    task, *rest = raw["experiments"]["tasks"]
+    raw["data"]["n_train_by_task"] = {task: 7}
+    raw["experiments"]["task_train"] = {task: {"lr": 3e-4}}
+    p = parse_params(raw)
+    setup = p.magdi_setup()
+    assert list(setup) == raw["experiments"]["tasks"]
+    assert (setup[task][0], setup[task][1].lr, setup[task][1].epochs) == (7, 3e-4, p.train.epochs)
+    for t in rest:
+        assert setup[t] == (p.data.n_train, p.train)
+
+
 @pytest.mark.parametrize(("over", "needle"), [
     ({"gsm9k": {"lr": 1e-4}}, r"experiments\.task_train: .*unknown task\(s\) \['gsm9k'\]"),
     ({"gsm8k": {"lr": -1}}, r"experiments\.task_train\.gsm8k\.lr: Input should be greater than 0"),

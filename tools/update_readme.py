@@ -74,16 +74,15 @@ def setup_sentence() -> str:
     n_params = json.loads(zs[0].read_text())["student_parameters"] if zs else None
     size = f", {n_params / 1e6:.0f} M parameters" if n_params else ""
     desc = models[student]["description"].split(",")[0] if student in models else student
-    tasks = p.experiments.tasks
-    recipes = {t: p.train_for("magdi", t)[1] for t in tasks}
-    epochs = {t: c.epochs for t, c in recipes.items()}
+    setup = p.magdi_setup()
+    epochs = {t: c.epochs for t, (_, c) in setup.items()}
     plural = "s" if any(e != 1 for e in epochs.values()) else ""
-    sizes = {t: p.data.train_size(t) for t in tasks}
+    sizes = {t: n for t, (n, _) in setup.items()}
     mags = (f"{per_task(sizes)} discussions (MAGs) per task" if len(set(sizes.values())) <= 1
             else f"discussions (MAGs) per task: {per_task(sizes)},")
     return (f"The default is a real but small MAGDi experiment: teachers {teachers}; "
             f"{mags} with {p.teachers.max_rounds + 1} rounds; the student {desc}{size}; "
-            f"{per_task(epochs)} epoch{plural} at learning rate {per_task({t: c.lr for t, c in recipes.items()}, 'g')}.")
+            f"{per_task(epochs)} epoch{plural} at learning rate {per_task({t: c.lr for t, (_, c) in setup.items()}, 'g')}.")
 
 
 def block(total_s: int) -> str:

@@ -457,6 +457,11 @@ class Params(_Strict):
             return "magdi", self.train_with({"max_mags": int(method.split("_", 1)[1])}, f"--method {method}", cfg)
         return method, cfg
 
+    def magdi_setup(self) -> dict[str, tuple[int, TrainCfg]]:
+        """Per headline task: (its number of MAGs, the MAGDi run's resolved training config). The one answer the
+        reports and the README give to "what was trained on what", so they cannot disagree."""
+        return {t: (self.data.train_size(t), self.train_for("magdi", t)[1]) for t in self.experiments.tasks}
+
 
 def _first_error(e: ValidationError) -> str:
     """``<dotted key>: <message>`` of the first error, ``(+N more)`` if there are others: one line a user acts on."""

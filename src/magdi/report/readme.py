@@ -45,10 +45,9 @@ def _coverage(ctx: Ctx) -> tuple[int, int, list[str]]:
 def write_readme(ctx: Ctx, out: Path, files: list[Path]) -> Path:
     p = ctx.params
     have, total, missing = _coverage(ctx)
-    tasks = p.experiments.tasks
-    mags = {t: p.data.train_size(t) for t in tasks}
-    recipes = {t: p.train_for("magdi", t)[1] for t in tasks}
-    lrs, epochs = {t: c.lr for t, c in recipes.items()}, {t: c.epochs for t, c in recipes.items()}
+    setup = p.magdi_setup()
+    mags = {t: n for t, (n, _) in setup.items()}
+    lrs, epochs = {t: c.lr for t, (_, c) in setup.items()}, {t: c.epochs for t, (_, c) in setup.items()}
     lines = [
         "# MAGDi reproduction: report",
         "",
