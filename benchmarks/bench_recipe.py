@@ -2,16 +2,18 @@
 
 The validation questions are the next ``--n-val`` questions of the seeded training draw after the task's ``data.n_train``
 that became MAGs (``magdi.data.sample_splits`` with a larger ``n_train``): disjoint from the MAG questions and
-from the test set by construction. Every candidate is trained exactly as the ``train`` stage trains ``magdi``
-(same MAGs, ``train`` + the candidate's overrides) and evaluated exactly as ``evaluate`` does (merged adapter,
-greedy, ``evaluate.*``); the base student's zero-shot accuracy on the same questions is the baseline, with a
-paired bootstrap interval and McNemar's exact test for each candidate.
+from the test set by construction. Every candidate is trained exactly as the ``train`` stage trains its
+``--method`` (default magdi; several methods give one table, e.g. the levels ``magdi_r0 magdi_cn magdi_an
+magdi``): same MAGs, ``train`` + the task's recipe + the candidate's lr/epochs. It is evaluated exactly as
+``evaluate`` does (merged adapter, greedy, ``evaluate.*``); the base student's zero-shot accuracy on the same
+questions is the baseline, with a paired bootstrap interval and McNemar's exact test for each candidate.
 
     python benchmarks/bench_recipe.py --task svamp --lrs 1e-4 3e-4 --epochs 1 --n-val 100 \\
         [--student qwen_coder_0_5b] [--method magdi] [--out reports/benchmark_recipe_svamp.md]
 
 Run it where ``dvc repro`` has built the task's MAGs and the student (``data/mags``, ``models/``). Adapters go to
-``runs/bench_recipe/`` (resumable: a finished candidate is not trained again).
+``runs/bench_recipe/<task>/<student>/<method>/`` (resumable: a finished candidate is not trained again; an
+evaluation is reused only if it was made on the same validation questions).
 """
 
 from __future__ import annotations
@@ -84,7 +86,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--task", required=True)
-    ap.add_argument("--method", default="magdi")
+    ap.add_argument("--method", nargs="+", default=["magdi"],
+                    help="one or more training methods (e.g. the levels magdi_r0 magdi_cn magdi_an magdi, or sit_<agent>)")
     ap.add_argument("--student", default=None, help="one of experiments.scaling_students (default: the main student)")
     ap.add_argument("--lrs", type=float, nargs="+", required=True)
     ap.add_argument("--epochs", type=int, nargs="+", default=None)
@@ -107,44 +110,46 @@ def main() -> None:
     val = validation_questions(p, a.task, a.n_val)
     work = Path(a.workdir) / a.task / (a.student or p.student.model)
     work.mkdir(parents=True, exist_ok=True)
+    ids = [r["id"] for r in val]
 
     def cached_eval(name: str, adapter: Path | None) -> dict:
+        """An evaluation on exactly these validation questions, reused only if it was made on the same ids."""
         f = work / f"{name}.eval.json"
-        if f.exists():
+        if f.exists() and json.loads(f.read_text()).get("ids") == ids:
             return json.loads(f.read_text())
         preds, secs = evaluate_on(p, adapter, a.task, val)
-        row = {"correct": [pr.correct for pr in preds], "tokens": [pr.n_tokens for pr in preds],
+        row = {"ids": ids, "correct": [pr.correct for pr in preds], "tokens": [pr.n_tokens for pr in preds],
                "seconds": round(secs, 1)}
         f.write_text(json.dumps(row))
         return row
 
     base = cached_eval("zero_shot", None)
     rows = []
-    for ep in a.epochs or [p.train.epochs]:
-        for lr in a.lrs:
-            name = f"lr{lr:g}_ep{ep}"
-            out = work / name
-            tf = out / "bench_train.json"
-            if not tf.exists():
-                torch.manual_seed(0)
-                info = train_candidate(p, a.task, a.method, {"lr": lr, "epochs": ep}, out)
-                tf.write_text(json.dumps(info))
-            info = json.loads(tf.read_text())
-            ev = cached_eval(name, out / "adapter")
-            lo, hi = paired_bootstrap_ci(ev["correct"], base["correct"], p.evaluate.bootstrap_samples, p.evaluate.seed)
-            b, c, pv = mcnemar_exact(ev["correct"], base["correct"])
-            rows.append({"lr": lr, "epochs": ep, **info, "acc": 100 * sum(ev["correct"]) / len(val),
-                         "diff": 100 * (sum(ev["correct"]) - sum(base["correct"])) / len(val),
-                         "ci": (100 * lo, 100 * hi), "p": pv,
-                         "truncated": 100 * sum(t >= p.evaluate.limit(a.task) for t in ev["tokens"]) / len(val),
-                         "mean_tokens": sum(ev["tokens"]) / len(val), "eval_s": ev["seconds"]})
+    for method, ep, lr in ((m, e, r) for m in a.method for e in a.epochs or [p.train.epochs] for r in a.lrs):
+        name = f"{method}/lr{lr:g}_ep{ep}"  # a candidate is its method, lr and epochs (resume key)
+        out = work / name
+        tf = out / "bench_train.json"
+        if not tf.exists():
+            torch.manual_seed(0)
+            info = train_candidate(p, a.task, method, {"lr": lr, "epochs": ep}, out)
+            tf.write_text(json.dumps(info))
+        info = json.loads(tf.read_text())
+        ev = cached_eval(name, out / "adapter")
+        lo, hi = paired_bootstrap_ci(ev["correct"], base["correct"], p.evaluate.bootstrap_samples, p.evaluate.seed)
+        b, c, pv = mcnemar_exact(ev["correct"], base["correct"])
+        rows.append({"method": method, "lr": lr, "epochs": ep, **info, "acc": 100 * sum(ev["correct"]) / len(val),
+                     "diff": 100 * (sum(ev["correct"]) - sum(base["correct"])) / len(val),
+                     "ci": (100 * lo, 100 * hi), "p": pv,
+                     "truncated": 100 * sum(t >= p.evaluate.limit(a.task) for t in ev["tokens"]) / len(val),
+                     "mean_tokens": sum(ev["tokens"]) / len(val), "eval_s": ev["seconds"]})
 
     zs_acc = 100 * sum(base["correct"]) / len(val)
-    best = max(rows, key=lambda r: (r["acc"], -r["lr"]))
+    best = {m: max((r for r in rows if r["method"] == m), key=lambda r: (r["acc"], -r["lr"])) for m in a.method}
     lines = [
-        f"# Training recipe chosen on a validation split ({a.task}, {a.method}, student {a.student or p.student.model})",
+        f"# Training recipe chosen on a validation split ({a.task}, {', '.join(a.method)}, student "
+        f"{a.student or p.student.model})",
         "",
-        f"`python benchmarks/bench_recipe.py --task {a.task} --method {a.method}"
+        f"`python benchmarks/bench_recipe.py --task {a.task} --method {' '.join(a.method)}"
         + (f" --student {a.student}" if a.student else "")
         + f" --lrs {' '.join(f'{x:g}' for x in a.lrs)}"
         + (f" --epochs {' '.join(map(str, a.epochs))}" if a.epochs else "") + f" --n-val {a.n_val}`",
@@ -155,17 +160,17 @@ def main() -> None:
         "seeded draw (disjoint from the MAGs and the test set). The base student zero-shot on them: "
         f"{zs_acc:.1f} % ({base['seconds']:.0f} s).",
         "",
-        "| lr | epochs | MAGs | steps | train tokens | train s | final loss | val acc % | vs zero-shot (paired 95 % CI) "
-        "| McNemar p | truncated % | mean tokens |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| method | lr | epochs | MAGs | steps | train tokens | train s | final loss | val acc % "
+        "| vs zero-shot (paired 95 % CI) | McNemar p | truncated % | mean tokens |",
+        "|:---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
-        lines.append(f"| {r['lr']:g} | {r['epochs']} | {r['n_mags']} | {r['steps']} | {r['tokens']} | {r['seconds']:.0f} "
+        lines.append(f"| {r['method']} | {r['lr']:g} | {r['epochs']} | {r['n_mags']} | {r['steps']} | {r['tokens']} | {r['seconds']:.0f} "
                      f"| {r['final_loss']:.3f} | {r['acc']:.1f} | {r['diff']:+.1f} [{r['ci'][0]:+.1f}, {r['ci'][1]:+.1f}] "
                      f"| {r['p']:.3g} | {r['truncated']:.1f} | {r['mean_tokens']:.0f} |")
-    lines += ["", f"Highest validation accuracy: lr {best['lr']:g}, {best['epochs']} epoch(s) ({best['acc']:.1f} %; "
-              "ties go to the smaller learning rate). With this many questions a difference of a few points is "
-              "within noise: read the intervals."]
+    lines += [""] + [f"Highest validation accuracy of {m}: lr {b['lr']:g}, {b['epochs']} epoch(s) ({b['acc']:.1f} %; "
+                     "ties go to the smaller learning rate)." for m, b in best.items()]
+    lines += ["", "With this many questions a difference of a few points is within noise: read the intervals."]
     Path(a.out).write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
