@@ -19,6 +19,7 @@ evaluation is reused only if it was made on the same validation questions).
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import platform
 import sys
@@ -115,8 +116,9 @@ def main() -> None:
     def cached_eval(name: str, adapter: Path | None) -> dict:
         """An evaluation on exactly these validation questions, reused only if it was made on the same ids."""
         f = work / f"{name}.eval.json"
-        if f.exists() and json.loads(f.read_text()).get("ids") == ids:
-            return json.loads(f.read_text())
+        cached = json.loads(f.read_text()) if f.exists() else {}
+        if cached.get("ids") == ids:
+            return cached
         preds, secs = evaluate_on(p, adapter, a.task, val)
         row = {"ids": ids, "correct": [pr.correct for pr in preds], "tokens": [pr.n_tokens for pr in preds],
                "seconds": round(secs, 1)}
@@ -125,7 +127,7 @@ def main() -> None:
 
     base = cached_eval("zero_shot", None)
     rows = []
-    for method, ep, lr in ((m, e, r) for m in a.method for e in a.epochs or [p.train.epochs] for r in a.lrs):
+    for method, ep, lr in itertools.product(a.method, a.epochs or [p.train.epochs], a.lrs):
         name = f"{method}/lr{lr:g}_ep{ep}"  # a candidate is its method, lr and epochs (resume key)
         out = work / name
         tf = out / "bench_train.json"
