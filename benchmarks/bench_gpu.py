@@ -203,7 +203,7 @@ METHOD_CASES = [
     ("magdi", {}), ("magdi", {"core": "fused"}), ("magdi", {"encoder": "node_attention"}),
     ("magdi", {"encoder": "token_attention"}), ("magdi", {"node_repr": "frozen"}),
     ("magdi", {"gradient_checkpointing": True}),
-]
+] + ([("magdi", {"attention": "flex"})] if torch.cuda.is_available() else [])  # FlexAttention: no CPU backward
 
 
 def cmd_methods(a) -> dict:
@@ -248,35 +248,16 @@ def set_checkpointing(lm, on: bool) -> None:
                 break
 
 
-def flex_block_mask(segments: torch.Tensor, owners: torch.Tensor):
-    """The packed core's mask (``magdi.core.block_mask``) as a FlexAttention ``BlockMask``: the kernel skips the
-    blocks where it is all False (a chain never sees another chain), instead of computing the full L x L."""
-    from torch.nn.attention.flex_attention import create_block_mask
-
-    def mask_mod(b, h, q, kv):
-        sq, sk = segments[b, q], segments[b, kv]
-        return ((q >= kv) & (sq >= 0) & (sk >= 0) & ((sk == sq) | (sk == owners[b, q]))) | (q == kv)
-
-    n, length = segments.shape
-    return create_block_mask(mask_mod, B=n, H=None, Q_LEN=length, KV_LEN=length, device=segments.device)
-
-
-def use_flex_masks() -> None:
-    """Let ``magdi.core.packed_hidden`` hand a ``BlockMask`` to a decoder set to ``flex_attention`` (benchmark
-    prototype: the core itself knows sdpa and eager)."""
-    import magdi.core as mcore
-
-    if getattr(mcore.block_mask, "_flex", False):
-        return
-    orig = mcore.block_mask
-
-    def block_mask(segments, owners, attn_implementation, dtype):
-        if attn_implementation == "flex_attention":
-            return flex_block_mask(segments, owners)
-        return orig(segments, owners, attn_implementation, dtype)
-
-    block_mask._flex = True
-    mcore.block_mask = block_mask
+def compile_layers(lm, on: bool) -> None:
+    """``torch.compile`` each decoder layer (dynamic shapes: packed rows change width every step), so the
+    elementwise work around the matmuls (fp32 RMSNorm, rotary, SwiGLU, LoRA scaling) is fused into fewer
+    kernels; ``on=False`` restores eager layers. The layers share code, so one graph serves all of them."""
+    base = lm.get_base_model() if hasattr(lm, "get_base_model") else lm
+    for layer in base.model.layers:
+        if on:
+            layer.compile(dynamic=True)
+        else:
+            layer._compiled_call_impl = None
 
 
 def cmd_core(a) -> dict:
@@ -332,16 +313,14 @@ def cmd_core(a) -> dict:
         return {"lm_tokens_real": lm_tokens, "lm_tokens_padded": padded, "encode_seconds": enc_s}
 
     base = lm.get_base_model()
-    if any(v.startswith("flex") for v in a.variants):
-        use_flex_masks()
     variants = []
     for v in a.variants:
-        kind, _, ck = v.partition("+")
+        kind, *flags = v.split("+")
         micro = a.micro if not kind.endswith("16") else a.mags_per_step
-        variants.append((v, kind.rstrip("0123456789"), ck == "ckpt", micro))
+        variants.append((v, kind.rstrip("0123456789"), "ckpt" in flags, "compile" in flags, micro))
     results = {}
 
-    def use_attention(kind: str) -> None:
+    def use_attention(kind: str) -> None:  # flex: magdi.core hands the decoder a BlockMask (train.attention)
         base.set_attn_implementation("flex_attention" if kind == "flex" else "sdpa")
 
     def eval_loss(kind: str) -> float:
@@ -353,11 +332,12 @@ def cmd_core(a) -> dict:
         core.train()
         return float(out["loss"])
 
-    for name, kind, ckpt, micro in variants:
+    for name, kind, ckpt, comp, micro in variants:
         set_checkpointing(lm, ckpt)
+        compile_layers(lm, comp)
         core.train()
         reset_peak(dev)
-        rec = {"kind": kind, "checkpointing": ckpt, "micro_mags": micro, "seconds": []}
+        rec = {"kind": kind, "checkpointing": ckpt, "compiled": comp, "micro_mags": micro, "seconds": []}
         try:
             if kind == "flex":  # same objective: the loss on two MAGs (eval mode) under both attentions
                 rec["loss_check"] = {"sdpa": eval_loss("packed"), "flex": eval_loss("flex")}
@@ -367,9 +347,11 @@ def cmd_core(a) -> dict:
                 t = time.perf_counter()
                 cnt = one_step(batch, kind, micro, 7919 + i)
                 sync(dev)
-                if i > 0:  # step 0 is the warm-up
+                if i > 0:  # step 0 is the warm-up (and, compiled, the compilation)
                     rec["seconds"].append(time.perf_counter() - t)
                     rec.update(cnt)
+                else:
+                    rec["first_step_seconds"] = time.perf_counter() - t
                 print(f"{name} step {i}: {time.perf_counter() - t:.2f}s", flush=True)
         except Exception as e:  # one broken variant (out of memory, say) must not lose the others' numbers
             what = "out of memory" if isinstance(e, torch.OutOfMemoryError) else type(e).__name__
@@ -389,8 +371,9 @@ def cmd_core(a) -> dict:
         from torch.profiler import ProfilerActivity
         from torch.profiler import profile as torch_profile
 
-        name, kind, ckpt, micro = variants[0]
+        name, kind, ckpt, comp, micro = variants[0]
         set_checkpointing(lm, ckpt)
+        compile_layers(lm, comp)
         use_attention(kind)
         acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.startswith("cuda") else [])
         with torch_profile(activities=acts) as prof:
@@ -403,6 +386,7 @@ def cmd_core(a) -> dict:
         print(prof.key_averages().table(sort_by="self_device_time_total", row_limit=30, max_name_column_width=70),
               flush=True)
     set_checkpointing(lm, False)
+    compile_layers(lm, False)
     use_attention("packed")
     return {"env": env_info(dev), "profile": profile, "shape": shape, "lm_config": {k: getattr(lcfg, k) for k in (
         "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
@@ -590,8 +574,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--chain-tokens", type=int, default=250)
     ap.add_argument("--steps", type=int, default=2, help="measured steps (after one warm-up)")
     ap.add_argument("--variants", nargs="+", default=["packed", "packed+ckpt", "packed16+ckpt", "naive+ckpt"],
-                    help="packed|flex|naive ('flex': packed with a FlexAttention BlockMask), '16' = all MAGs of the "
-                         "step in one micro-step, '+ckpt' = checkpointing")
+                    help="packed|flex|naive ('flex': packed with train.attention: flex), '16' = all MAGs of the "
+                         "step in one micro-step, '+ckpt' = checkpointing, '+compile' = torch.compile per layer")
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16, 64])
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--prompt-tokens", type=int, default=128)

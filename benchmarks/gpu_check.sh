@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU checks of reports/benchmark_gpu.md, in one call on a lent GPU machine (device tool `run`):
-#   bash benchmarks/gpu_check.sh [core generate methods pytest accel]     (default: all, in that order)
+#   bash benchmarks/gpu_check.sh [core core2 generate methods pytest accel]     (default: all but core2, in that order)
 # carrying .whl (the packages that machine lacks, benchmarks/README.md). Each step has its own time limit so
 # that one slow step cannot cost the others; JSON results and the whole log go to $OUT (at most 8 files come
 # back). Then, here: python benchmarks/bench_gpu.py report --json-dir <the files' folder>
@@ -15,7 +15,11 @@ if [ -d .whl ]; then
 fi
 export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD/src
 B="python3 benchmarks/bench_gpu.py"
-core() { timeout 230 $B core --profile ${CORE_ARGS:-} --json-dir "$OUT"; }
+core() { timeout ${CORE_TIMEOUT:-230} $B core ${CORE_PROFILE---profile} ${CORE_ARGS:-} --json-dir "$OUT"; }
+# a second core run with other variants (e.g. torch.compile, whose first step compiles): its own JSON and limit, so
+# a slow compilation cannot cost the first run's numbers
+core2() { timeout ${CORE2_TIMEOUT:-200} $B core ${CORE2_ARGS:---variants flex16+ckpt+compile --name core_compile} \
+  --json-dir "$OUT"; }
 generate() { timeout 70 $B generate --json-dir "$OUT"; }
 methods() { timeout 60 $B methods --json-dir "$OUT"; }
 pytest_cuda() {
@@ -39,7 +43,7 @@ steps=${*:-core generate methods pytest accel}
   python3 -c 'import torch, transformers, peft, accelerate, torch_geometric as g; print("torch", torch.__version__, "transformers", transformers.__version__, "peft", peft.__version__, "accelerate", accelerate.__version__, "pyg", g.__version__)'
   for s in $steps; do
     echo "== $s"
-    case $s in pytest) pytest_cuda ;; core|generate|methods|accel) $s ;; *) echo "unknown step $s" ;; esac
+    case $s in pytest) pytest_cuda ;; core|core2|generate|methods|accel) $s ;; *) echo "unknown step $s" ;; esac
   done
   date -u
 } 2>&1 | tee "$OUT/log.txt"

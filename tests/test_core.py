@@ -72,26 +72,31 @@ def test_block_mask_by_hand() -> None:
         block_mask(seg, own, "flash_attention_2", torch.float32)
 
 
-def test_flex_block_mask_of_the_gpu_benchmark_equals_block_mask() -> None:
-    """benchmarks/bench_gpu.py's FlexAttention prototype (1.27x per training step at Mistral-7B shape on an H200,
-    reports/benchmark_gpu.md) must mask exactly as the packed core does, position by position."""
-    import importlib.util
-    from pathlib import Path
+def test_flex_block_mask_equals_block_mask() -> None:
+    """``train.attention: flex`` (1.27x per training step at Mistral-7B shape on an H200, reports/benchmark_gpu.md)
+    must mask exactly as the dense mask does, position by position, on packs that share rows and on padding."""
+    from torch.nn.attention.flex_attention import BlockMask, create_mask
 
-    from torch.nn.attention.flex_attention import create_mask
-
-    spec = importlib.util.spec_from_file_location(
-        "bench_gpu", Path(__file__).resolve().parents[1] / "benchmarks" / "bench_gpu.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
     items = [TrainItem("abcd", ["ef", "xyz"], [1, 0]), TrainItem("g", ["h"], [1]), TrainItem("i", ["j", "k"], [0, 1])]
     enc = encode_packed(items, _CharTok(), max_prompt=8, max_target=8)
     for seg, own in [(enc.segments, enc.owners),
                      (torch.tensor([[0, 0, 1, 1, 2, -1]]), torch.tensor([[0, 0, 0, 0, 0, -1]]))]:
-        bm = bench.flex_block_mask(seg, own)
+        bm = block_mask(seg, own, "flex_attention", torch.float32)
+        assert isinstance(bm, BlockMask)
         n, length = seg.shape
         dense = create_mask(bm.mask_mod, n, 1, length, length, device="cpu")
         assert torch.equal(dense, block_mask(seg, own, "sdpa", torch.float32))
+
+
+def test_flex_attention_needs_the_packed_core_and_cuda() -> None:
+    from magdi.train import check_attention
+
+    with pytest.raises(ValueError, match="flex needs train.core: packed"):
+        TrainCfg(core="fused", attention="flex")
+    with pytest.raises(RuntimeError, match="needs a CUDA device"):
+        check_attention("flex", torch.device("cpu"))
+    check_attention("sdpa", torch.device("cpu"))
+    check_attention("flex", torch.device("cuda", 0))
 
 
 @pytest.mark.parametrize("chunk", [0, 3, 1000])
@@ -159,19 +164,47 @@ def test_packed_core_matches_fused_losses_and_gradients(make_lm, tiny_tokenizer,
         torch.testing.assert_close(g_p[k], g_f[k], rtol=1e-5, atol=1e-5 * g_f[k].abs().max().item() + 1e-9)
 
 
-def test_packed_core_eager_attention_matches_sdpa(make_lm, tiny_tokenizer) -> None:
+def test_packed_core_eager_and_flex_attention_match_sdpa(make_lm, tiny_tokenizer) -> None:
+    """Forward only: FlexAttention runs forward on CPU, its backward needs CUDA (the CUDA test below)."""
     items = build_items(_mags()[:2], method_spec("magdi"), tiny_tokenizer)
     cfg = TrainCfg(max_prompt_tokens=48, max_target_tokens=16, hidden_dim=16, core="packed")
     enc = encode_batch(items, tiny_tokenizer, cfg)
     outs = []
-    for impl in ("sdpa", "eager"):
+    for impl in ("sdpa", "eager", "flex_attention"):
         torch.manual_seed(0)
         lm = make_lm()
-        lm.get_base_model().config._attn_implementation = impl
+        lm.get_base_model().set_attn_implementation(impl)
         student = MagdiStudent(lm, method_spec("magdi"), cfg).eval()
         with torch.no_grad():
             outs.append(student(enc, items, 1)["loss"].item())
-    assert outs[0] == pytest.approx(outs[1], rel=1e-5)
+    assert outs[1] == pytest.approx(outs[0], rel=1e-5)
+    assert outs[2] == pytest.approx(outs[0], rel=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_flex_attention_training_step_matches_sdpa_on_cuda(make_lm, tiny_tokenizer) -> None:
+    """``train.attention: flex``: same losses and LoRA/head gradients as the dense-mask SDPA step (fp32)."""
+    items = build_items(_mags(), method_spec("magdi"), tiny_tokenizer)
+    runs = []
+    for attention in ("sdpa", "flex"):
+        cfg = TrainCfg(mags_per_step=5, max_prompt_tokens=48, max_target_tokens=16, hidden_dim=16,
+                       weights=LossWeights(ntp=1.0, contrastive=0.5, graph=1.0), attention=attention)
+        torch.manual_seed(0)
+        lm = make_lm()
+        with torch.no_grad():
+            for name, p in lm.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0.0, 0.2)
+        student = MagdiStudent(lm, method_spec("magdi"), cfg).cuda().train()
+        out = student(encode_batch(items, tiny_tokenizer, cfg).to("cuda"), items, step_seed=5)
+        out["loss"].backward()
+        runs.append(({k: v.item() for k, v in out.items()},
+                     {k: p.grad.cpu() for k, p in student.named_parameters() if p.requires_grad}))
+    (l_s, g_s), (l_f, g_f) = runs
+    for k in l_s:
+        assert l_f[k] == pytest.approx(l_s[k], rel=1e-4), k
+    for k in g_s:
+        torch.testing.assert_close(g_f[k], g_s[k], rtol=1e-3, atol=1e-4 * g_s[k].abs().max().item() + 1e-8)
 
 
 def test_encode_batch_follows_train_core(tiny_tokenizer) -> None:

@@ -257,6 +257,9 @@ class MagdiStudent(nn.Module):
             self.encoder = build_encoder(cfg.encoder, dim, cfg.hidden_dim, dropout=cfg.gcn_dropout)
         if cfg.gradient_checkpointing:
             enable_gradient_checkpointing(lm)
+        if cfg.attention == "flex":  # magdi.core.block_mask then hands the decoder a block-sparse BlockMask
+            base = lm.get_base_model() if hasattr(lm, "get_base_model") else lm
+            base.set_attn_implementation("flex_attention")
         #: node_repr=frozen: (prompt, chain) -> (pooled base-model rep, its chain token states or None)
         self.frozen_cache: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor | None]] = {}
 
@@ -446,6 +449,14 @@ def check_distributed(distributed_type: str) -> None:
                            "true; a 7B LoRA student fits one GPU (reports/benchmark_gpu.md)")
 
 
+def check_attention(attention: str, device: torch.device) -> None:
+    """Refuse ``train.attention: flex`` off CUDA before any step: FlexAttention has no CPU backward (torch
+    raises only at the first backward, after the model is built and the first forward is paid for)."""
+    if attention == "flex" and device.type != "cuda":
+        raise RuntimeError(f"train.attention: flex needs a CUDA device (FlexAttention has no backward on "
+                           f"{device.type}); use train.attention: sdpa")
+
+
 def train(
     lm: nn.Module,
     tokenizer,
@@ -474,6 +485,7 @@ def train(
     accel = Accelerator(mixed_precision="bf16" if cfg.bf16 else "no",
                         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
     check_distributed(accel.distributed_type)
+    check_attention(cfg.attention, accel.device)
     model = MagdiStudent(lm, spec, cfg)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
