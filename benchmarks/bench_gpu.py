@@ -46,7 +46,14 @@ from magdi.config import TrainCfg  # noqa: E402
 from magdi.core import encode_packed, prompt_ids, target_ids  # noqa: E402
 from magdi.mag import MAG, Node  # noqa: E402
 from magdi.student import attach_lora, generate  # noqa: E402
-from magdi.train import MagdiStudent, build_items, enable_gradient_checkpointing, method_spec, train  # noqa: E402
+from magdi.train import (  # noqa: E402
+    MagdiStudent,
+    build_items,
+    compile_decoder_layers,
+    enable_gradient_checkpointing,
+    method_spec,
+    train,
+)
 
 #: MistralConfig keyword sets; ``mistral7b`` is Mistral-7B-v0.1's shape.
 SHAPES = {
@@ -252,12 +259,12 @@ def compile_layers(lm, on: bool) -> None:
     """``torch.compile`` each decoder layer (dynamic shapes: packed rows change width every step), so the
     elementwise work around the matmuls (fp32 RMSNorm, rotary, SwiGLU, LoRA scaling) is fused into fewer
     kernels; ``on=False`` restores eager layers. The layers share code, so one graph serves all of them."""
+    if on:
+        compile_decoder_layers(lm)  # what train.compile does
+        return
     base = lm.get_base_model() if hasattr(lm, "get_base_model") else lm
-    for layer in base.model.layers:
-        if on:
-            layer.compile(dynamic=True)
-        else:
-            layer._compiled_call_impl = None
+    for layer in base.get_decoder().layers:
+        layer._compiled_call_impl = None
 
 
 def cmd_core(a) -> dict:
@@ -354,6 +361,9 @@ def cmd_core(a) -> dict:
                     rec["first_step_seconds"] = time.perf_counter() - t
                 print(f"{name} step {i}: {time.perf_counter() - t:.2f}s", flush=True)
         except Exception as e:  # one broken variant (out of memory, say) must not lose the others' numbers
+            import traceback
+
+            traceback.print_exc(limit=-12)  # the log keeps the cause; the JSON keeps its first line
             what = "out of memory" if isinstance(e, torch.OutOfMemoryError) else type(e).__name__
             rec["error"] = f"{what}: {str(e).splitlines()[0][:160] if str(e) else ''}"
             opt.zero_grad(set_to_none=True)
@@ -503,16 +513,17 @@ def cmd_report(a) -> str:
             f"{f['head'] / 1e12:.2f}, attention {f['attention'] / 1e12:.2f}). Measured bf16 matmul peak "
             f"(8192^3, random data): {c['matmul_bf16_tflops']:.0f} TFLOP/s. Model built in {c['build_seconds']:.1f} s.\n\n"
             "| variant | MAGs / micro-step | checkpointing | s / step | useful tokens/s | TFLOP/s | MFU (measured peak) "
-            "| MFU (989 datasheet) | LM tokens / step (real, padded) | peak GPU memory GiB |\n"
-            "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|\n")
+            "| MFU (989 datasheet) | LM tokens / step (real, padded) | peak GPU memory GiB | first step s |\n"
+            "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|\n")
         for name, r in c["variants"].items():
             if "seconds_median" not in r:
-                parts[-1] += f"| {name} | {r['micro_mags']} | {r['checkpointing']} | {r.get('error', 'failed')} |||||||\n"
+                parts[-1] += f"| {name} | {r['micro_mags']} | {r['checkpointing']} | {r.get('error', 'failed')} ||||||||\n"
                 continue
             parts[-1] += (f"| {name} | {r['micro_mags']} | {r['checkpointing']} | {r['seconds_median']:.2f} | "
                           f"{r['useful_tokens_per_s']:,.0f} | {r['tflops']:.0f} | {r['mfu_measured_peak']:.1%} | "
                           f"{r['mfu_datasheet']:.1%} | {r['lm_tokens_real']:,} / {r['lm_tokens_padded']:,} | "
-                          f"{'n/a' if r['peak_mem_gib'] is None else format(r['peak_mem_gib'], '.1f')} |\n")
+                          f"{'n/a' if r['peak_mem_gib'] is None else format(r['peak_mem_gib'], '.1f')} | "
+                          f"{format(r['first_step_seconds'], '.1f') if 'first_step_seconds' in r else ''} |\n")
         prof = c.get("profile")
         step_ms = 1000 * c["variants"].get(prof["variant"], {}).get("seconds_median", 0) if prof else 0
         if prof and step_ms:

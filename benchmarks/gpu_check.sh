@@ -23,9 +23,10 @@ core2() { timeout ${CORE2_TIMEOUT:-200} $B core ${CORE2_ARGS:---variants flex16+
 generate() { timeout 70 $B generate --json-dir "$OUT"; }
 methods() { timeout 60 $B methods --json-dir "$OUT"; }
 pytest_cuda() {
-  timeout 90 python3 -m pytest -q -k cuda -p no:cacheprovider tests > /tmp/pytest.txt 2>&1
+  # -p no:logging: torch.compile's DEBUG records would otherwise fill a failure's report
+  timeout 90 python3 -m pytest -q -k cuda -p no:cacheprovider -p no:logging --tb=short tests > /tmp/pytest.txt 2>&1
   echo "exit code $?" >> /tmp/pytest.txt
-  tail -30 /tmp/pytest.txt
+  tail -80 /tmp/pytest.txt
   python3 -c 'import json; print(json.dumps({"tail": open("/tmp/pytest.txt").read()[-3000:]}))' > "$OUT/pytest.json"
 }
 accel() {

@@ -53,8 +53,9 @@ def build_tokenizer():
     return tok
 
 
-def build_lm(tokenizer, seed: int = 0, lora: bool = True):
-    """A tiny random LlamaForCausalLM (optionally LoRA-wrapped); identical for identical seeds."""
+def build_lm(tokenizer, seed: int = 0, lora: bool = True, head_dim: int | None = None):
+    """A tiny random LlamaForCausalLM (optionally LoRA-wrapped); identical for identical seeds. Its heads are
+    8 wide unless ``head_dim`` says otherwise (FlexAttention on CUDA needs at least 16)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from magdi.student import attach_lora
@@ -68,6 +69,7 @@ def build_lm(tokenizer, seed: int = 0, lora: bool = True):
             num_hidden_layers=2,
             num_attention_heads=4,
             num_key_value_heads=2,
+            head_dim=head_dim,
             max_position_embeddings=512,
             pad_token_id=tokenizer.pad_token_id,
             eos_token_id=tokenizer.eos_token_id,
@@ -90,8 +92,8 @@ def tiny_tokenizer():
 def make_lm(tiny_tokenizer) -> Callable[..., torch.nn.Module]:
     """Factory: ``make_lm(seed=0, lora=True)`` builds a fresh tiny student (training mutates it)."""
 
-    def _make(seed: int = 0, lora: bool = True):
-        return build_lm(tiny_tokenizer, seed=seed, lora=lora)
+    def _make(seed: int = 0, lora: bool = True, head_dim: int | None = None):
+        return build_lm(tiny_tokenizer, seed=seed, lora=lora, head_dim=head_dim)
 
     return _make
 

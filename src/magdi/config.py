@@ -255,8 +255,14 @@ class TrainCfg(_Strict):
     #: attention kernel of the training pass. "sdpa": the packed core's mask is a dense [N, 1, L, L] tensor, so
     #: the kernel computes every block of every packed row. "flex" (packed core, CUDA only: FlexAttention has
     #: no CPU backward): the same mask as a block-sparse ``BlockMask``, so blocks where a chain would see
-    #: another chain are skipped (1.27x per step at Mistral-7B shape on an H200, reports/benchmark_gpu.md).
+    #: another chain are skipped (1.25x per step at Mistral-7B shape on an H100, reports/benchmark_gpu.md).
     attention: Literal["sdpa", "flex"] = "sdpa"
+    #: ``torch.compile`` each decoder layer (dynamic shapes) so the elementwise work around the matrix products
+    #: (RMSNorm, rotary, SwiGLU, LoRA) runs fused; the first step pays the compilation. Measured on an H100 at
+    #: Mistral-7B shape with attention flex, 4 MAGs per micro-step, no checkpointing: 2.28 s per step instead of
+    #: 3.25 (40 % MFU), 74 s to compile (reports/benchmark_gpu.md); with gradient checkpointing on torch 2.11
+    #: the compiler failed (it ran on the CPU's torch 2.13).
+    compile: bool = False
 
     @model_validator(mode="after")
     def _flex_needs_packed(self) -> TrainCfg:

@@ -199,7 +199,10 @@ def packed_hidden(decoder, enc: PackedEncoded) -> Tensor:
     if torch.is_autocast_enabled(enc.input_ids.device.type):
         dtype = torch.get_autocast_dtype(enc.input_ids.device.type)
     mask = block_mask(enc.segments, enc.owners, impl, dtype)
-    hidden = decoder(input_ids=enc.input_ids, attention_mask=mask, position_ids=enc.position_ids).last_hidden_state
+    # use_cache=False: a training pass has no later step to reuse keys/values (without checkpointing the decoder
+    # would otherwise fill a KV cache every step, and torch.compile recompiles the layers on its state)
+    hidden = decoder(input_ids=enc.input_ids, attention_mask=mask, position_ids=enc.position_ids,
+                     use_cache=False).last_hidden_state
     return hidden.reshape(-1, hidden.shape[-1])[enc.gather]
 
 
@@ -207,7 +210,7 @@ def lm_hidden(decoder, enc) -> Tensor:
     """Last hidden layer per unique (prompt, chain) row for either core (fused rows or packed row view)."""
     if isinstance(enc, PackedEncoded):
         return packed_hidden(decoder, enc)
-    return decoder(input_ids=enc.input_ids, attention_mask=enc.attention_mask).last_hidden_state
+    return decoder(input_ids=enc.input_ids, attention_mask=enc.attention_mask, use_cache=False).last_hidden_state
 
 
 def _chunk_nll(lm_head, h: Tensor, y: Tensor) -> Tensor:

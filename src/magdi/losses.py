@@ -132,7 +132,7 @@ def as_param_dtype(module: nn.Module, x: Tensor) -> Tensor:
     Under FSDP mixed precision the parameters are cast to bf16 only when the module runs, and no autocast
     is active, while pooled representations arrive in fp32 (``position_weighted_mean``): without this cast
     the first matmul of a head fails with a dtype mismatch (seen under ``accelerate launch`` with
-    configs/accelerate_fsdp.yaml, reports/benchmark_gpu.md). A no-op when the dtypes agree.
+    configs/accelerate_fsdp.yaml, reports/benchmark_gpu_h200.md). A no-op when the dtypes agree.
     """
     p = next(module.parameters(), None)
     return x if p is None or x.dtype == p.dtype or not x.is_floating_point() else x.to(p.dtype)

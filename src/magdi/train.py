@@ -230,6 +230,15 @@ def enable_gradient_checkpointing(lm: nn.Module) -> None:
     base.config.use_cache = False
 
 
+def compile_decoder_layers(lm: nn.Module) -> None:
+    """``torch.compile`` each decoder layer (``train.compile``), not the whole model: the layers share one
+    graph (32 identical blocks compile once), the LoRA wrappers and the packed core's indexing stay eager, and
+    ``dynamic=True`` keeps one graph while packed rows change width from step to step."""
+    base = lm.get_base_model() if hasattr(lm, "get_base_model") else lm
+    for layer in base.get_decoder().layers:
+        layer.compile(dynamic=True)
+
+
 # ----------------------------------------------------------------------------- the model
 
 
@@ -260,6 +269,8 @@ class MagdiStudent(nn.Module):
         if cfg.attention == "flex":  # magdi.core.block_mask then hands the decoder a block-sparse BlockMask
             base = lm.get_base_model() if hasattr(lm, "get_base_model") else lm
             base.set_attn_implementation("flex_attention")
+        if cfg.compile:
+            compile_decoder_layers(lm)
         #: node_repr=frozen: (prompt, chain) -> (pooled base-model rep, its chain token states or None)
         self.frozen_cache: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor | None]] = {}
 
@@ -439,14 +450,14 @@ def check_distributed(distributed_type: str) -> None:
 
     Under FSDP the parameters and AdamW state are sharded DTensors: ``_save_ckpt`` and ``save_adapter``
     write plain tensors and fail at the first checkpoint (seen on an H200 with configs/accelerate_fsdp.yaml:
-    the steps ran, the first save raised "invalid python storage"; reports/benchmark_gpu.md). A 7B LoRA
+    the steps ran, the first save raised "invalid python storage"; reports/benchmark_gpu_h200.md). A 7B LoRA
     student fits one GPU without sharding (19-32 GiB peak measured with gradient checkpointing), so DDP
     is the supported multi-GPU path until checkpoints go through accelerate's sharded state dicts.
     """
     if "FSDP" in str(distributed_type).upper():
         raise RuntimeError("training under FSDP is not supported yet (checkpoints and the adapter are saved "
                            "unsharded): launch with configs/accelerate_ddp.yaml and train.gradient_checkpointing: "
-                           "true; a 7B LoRA student fits one GPU (reports/benchmark_gpu.md)")
+                           "true; a 7B LoRA student fits one GPU (reports/benchmark_gpu_h200.md)")
 
 
 def check_attention(attention: str, device: torch.device) -> None:
