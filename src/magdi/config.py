@@ -296,7 +296,7 @@ class EvalCfg(_Strict):
     vllm_engine: dict[str, Any] = Field(default_factory=dict)
     batch_size: int = Field(16, ge=1)
     max_new_tokens: int = Field(160, ge=1)
-    #: per-task limits overriding ``max_new_tokens`` (a task whose answers run longer, e.g. {gsm8k: 448}): one
+    #: per-task limits overriding ``max_new_tokens`` (a task whose answers run longer, e.g. {gsm8k: 512}): one
     #: limit for all would make every batch of the short-answer tasks decode to the long one's limit
     max_new_tokens_by_task: dict[str, int] = Field(default_factory=dict)
     #: single-answer decoding: temperature 0 = greedy (CPU default); the official test script samples
