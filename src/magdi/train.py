@@ -232,8 +232,9 @@ def enable_gradient_checkpointing(lm: nn.Module) -> None:
 
 def compile_decoder_layers(lm: nn.Module) -> None:
     """``torch.compile`` each decoder layer (``train.compile``), not the whole model: the layers share one
-    graph (32 identical blocks compile once), the LoRA wrappers and the packed core's indexing stay eager, and
-    ``dynamic=True`` keeps one graph while packed rows change width from step to step."""
+    graph (32 identical blocks compile once; the LoRA adapters on their projections are compiled with them),
+    the packed core's indexing, the heads and the losses stay eager, and ``dynamic=True`` keeps one graph while
+    packed rows change width from step to step."""
     base = lm.get_base_model() if hasattr(lm, "get_base_model") else lm
     for layer in base.get_decoder().layers:
         layer.compile(dynamic=True)
