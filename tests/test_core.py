@@ -127,21 +127,22 @@ def _mags() -> list[MAG]:
     return [MAG(f"m{k}", "gsm8k", f"What is {k} plus 3?", str(k + 3), nodes(k)) for k in (2, 5, 11)]
 
 
-def _losses_and_grads(make_lm, tok, items, **cfg_kw):
+def _losses_and_grads(make_lm, tok, items, device: str = "cpu", head_dim: int | None = None, **cfg_kw):
+    """One training step's losses, trainable-parameter gradients (copied to the CPU) and encoded batch."""
     cfg = TrainCfg(mags_per_step=5, max_prompt_tokens=48, max_target_tokens=16, hidden_dim=16,
                    weights=LossWeights(ntp=1.0, contrastive=0.5, graph=1.0), ntp_chunk=7, **cfg_kw)
     torch.manual_seed(0)
-    lm = make_lm()
+    lm = make_lm(head_dim=head_dim)
     with torch.no_grad():  # LoRA B starts at 0, which would leave every lora_A gradient 0
         for name, p in lm.named_parameters():
             if "lora_B" in name:
                 p.normal_(0.0, 0.2)
-    student = MagdiStudent(lm, method_spec("magdi"), cfg)
+    student = MagdiStudent(lm, method_spec("magdi"), cfg).to(device)
     student.train()  # the tiny LoRA has dropout 0: train mode is deterministic
-    enc = encode_batch(items, tok, cfg)
+    enc = encode_batch(items, tok, cfg).to(device)
     out = student(enc, items, step_seed=5)
     out["loss"].backward()
-    grads = {k: p.grad.clone() for k, p in student.named_parameters() if p.requires_grad}
+    grads = {k: p.grad.to("cpu", copy=True) for k, p in student.named_parameters() if p.requires_grad}
     return {k: v.item() for k, v in out.items()}, grads, enc
 
 
@@ -187,21 +188,9 @@ def test_packed_core_eager_and_flex_attention_match_sdpa(make_lm, tiny_tokenizer
 def test_flex_attention_training_step_matches_sdpa_on_cuda(make_lm, tiny_tokenizer) -> None:
     """``train.attention: flex``: same losses and LoRA/head gradients as the dense-mask SDPA step (fp32)."""
     items = build_items(_mags(), method_spec("magdi"), tiny_tokenizer)
-    runs = []
-    for attention in ("sdpa", "flex"):
-        cfg = TrainCfg(mags_per_step=5, max_prompt_tokens=48, max_target_tokens=16, hidden_dim=16,
-                       weights=LossWeights(ntp=1.0, contrastive=0.5, graph=1.0), attention=attention)
-        torch.manual_seed(0)
-        lm = make_lm(head_dim=16)  # FlexAttention's CUDA kernel needs heads at least 16 wide
-        with torch.no_grad():
-            for name, p in lm.named_parameters():
-                if "lora_B" in name:
-                    p.normal_(0.0, 0.2)
-        student = MagdiStudent(lm, method_spec("magdi"), cfg).cuda().train()
-        out = student(encode_batch(items, tiny_tokenizer, cfg).to("cuda"), items, step_seed=5)
-        out["loss"].backward()
-        runs.append(({k: v.item() for k, v in out.items()},
-                     {k: p.grad.cpu() for k, p in student.named_parameters() if p.requires_grad}))
+    # FlexAttention's CUDA kernel needs heads at least 16 wide
+    runs = [_losses_and_grads(make_lm, tiny_tokenizer, items, "cuda", 16, attention=attention)[:2]
+            for attention in ("sdpa", "flex")]
     (l_s, g_s), (l_f, g_f) = runs
     for k in l_s:
         assert l_f[k] == pytest.approx(l_s[k], rel=1e-4), k
