@@ -48,6 +48,7 @@ from magdi.mag import MAG, Node  # noqa: E402
 from magdi.student import attach_lora, generate  # noqa: E402
 from magdi.train import (  # noqa: E402
     MagdiStudent,
+    base_model,
     build_items,
     compile_decoder_layers,
     enable_gradient_checkpointing,
@@ -125,7 +126,7 @@ def build_lm(shape: str, vocab: int, device: str, dtype: torch.dtype):
 
 
 def n_nonembedding(lm) -> int:
-    base = lm.get_base_model() if hasattr(lm, "get_base_model") else lm
+    base = base_model(lm)
     skip = {id(base.get_input_embeddings().weight), id(base.get_output_embeddings().weight)}
     return sum(p.numel() for n, p in base.named_parameters() if id(p) not in skip and "lora_" not in n)
 
@@ -245,7 +246,7 @@ def cmd_methods(a) -> dict:
 
 
 def set_checkpointing(lm, on: bool) -> None:
-    base = lm.get_base_model() if hasattr(lm, "get_base_model") else lm
+    base = base_model(lm)
     if on:
         enable_gradient_checkpointing(lm)
     else:
@@ -262,7 +263,7 @@ def compile_layers(lm, on: bool) -> None:
     if on:
         compile_decoder_layers(lm)  # what train.compile does
         return
-    base = lm.get_base_model() if hasattr(lm, "get_base_model") else lm
+    base = base_model(lm)
     for layer in base.get_decoder().layers:
         layer._compiled_call_impl = None
 

@@ -13,6 +13,22 @@ from magdi.evaluate import Prediction, bootstrap_ci, evaluate_examples, summaris
 from magdi.student import Generation, generate, row_sampling_filter
 
 
+# ============================================================================== numerics fingerprint
+def test_numerics_fingerprint_reads_the_first_processor_and_its_matrix_flags(tmp_path: Path,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    cpu = tmp_path / "cpuinfo"
+    block = ("processor\t: {i}\nmodel name\t: Test CPU {i}\ncpu family\t: 6\nmodel\t\t: 143\n"
+             "flags\t\t: fpu sse2 avx512f avx512_bf16 amx_tile amx_bf16 avx512_fp16 avx512_vnni\n")
+    cpu.write_text(block.format(i=0) + "\n" + block.format(i=1))
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_BF16")
+    fp = ev.numerics_fingerprint(cpu)
+    assert fp["cpu_model"] == "Test CPU 0" and fp["cpu_family_model"] == "6/143"
+    assert fp["cpu_matrix_flags"] == ["amx_bf16", "amx_tile", "avx512_bf16", "avx512_fp16"]  # not avx512_vnni
+    assert fp["onednn_max_cpu_isa"] == "AVX512_CORE_BF16" and fp["threads"] == torch.get_num_threads()
+    missing = ev.numerics_fingerprint(tmp_path / "absent")  # not Linux: the torch part only
+    assert "cpu_model" not in missing and missing["torch"] == torch.__version__
+
+
 # ============================================================================== bootstrap / summary
 def test_bootstrap_ci_degenerate_cases() -> None:
     assert bootstrap_ci([], 100, 0) == (0.0, 0.0)

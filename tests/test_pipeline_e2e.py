@@ -128,6 +128,7 @@ def test_dvc_repro_tiny(tmp_path: Path) -> None:
         assert (m["n_mags"], m["lr"]) == (n_mags, lr), (task, m)
     scal = json.loads((work / "metrics/eval/magdi@smol_b/gsm8k.json").read_text())
     assert scal["student"] == "smol_b" and scal["student_parameters"] > 1e8
+    assert scal["numerics"]["threads"] >= 1 and "torch" in scal["numerics"]  # the kernels behind the tokens
     assert json.loads((work / "metrics/eval/zero_shot@smol_b/gsm8k.json").read_text())["student"] == "smol_b"
     t7 = [r for r in csv.DictReader((reports / "table7_student_scaling.csv").open()) if r["source"] == "ours"]
     assert {r["student"] for r in t7} == {"smollm2_135m", "smol_b"} and len(t7) == 4

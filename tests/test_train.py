@@ -628,6 +628,15 @@ def test_gradient_checkpointing_same_loss_and_grads(make_lm, tiny_tokenizer) -> 
     assert any(g.abs().sum() > 0 for n, g in grads[1].items() if "lora_B" in n)
 
 
+def test_base_model_unwraps_peft_and_passes_a_plain_model_through(make_lm) -> None:
+    from magdi.train import base_model
+
+    lm = make_lm()  # LoRA-wrapped
+    inner = lm.get_base_model()
+    assert base_model(lm) is inner and base_model(inner) is inner
+    assert not hasattr(inner, "get_base_model")
+
+
 def test_fsdp_refused_before_any_step() -> None:
     """FSDP shards parameters and optimiser state, which the checkpoints cannot save yet: fail at start."""
     from magdi.train import check_distributed

@@ -259,9 +259,9 @@ class TrainCfg(_Strict):
     attention: Literal["sdpa", "flex"] = "sdpa"
     #: ``torch.compile`` each decoder layer (dynamic shapes) so the elementwise work around the matrix products
     #: (RMSNorm, rotary, SwiGLU, LoRA) runs fused; the first step pays the compilation. Measured on an H100 at
-    #: Mistral-7B shape with attention flex, 4 MAGs per micro-step, no checkpointing: 2.28 s per step instead of
-    #: 3.25 (40 % MFU), 74 s to compile (reports/benchmark_gpu.md); with gradient checkpointing on torch 2.11
-    #: the compiler failed (it ran on the CPU's torch 2.13).
+    #: Mistral-7B shape with attention flex, 4 MAGs per micro-step, no checkpointing: 2.39 s per step instead of
+    #: 3.24 in the same run (39-40 % MFU in two runs), 74-104 s to compile (reports/benchmark_gpu.md); with
+    #: gradient checkpointing on torch 2.11 the compiler failed (it ran on the CPU's torch 2.13).
     compile: bool = False
 
     @model_validator(mode="after")

@@ -6,10 +6,13 @@ generated tokens per question are the efficiency metric of Table 2. Every predic
 
 from __future__ import annotations
 
+import os
+import platform
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from functools import partial
+from pathlib import Path
 
 from tqdm.auto import tqdm
 
@@ -23,6 +26,30 @@ Generator = Callable[..., list[Generation]]
 def hf_generator(model, tokenizer) -> Generator:
     """The transformers backend (``student.generate``) as a ``Generator``; ``magdi.backends_vllm`` is the other."""
     return partial(generate, model, tokenizer)
+
+
+def numerics_fingerprint(cpuinfo: Path = Path("/proc/cpuinfo")) -> dict:
+    """What greedy decoding's exact tokens depend on besides weights and prompts: the kernels the matrix
+    products run. oneDNN picks them by processor (AMX tiles or AVX-512 BF16 instructions round bf16 products
+    differently, and greedy decoding turns that into other answers: reports/benchmark_eval_numerics.md) unless
+    ``ONEDNN_MAX_CPU_ISA`` caps it, so each evaluation records them: two runs that disagree can then be told
+    apart from a code change."""
+    import torch
+
+    out: dict = {"torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.machine(),
+                 "onednn_max_cpu_isa": os.environ.get("ONEDNN_MAX_CPU_ISA"),
+                 "cpu_capability": torch.backends.cpu.get_cpu_capability()}
+    if torch.cuda.is_available():
+        out["cuda_device"] = torch.cuda.get_device_name()
+    try:
+        first = cpuinfo.read_text().split("\n\n", 1)[0]
+    except OSError:
+        return out
+    fields = {k.strip(): v.strip() for k, v in (ln.split(":", 1) for ln in first.splitlines() if ":" in ln)}
+    out.update(cpu_model=fields.get("model name"), cpu_family_model=f"{fields.get('cpu family')}/{fields.get('model')}",
+               cpu_matrix_flags=sorted(f for f in fields.get("flags", "").split()
+                                       if f.startswith(("amx", "avx512_bf16", "avx512_fp16"))))
+    return out
 
 
 @dataclass

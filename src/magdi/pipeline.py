@@ -336,7 +336,7 @@ def decoding(p: Params, k: int) -> dict[str, Any]:
 def _eval_one(p: Params, generator, tok, task: str, out: Path, prefix: str, k: int = 1) -> dict:
     import time
 
-    from .evaluate import evaluate_examples, prediction_rows, summarise
+    from .evaluate import evaluate_examples, numerics_fingerprint, prediction_rows, summarise
 
     examples = load_examples(p, task, "test")
     t0 = time.perf_counter()
@@ -346,6 +346,7 @@ def _eval_one(p: Params, generator, tok, task: str, out: Path, prefix: str, k: i
     res = summarise(preds, p.evaluate.bootstrap_samples, p.evaluate.seed, p.evaluate.limit(task))
     res["max_new_tokens"] = p.evaluate.limit(task)
     res["generation_seconds"] = round(seconds, 2)  # the compute part of the stage (reports/benchmark_pipeline.md)
+    res["numerics"] = numerics_fingerprint()  # the kernels behind the exact tokens (why two runs may differ)
     out.mkdir(parents=True, exist_ok=True)
     with (out / predictions_name(task, k)).open("w") as f:
         for row in prediction_rows(preds):

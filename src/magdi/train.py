@@ -218,11 +218,17 @@ def items_per_step(items: Sequence[TrainItem], cfg: TrainCfg) -> int:
     return max(1, math.ceil(len(items) / (updates * cfg.grad_accum)))
 
 
+def base_model(lm: nn.Module) -> nn.Module:
+    """The transformers model under a peft wrapper (or ``lm`` itself): switches like checkpointing, the
+    attention implementation and the decoder layers live there, not on the ``PeftModel``."""
+    return lm.get_base_model() if hasattr(lm, "get_base_model") else lm
+
+
 def enable_gradient_checkpointing(lm: nn.Module) -> None:
     """Recompute each decoder layer's activations in backward (a 7B student on one GPU needs it; the
     official run uses it). Non-reentrant checkpointing composes with LoRA and frozen base weights without
     ``enable_input_require_grads``; loss and gradients are unchanged."""
-    base = lm.get_base_model() if hasattr(lm, "get_base_model") else lm
+    base = base_model(lm)
     if hasattr(base, "activation_checkpointing_enable"):  # transformers >= 5 name
         base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     else:
@@ -235,7 +241,7 @@ def compile_decoder_layers(lm: nn.Module) -> None:
     graph (32 identical blocks compile once; the LoRA adapters on their projections are compiled with them),
     the packed core's indexing, the heads and the losses stay eager, and ``dynamic=True`` keeps one graph while
     packed rows change width from step to step."""
-    base = lm.get_base_model() if hasattr(lm, "get_base_model") else lm
+    base = base_model(lm)
     for layer in base.get_decoder().layers:
         layer.compile(dynamic=True)
 
@@ -268,15 +274,14 @@ class MagdiStudent(nn.Module):
         if cfg.gradient_checkpointing:
             enable_gradient_checkpointing(lm)
         if cfg.attention == "flex":  # magdi.core.block_mask then hands the decoder a block-sparse BlockMask
-            base = lm.get_base_model() if hasattr(lm, "get_base_model") else lm
-            base.set_attn_implementation("flex_attention")
+            base_model(lm).set_attn_implementation("flex_attention")
         if cfg.compile:
             compile_decoder_layers(lm)
         #: node_repr=frozen: (prompt, chain) -> (pooled base-model rep, its chain token states or None)
         self.frozen_cache: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor | None]] = {}
 
     def _backbone(self):
-        base = self.lm.get_base_model() if hasattr(self.lm, "get_base_model") else self.lm
+        base = base_model(self.lm)
         return base.get_decoder(), base.get_output_embeddings()
 
     def forward(self, enc: Encoded, items: Sequence[TrainItem], step_seed: int) -> dict[str, torch.Tensor]:
