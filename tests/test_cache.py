@@ -224,3 +224,30 @@ def test_sigkill_mid_run_keeps_only_complete_entries(tmp_path: Path) -> None:
         c.put(f"k{i}", _expected(i))
     c.close()
     assert len(CallCache(path)) == min(n + 5, 1000)
+
+
+def test_get_finished_reuses_replies_that_ended_before_an_earlier_limit(tmp_path: Path) -> None:
+    """Raising max_new_tokens: a reply that ended before the old limit is reused, a cut one is not."""
+    msgs = [{"role": "user", "content": "q"}]
+
+    def key_at(n: int) -> str:
+        return cache_key("m", msgs, {"temperature": 0.5, "max_new_tokens": n, "seed": 1})
+
+    with CallCache(tmp_path / "c.jsonl", earlier_limits=[64, 384, 384]) as c:
+        assert c.earlier_limits == (384, 64)  # largest first, once each
+        assert c.get_finished(key_at, 768) is None  # nothing cached
+        c.put(key_at(64), {"text": "short", "n_tokens": 10})
+        assert c.get_finished(key_at, 768) == {"text": "short", "n_tokens": 10}  # ended at 10 < 64
+        c.put(key_at(384), {"text": "cut", "n_tokens": 384})  # reached the old limit: cut, not reused...
+        assert c.get_finished(key_at, 768) == {"text": "short", "n_tokens": 10}  # ...so the 64 one answers
+        c.put(key_at(384), {"text": "ended", "n_tokens": 383})
+        assert c.get_finished(key_at, 768)["text"] == "ended"  # the largest earlier limit first
+        assert c.get_finished(key_at, 384)["text"] == "ended"  # exact hit
+        assert c.get_finished(key_at, 32) is None  # earlier limits above the asked one never count
+        c.put(key_at(768), {"text": "new", "n_tokens": 700})
+        assert c.get_finished(key_at, 768)["text"] == "new"  # an exact hit wins
+    with CallCache(tmp_path / "c.jsonl") as c:  # without earlier_limits only exact keys hit
+        assert c.get_finished(key_at, 1000) is None
+        c.put(key_at(500), {"text": "x", "n_tokens": True})  # not a count: never taken as finished
+    with CallCache(tmp_path / "c.jsonl", earlier_limits=[500]) as c:
+        assert c.get_finished(key_at, 1000) is None

@@ -218,6 +218,11 @@ def test_consensus_at_round_0_stops_with_three_nodes() -> None:
     assert m.team_answer == "5" and m.team_correct is True
     assert all(n.correct and n.valid for n in m.nodes)
     assert be.paid == 3 and be.batches == 3  # one batched call per agent, no discussion round
+    from magdi.mag import tail_compression
+
+    # each node records how its raw reply compresses (loop detection in length_stats)
+    assert [n.tail_compression for n in m.nodes] == [tail_compression(be.reply(n.agent, "q1", 0, 0))
+                                                     for n in m.nodes]
 
 
 @pytest.mark.parametrize("max_rounds", [0, 1, 3])
@@ -438,6 +443,32 @@ def test_local_backend_caches_generations(tmp_path: Path, make_lm, tiny_tokenize
         be2 = LocalBackend(model, tiny_tokenizer, "tiny-llama", cache)
         assert be2.generate(batch, 0.7, 0.9, 4, 0) == first
     assert calls == [2, 1, 1]
+
+
+def test_local_backend_raised_limit_generates_only_the_cut_replies(tmp_path: Path, make_lm, tiny_tokenizer,
+                                                                   monkeypatch) -> None:
+    calls: list[tuple[int, int]] = []
+    real_generate = disc.generate
+
+    def counting_generate(model, tokenizer, prompts, max_new_tokens, *args, **kw):
+        calls.append((len(prompts), max_new_tokens))
+        return real_generate(model, tokenizer, prompts, max_new_tokens, *args, **kw)
+
+    monkeypatch.setattr(disc, "generate", counting_generate)
+    model = make_lm(lora=False).eval()
+    agent = _agents(None)[0]
+    batch = [disc.round0_messages(agent, _ex(q), "number") for q in ("q1", "q2")]
+    with CallCache(tmp_path / "local.jsonl") as cache:
+        be = LocalBackend(model, tiny_tokenizer, "tiny-llama", cache)
+        # as cached at max_new_tokens 4: the first reply ended by itself (2 of 4 tokens), the second was cut at the limit
+        for msgs, n in ((batch[0], 2), (batch[1], 4)):
+            cache.put(be._key_at(disc.Request(msgs, 0.7, 0.9, 4, 0), 4), {"text": f"{RESPONSE_PREFIX}{n}", "n_tokens": n})
+    with CallCache(tmp_path / "local.jsonl", earlier_limits=[4]) as cache:
+        be = LocalBackend(model, tiny_tokenizer, "tiny-llama", cache)
+        out = be.generate(batch, 0.7, 0.9, 8, 0)
+        assert out[0] == {"text": f"{RESPONSE_PREFIX}2", "n_tokens": 2}  # reused
+        assert calls == [(1, 8)] and out[1]["text"] != f"{RESPONSE_PREFIX}4"  # the cut one decoded again at 8
+        assert be.generate(batch, 0.7, 0.9, 8, 0) == out and calls == [(1, 8)]  # and now cached at 8
 
 
 def test_agents_sharing_a_local_model_decode_in_one_batch(tmp_path: Path, make_lm, tiny_tokenizer,

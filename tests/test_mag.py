@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from magdi.mag import (
+    LOOP_RATIO,
     MAG,
     Node,
     append_mag,
@@ -18,9 +19,11 @@ from magdi.mag import (
     edges,
     import_official,
     iter_mags,
+    length_stats,
     mag_stats,
     read_mags,
     remove_agreement,
+    tail_compression,
     to_pyg,
     write_mags,
 )
@@ -39,6 +42,52 @@ def _mag(n_rounds: int, mag_id: str = "q0", agents: tuple[str, ...] = AGENTS) ->
              for r in range(n_rounds + 1) for a in agents]
     return MAG(id=mag_id, task="gsm8k", question="What is 2 plus 3?", gold="5", nodes=nodes,
                team_answer="5", team_correct=True, consensus=True)
+
+
+# ------------------------------------------------------------------------------ lengths and loops
+def test_tail_compression_tells_loops_from_reasoning() -> None:
+    import zlib
+
+    assert tail_compression("") == 1.0
+    text = "x" * 10 + "abc" * 300  # only the last 600 characters count: the prefix is cut away
+    tail = ("abc" * 300)[-600:].encode()
+    assert tail_compression(text) == len(zlib.compress(tail, 9)) / 600
+    counting = " ".join(f"The answer is {i}." for i in range(40, 90))  # a loop whose number changes
+    assert tail_compression(counting) < LOOP_RATIO
+    assert tail_compression("8" * 2000) < 0.05
+    reasoning = ("Marion got 6 more than half of Ella's score. Ella got 4 of 40 items wrong, so she scored "
+                 "40 - 4 = 36. Half of 36 is 18, and 18 + 6 = 24, so Marion scored 24. The first row has 7 "
+                 "seats and every later row has 3 more, so the fifth row holds 7 + 4 * 3 = 19 seats; with "
+                 "12 rows the hall seats 12 * 7 + 3 * 66 = 282 people. Jo buys 3 pens at $2 and 2 pads at "
+                 "$5, paying 6 + 10 = 16 dollars, and gets 4 dollars back from a 20 dollar note.")
+    assert len(reasoning) >= 300 and tail_compression(reasoning) > LOOP_RATIO
+
+
+def test_length_stats_splits_cut_replies_into_loops_and_unfinished_reasoning() -> None:
+    a = [_node("a", 0, n_tokens=n, tail_compression=c) for n, c in ((10, 0.05), (50, 0.1), (50, 0.45), (50, None))]
+    b = [_node("b", 0, n_tokens=n) for n in (5, 7)]
+    m = MAG(id="q", task="gsm8k", question="?", gold="5", nodes=a + b)
+    st = length_stats([m], {"a": 50, "b": 100})
+    pa = st["per_agent"]["a"]
+    assert (pa["n"], pa["median"], pa["max"], pa["limit"]) == (4, 50, 50, 50)
+    assert pa["truncated_fraction"] == 0.75  # three replies reached the limit
+    # one of them loops (0.1); 0.45 compresses like reasoning; None (not measured) is not counted as a loop;
+    # the short reply that loops (0.05) ended before the limit, so it is not cut at all
+    assert pa["looping_fraction"] == 0.25 and pa["cut_reasoning_fraction"] == 0.5
+    assert st["per_agent"]["b"]["truncated_fraction"] == 0.0 and st["per_agent"]["b"]["looping_fraction"] == 0.0
+    assert st["truncated_fraction"] == pytest.approx(3 / 6) and st["looping_fraction"] == pytest.approx(1 / 6)
+    assert st["cut_reasoning_fraction"] == pytest.approx(2 / 6)
+
+
+def test_mag_json_without_tail_compression_still_reads() -> None:
+    """MAG files written before ``Node.tail_compression`` existed load with None; a wrong type is refused."""
+    d = _mag(1).to_json()
+    for n in d["nodes"]:
+        n.pop("tail_compression")
+    assert MAG.from_json(d).nodes[0].tail_compression is None
+    d["nodes"][0]["tail_compression"] = "high"
+    with pytest.raises(TypeError, match="tail_compression"):
+        MAG.from_json(d)
 
 
 # ----------------------------------------------------------------------------------------- edges

@@ -209,6 +209,24 @@ def test_cache_hit_makes_zero_requests(server: FakeOpenAI, tmp_path: Path) -> No
     assert server.n_requests == 4 and server.requests[-1]["seed"] == GEN["seed"] + 1
 
 
+def test_raised_limit_reuses_finished_replies_only(server: FakeOpenAI, tmp_path: Path) -> None:
+    """teachers.earlier_limits: after max_new_tokens 32 -> 64 a reply that ended (3 tokens < 32) is not
+    asked again; one cut at the old limit is."""
+    be = make(server, tmp_path)
+    first = be.generate([convo("a")], **GEN)
+    assert server.n_requests == 1 and first[0]["n_tokens"] < GEN["max_new_tokens"]
+    cut_key = cache_key("test-model", convo("b"), {**GEN, "attempt": 0})
+    be.cache.put(cut_key, {"text": "b cut", "n_tokens": GEN["max_new_tokens"]})  # type: ignore[union-attr]
+    raised = {**GEN, "max_new_tokens": 64}
+    cache = CallCache(tmp_path / "teacher.jsonl", earlier_limits=[GEN["max_new_tokens"]])
+    be2 = make(server, tmp_path, cache=cache)
+    out = be2.generate([convo("a"), convo("b")], **raised)
+    assert out[0] == first[0] and out[1]["text"] == "echo: b"
+    assert server.n_requests == 2 and server.requests[-1]["max_tokens"] == 64  # only "b" went out again
+    assert make(server, tmp_path).generate([convo("a")], **raised)[0]["text"] == "echo: a"  # no earlier_limits
+    assert server.n_requests == 3
+
+
 def test_429_then_500_then_ok(server: FakeOpenAI, caplog: pytest.LogCaptureFixture) -> None:
     server.push(("status", 429, {"Retry-After": "0"}), ("status", 500), ("ok", "finally"))
     with caplog.at_level(logging.WARNING, logger="magdi.backends_openai"):

@@ -263,3 +263,12 @@ def test_evaluation_decodes_and_counts_truncation_at_the_tasks_own_limit(tmp_pat
         res = pipeline._eval_one(p, None, None, task, tmp_path / task, "")
         assert res["max_new_tokens"] == {"gsm8k": 450, "svamp": 300}[task]
     assert decoded == {"gsm8k": 450, "svamp": 300} and counted == [450, 300]
+
+
+def test_teachers_earlier_limits_validated() -> None:
+    raw = _raw()
+    raw["teachers"]["earlier_limits"] = [384, 64]
+    assert parse_params(raw).teachers.earlier_limits == [384, 64]
+    raw["teachers"]["earlier_limits"] = [0]
+    with pytest.raises(ConfigError, match="teachers.earlier_limits"):
+        parse_params(raw)

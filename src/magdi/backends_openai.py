@@ -325,7 +325,8 @@ class OpenAIChatBackend:
         for key, msgs in zip(keys, messages_batch, strict=True):
             if key in results or key in todo:
                 continue
-            hit = self.cache.get(key) if self.cache is not None else None
+            hit = (None if self.cache is None else self.cache.get_finished(
+                lambda n, msgs=msgs: cache_key(self.model, msgs, {**sampling, "max_new_tokens": n}), max_new_tokens))
             if hit is not None and isinstance(hit.get("text"), str):
                 results[key] = hit
             else:

@@ -99,8 +99,10 @@ def _fsync_dir(path: Path) -> None:
 class CallCache:
     """Append-only JSONL cache ``key -> JSON dict``; thread-safe, crash-safe, durable on ``put``."""
 
-    def __init__(self, path: Path | str):
+    def __init__(self, path: Path | str, earlier_limits: tuple[int, ...] | list[int] = ()):
         self.path = Path(path)
+        #: ``max_new_tokens`` values used before (``teachers.earlier_limits``): see :meth:`get_finished`
+        self.earlier_limits = tuple(sorted({int(x) for x in earlier_limits}, reverse=True))
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
         self._data: dict[str, dict] = {}
@@ -191,6 +193,28 @@ class CallCache:
         with self._lock:
             value = self._data.get(key)
         return None if value is None else copy.deepcopy(value)
+
+    def get_finished(self, key_at: Callable[[int], str], limit: int) -> dict | None:
+        """The reply cached for this call at ``limit`` new tokens; failing that, the same call (same model,
+        messages and other sampling parameters) cached at an earlier, smaller limit, if that reply ended by
+        itself (``n_tokens`` below that limit).
+
+        ``key_at(n)`` is the call's cache key with ``max_new_tokens = n``. A reply that ended before a limit
+        is a complete answer under any larger limit too, so raising a teacher's ``max_new_tokens`` pays again
+        only for the replies the old limit cut. (Sampled anew, a cut reply's continuation is a different
+        sample: only the finished ones are reused.) The largest earlier limit below ``limit`` is tried first.
+        """
+        hit = self.get(key_at(limit))
+        if hit is not None:
+            return hit
+        for old in self.earlier_limits:
+            if old >= limit:
+                continue
+            hit = self.get(key_at(old))
+            n = None if hit is None else hit.get("n_tokens")
+            if isinstance(n, int) and not isinstance(n, bool) and n < old:
+                return hit
+        return None
 
     def put(self, key: str, value: dict) -> None:
         """Store ``value`` under ``key``; durable on disk (flushed and fsync'ed) when this returns."""

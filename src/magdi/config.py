@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -197,6 +197,10 @@ class TeachersCfg(_Strict):
     official_files: dict[str, str] = Field(default_factory=dict)
     #: the official text cleaning: drop the sentences of a chain that start with "I agree"/"I disagree"
     clean_agreement: bool = False
+    #: ``max_new_tokens`` values agents used before: a cached reply that ended before one of them is reused
+    #: when an agent's limit is raised above it, so only the replies the old limit cut are generated again
+    #: (``magdi.cache.CallCache.get_finished``)
+    earlier_limits: list[Annotated[int, Field(ge=1)]] = Field(default_factory=list)
 
     @field_validator("agents")
     @classmethod

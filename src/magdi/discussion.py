@@ -16,13 +16,14 @@ import re
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Protocol
 
 from tqdm.auto import tqdm
 
 from .cache import CallCache, cache_key
-from .mag import MAG, Node, append_mag, read_mags
+from .mag import MAG, Node, append_mag, read_mags, tail_compression
 from .scoring import extract_answer, is_correct, normalize_gold
 from .student import ANSWER_FORMATS, Generation, chat_prompt, generate, question_text
 
@@ -94,7 +95,8 @@ class LocalBackend:
 
     def generate_many(self, requests: list[Request]) -> list[dict]:
         keys = [cache_key(self.model_id, r.messages, _sampling(r)) for r in requests]
-        todo = [i for i, k in enumerate(keys) if self.cache.get(k) is None]
+        got = [self.cache.get_finished(partial(self._key_at, r), r.max_new_tokens) for r in requests]
+        todo = [i for i, g in enumerate(got) if g is None]
         by_len: dict[int, list[int]] = defaultdict(list)  # one generate call per max_new_tokens
         for i in todo:
             by_len[requests[i].max_new_tokens].append(i)
@@ -110,8 +112,12 @@ class LocalBackend:
                     [requests[i].temperature for i in idx], [requests[i].top_p for i in idx],
                     seed=requests[idx[0]].seed + int(keys[idx[0]][:6], 16))
                 for i, g in zip(idx, gens, strict=True):
-                    self.cache.put(keys[i], {"text": RESPONSE_PREFIX + g.text, "n_tokens": g.n_tokens})
-        return [self.cache.get(k) for k in keys]
+                    got[i] = {"text": RESPONSE_PREFIX + g.text, "n_tokens": g.n_tokens}
+                    self.cache.put(keys[i], got[i])
+        return got  # type: ignore[return-value]
+
+    def _key_at(self, r: Request, max_new_tokens: int) -> str:
+        return cache_key(self.model_id, r.messages, {**_sampling(r), "max_new_tokens": max_new_tokens})
 
 
 def _sampling(r: Request) -> dict:
@@ -408,11 +414,14 @@ def _ask(agents: list[Agent], build: Callable[[Agent, int], list[dict]], example
     out: dict[str, list[Node]] = {ex["id"]: [] for ex in examples}
     for agent in agents:
         for ex, r, p in zip(examples, replies[agent.name], parsed[agent.name], strict=True):
+            tail = tail_compression(r["text"])
             if p is None:  # recorded as an invalid node, never replaced with a made-up answer
-                node = Node(agent.name, round_, r["text"], None, 0.0, False, r["n_tokens"], valid=False)
+                node = Node(agent.name, round_, r["text"], None, 0.0, False, r["n_tokens"], valid=False,
+                            tail_compression=tail)
             else:
                 node = Node(agent.name, round_, p["reasoning"], p["answer"], p["confidence"],
-                            is_correct(p["answer"], ex["answer"], answer_type), r["n_tokens"])
+                            is_correct(p["answer"], ex["answer"], answer_type), r["n_tokens"],
+                            tail_compression=tail)
             out[ex["id"]].append(node)
     return out
 

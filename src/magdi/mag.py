@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import zlib
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -29,6 +30,9 @@ class Node:
     n_tokens: int = 0
     #: False when the reply could not be parsed after retries: kept (it *is* a wrong chain) and flagged.
     valid: bool = True
+    #: :func:`tail_compression` of the raw reply (None: not measured, e.g. MAGs imported or built before it):
+    #: tells a reply cut at the limit while still reasoning from a repetition loop no limit would end.
+    tail_compression: float | None = None
 
     @property
     def label(self) -> int:
@@ -82,7 +86,8 @@ _STR, _OPT_STR, _BOOL = (str,), (str, type(None)), (bool,)
 _MAG_TYPES = {"id": _STR, "task": _STR, "question": _STR, "gold": _STR, "choices": (list, type(None)),
               "team_answer": _OPT_STR, "team_correct": (bool, type(None)), "consensus": _BOOL, "meta": (dict,)}
 _NODE_TYPES = {"agent": _STR, "round": (int,), "reasoning": _STR, "answer": _OPT_STR,
-               "confidence": (int, float), "correct": _BOOL, "n_tokens": (int,), "valid": _BOOL}
+               "confidence": (int, float), "correct": _BOOL, "n_tokens": (int,), "valid": _BOOL,
+               "tail_compression": (int, float, type(None))}
 
 
 def _check_types(mag: MAG) -> None:
@@ -304,26 +309,59 @@ def mag_stats(mags: list[MAG]) -> dict[str, Any]:
     }
 
 
+#: a reply whose last ``LOOP_TAIL_CHARS`` characters compress below ``LOOP_RATIO`` of their size is a loop.
+#: Measured on the committed teacher replies (teacher_cache/, replies of >= 600 characters): finished
+#: replies compress to 0.25-0.6 (1st percentile 0.34-0.36 for the Qwen teachers), replies looping over one
+#: sentence to 0.03-0.3.
+LOOP_TAIL_CHARS, LOOP_RATIO = 600, 0.3
+
+
+def tail_compression(text: str, tail_chars: int = LOOP_TAIL_CHARS) -> float:
+    """zlib-compressed size / raw size of the last ``tail_chars`` characters of ``text`` (UTF-8).
+
+    Small teachers often end in a loop ("The answer is 44. The answer is 45. ...", "8888...") that runs until
+    the token limit; such a reply is cut at any limit, so the share of cut replies alone cannot say whether a
+    larger ``max_new_tokens`` would help. Repetition is what a compressor removes, whatever the unit that
+    repeats (words, counting numbers, single characters), and only the tail matters: a loop that began late
+    still fills it.
+    """
+    raw = text[-tail_chars:].encode("utf-8")
+    return len(zlib.compress(raw, 9)) / len(raw) if raw else 1.0
+
+
+def is_loop(node: Node) -> bool:
+    return node.tail_compression is not None and node.tail_compression < LOOP_RATIO
+
+
 def length_stats(mags: list[MAG], limits: dict[str, int]) -> dict[str, Any]:
-    """Teacher reply lengths per agent, and the share that hit the agent's ``max_new_tokens`` (cut off).
+    """Teacher reply lengths per agent, the share that hit the agent's ``max_new_tokens`` (cut off), and how
+    many of those were repetition loops.
 
     A reply of exactly the limit is counted as cut: the decoder stopped because of the limit, so its answer
-    line may be missing. This is what the generation limits in ``params.yaml`` are chosen from.
+    line may be missing. ``looping_fraction``: cut and looping (:func:`is_loop`; a larger limit only makes
+    the loop longer); ``cut_reasoning_fraction``: cut without a detected loop, at most the replies a larger
+    limit would let finish. This is what the generation limits in ``params.yaml`` are chosen from.
     """
-    by_agent: dict[str, list[int]] = {}
+    by_agent: dict[str, list[Node]] = {}
     for m in mags:
         for n in m.nodes:
             if n.agent in limits:
-                by_agent.setdefault(n.agent, []).append(n.n_tokens)
+                by_agent.setdefault(n.agent, []).append(n)
     out: dict[str, Any] = {}
-    for agent, lens in sorted(by_agent.items()):
-        s = sorted(lens)
+    for agent, nodes in sorted(by_agent.items()):
+        s = sorted(n.n_tokens for n in nodes)
+        cut = [n for n in nodes if n.n_tokens >= limits[agent]]
+        loops = sum(is_loop(n) for n in cut)
         out[agent] = {"n": len(s), "median": s[len(s) // 2], "p95": s[min(len(s) - 1, int(0.95 * len(s)))],
-                      "max": s[-1], "limit": limits[agent],
-                      "truncated_fraction": sum(x >= limits[agent] for x in s) / len(s)}
+                      "max": s[-1], "limit": limits[agent], "truncated_fraction": len(cut) / len(s),
+                      "looping_fraction": loops / len(s), "cut_reasoning_fraction": (len(cut) - loops) / len(s)}
     total = sum(v["n"] for v in out.values())
-    cut = sum(v["truncated_fraction"] * v["n"] for v in out.values())
-    return {"per_agent": out, "truncated_fraction": cut / total if total else 0.0}
+
+    def pooled(key: str) -> float:
+        return sum(v[key] * v["n"] for v in out.values()) / total if total else 0.0
+
+    return {"per_agent": out, "truncated_fraction": pooled("truncated_fraction"),
+            "looping_fraction": pooled("looping_fraction"), "cut_reasoning_fraction": pooled("cut_reasoning_fraction")}
 
 
 def draw_mag(mag: MAG, path: Path, kind: str = "d") -> None:

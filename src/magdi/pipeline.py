@@ -175,6 +175,7 @@ def make_agents(p: Params, student=None):
     from .discussion import Agent, LocalBackend
 
     cache_dir = Path(p.paths.cache_dir)
+    limits = p.teachers.earlier_limits
     backends: dict[str, Any] = {}
     servers: dict[str, Any] = {}
     agents = []
@@ -193,12 +194,12 @@ def make_agents(p: Params, student=None):
                                      f"llama_server_{_safe(a.model)}.log", ls.parallel, ls.ctx_per_slot, ls.threads,
                                      extra_args=ls.extra_args)
                 servers[a.model] = LlamaServerBackend(
-                    server, a.model, CallCache(cache_dir / f"llama_{_safe(a.model)}.jsonl"), p.teachers.http_retries,
+                    server, a.model, CallCache(cache_dir / f"llama_{_safe(a.model)}.jsonl", limits), p.teachers.http_retries,
                     a.timeout_s, RESPONSE_PREFIX if ls.prefill else "")
             backend = servers[a.model]
         elif a.backend == "openai":
             backend = OpenAIChatBackend(a.model, a.base_url, a.api_key_env, a.timeout_s, p.teachers.http_retries,
-                                        CallCache(cache_dir / f"openai_{_safe(a.model)}.jsonl"))
+                                        CallCache(cache_dir / f"openai_{_safe(a.model)}.jsonl", limits))
         else:
             path = p.paths.student_dir if a.model == "student" else a.model
             if path not in backends:  # one backend per model: its personas decode in shared batches
@@ -208,7 +209,7 @@ def make_agents(p: Params, student=None):
                 else:  # loaded lazily: a discussion already in the cache never loads the model
                     model, tok = None, None
                 backends[path] = LocalBackend(model, tok, f"local:{a.model}",
-                                              CallCache(cache_dir / f"local_{_safe(a.model)}.jsonl"),
+                                              CallCache(cache_dir / f"local_{_safe(a.model)}.jsonl", limits),
                                               p.teachers.batch_size * sharing,
                                               loader=partial(_load_teacher, p, a.model, a.dtype or p.student.gen_dtype))
             backend = backends[path]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..mag import MAG
+from ..mag import LOOP_RATIO, LOOP_TAIL_CHARS, MAG
 from ..pipeline import MT_METHOD, MT_TASK, run_name
 from .format import (
     DASH,
@@ -407,6 +407,22 @@ def table12(ctx: Ctx) -> Table:
         rows.append(row)
         recs.append(rec)
     secs = [Section(heads, rows, "training MAGs built by `build_mags` (metrics/mags)")]
+    cut_rows = []
+    for rec, (t, s) in zip(recs, stats.items(), strict=True):
+        per = ((s or {}).get("lengths") or {}).get("per_agent") or {}
+        cells = []
+        for a in agents:
+            v = per.get(a) or {}
+            rec.update({f"cut_{a}": _r(_num(v.get("truncated_fraction"))), f"loop_{a}": _r(_num(v.get("looping_fraction"))),
+                        f"limit_{a}": v.get("limit")})
+            cells.append(DASH if "looping_fraction" not in v else
+                         f"{100 * v['truncated_fraction']:.1f} ({100 * v['looping_fraction']:.1f} + "
+                         f"{100 * v['cut_reasoning_fraction']:.1f}) @ {v['limit']}")
+        cut_rows.append([t, *cells])
+    if any(c != DASH for r in cut_rows for c in r[1:]):
+        secs.append(Section(["task", *(f"{a} cut % (loop + reasoning) @ limit" for a in agents)], cut_rows,
+                            "teacher replies cut at their token limit: repetition loops (no limit ends them) "
+                            "+ replies cut while still reasoning (a larger limit would let them finish)"))
     p = ctx.paper.get("table12_mag_stats", {})
     if p:
         prow = [[t, v.get("rounds"), v.get("agent_each"), v.get("graphs"), v.get("test")] for t, v in p.items()]
@@ -419,6 +435,9 @@ def table12(ctx: Ctx) -> Table:
                   "invalid = replies that could not be parsed after retries (kept as incorrect nodes).",
                   "team acc = the teachers' final-round majority on the training questions (oracle "
                   "`reference` agent excluded from the vote). test n = test questions evaluated (zero_shot).",
+                  f"cut = replies that reached the agent's `max_new_tokens`; loop = cut and the last {LOOP_TAIL_CHARS} "
+                  f"characters of the raw reply compress (zlib) below {LOOP_RATIO:.0%} of their size "
+                  "(`magdi.mag.tail_compression`); the rest were cut while still reasoning.",
                   PAPER_NOTE])
 
 
