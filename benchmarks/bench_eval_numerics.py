@@ -160,6 +160,20 @@ def report(task: str, methods: list[str], isas: list[str], res: dict, stage: dic
     return "\n".join(lines) + "\n"
 
 
+def summary(task: str, methods: list[str], isas: list[str], res: dict) -> dict:
+    """The numbers the README's results paragraph quotes (tools/update_readme.py): per method and setting
+    the accuracy and how many answers differ from the first setting."""
+    out: dict = {"task": task, "settings": isas, "methods": {}}
+    for m in methods:
+        base = res[m][isas[0]]
+        out["methods"][m] = {isa: {
+            "n": len(r["correct"]), "accuracy": sum(r["correct"]) / len(r["correct"]),
+            "outputs_differing": sum(x != y for x, y in zip(r["outputs"], base["outputs"], strict=True)),
+            "correctness_flips": sum(x != y for x, y in zip(r["correct"], base["correct"], strict=True)),
+        } for isa, r in res[m].items()}
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--task", default="svamp")
@@ -179,6 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     text = report(a.task, a.methods, a.isa, res, stage)
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(text)
+    a.out.with_suffix(".json").write_text(json.dumps(summary(a.task, a.methods, a.isa, res), indent=1) + "\n")
     print(text)
     return 0
 

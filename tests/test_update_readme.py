@@ -59,3 +59,16 @@ def test_a_pair_answering_two_questions_is_listed_once() -> None:
     assert len(lines) == 2
     assert "(MAGDi vs single-teacher student; MAGDi vs best SiT student)" in lines[0]
     assert ur.summary(rows).startswith("1 of 2 comparisons")
+
+
+def test_decoding_noise_sentence_from_the_benchmark_json(tmp_path) -> None:
+    ur = _tool()
+    assert ur.decoding_noise_sentence(tmp_path / "absent.json") == ""
+    f = tmp_path / "n.json"
+    f.write_text(json.dumps({"task": "svamp", "settings": ["default", "AVX512_CORE_BF16"], "methods": {
+        "magdi": {"default": {"n": 200, "accuracy": 0.45, "outputs_differing": 0, "correctness_flips": 0},
+                  "AVX512_CORE_BF16": {"n": 200, "accuracy": 0.435, "outputs_differing": 81,
+                                       "correctness_flips": 9}}}}))
+    s = ur.decoding_noise_sentence(f)
+    assert "magdi 45.0 % with default, 43.5 % with AVX512_CORE_BF16 (81 of 200 answers differ under" in s
+    assert "same adapters on the same svamp test questions" in s

@@ -1,6 +1,6 @@
 """Rewrite the results block at the top of README.md from a finished `make repro`: the timestamped log
-(benchmarks/profile_repro.py stamp), reports/table1_main.md, reports/table7_student_scaling.md and
-reports/significance.csv. Nothing in the block is typed by hand.
+(benchmarks/profile_repro.py stamp), reports/table1_main.md, reports/table7_student_scaling.md,
+reports/significance.csv and reports/benchmark_eval_numerics.json. Nothing in the block is typed by hand.
 
     python tools/update_readme.py /path/to/repro.log
 """
@@ -85,6 +85,25 @@ def setup_sentence() -> str:
             f"{per_task(epochs)} epoch{plural} at learning rate {per_task({t: c.lr for t, (_, c) in setup.items()}, 'g')}.")
 
 
+def decoding_noise_sentence(path: Path) -> str:
+    """What the same adapters score under another CPU kernel path (benchmarks/bench_eval_numerics.py), so the
+    reader can size the differences above against the noise of decoding itself; empty when not measured."""
+    if not path.exists():
+        return ""
+    d = json.loads(path.read_text())
+    base, other = d["settings"][0], d["settings"][1:]
+    parts = []
+    for m, by in d["methods"].items():
+        accs = ", ".join(f"{100 * by[s]['accuracy']:.1f} % with {s}" for s in [base, *other])
+        diff = ", ".join(f"{by[s]['outputs_differing']} of {by[s]['n']} answers differ under {s}" for s in other)
+        parts.append(f"{m} {accs} ({diff})")
+    return (f"Decoding itself is noisy at this size: greedy bf16 decoding on the CPU depends on which matrix "
+            f"kernels oneDNN picks, and the same adapters on the same {d['task']} test questions score "
+            f"{'; '.join(parts)} ([reports/benchmark_eval_numerics.md](reports/benchmark_eval_numerics.md); each "
+            "evaluation records its kernels in `metrics/eval/*` under `numerics`). A difference of that size "
+            "between methods is not evidence of either.")
+
+
 def block(total_s: int) -> str:
     t1 = ours_tables((ROOT / "reports/table1_main.md").read_text())[0]
     t7 = ours_tables((ROOT / "reports/table7_student_scaling.md").read_text())
@@ -114,7 +133,8 @@ questions, paired bootstrap 95 % interval of the difference, McNemar's exact tes
 
 {chr(10).join(significance_lines(rows))}
 
-{summary(rows)} Read them for what they are. {setup_sentence()}
+{summary(rows)} Read them for what they are. {decoding_noise_sentence(ROOT / "reports/benchmark_eval_numerics.json")}
+{setup_sentence()}
 The size is what the 2-core machine allows (per-stage times in reports/benchmark_pipeline.md; generating the
 discussions: reports/teacher_generation.md). A difference without "significant" above is inside the noise of
 the test set; growing the experiment is one edit (`data.n_train`, or `data.n_train_by_task` for one task; the
