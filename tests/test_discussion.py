@@ -25,7 +25,7 @@ from magdi.discussion import (
     reference_reply,
     weighted_vote,
 )
-from magdi.mag import Node, read_mags
+from magdi.mag import MAG, Node, read_mags
 
 
 # ============================================================================== parse_reply
@@ -578,3 +578,34 @@ def test_compact_prompt_is_the_default() -> None:
     be = ScriptedBackend({"q1": {"alice": ["5"], "bob": ["5"], "carol": ["5"]}})
     discuss_chunk(_agents(be), [_ex("q1")], "gsm8k", "number", max_rounds=1)
     assert [msgs for *_, msgs in be.log][0] == disc.round0_messages(_agents(None)[0], _ex("q1"), "number")
+
+
+def test_build_mags_stage_never_reuses_a_mag_file_from_other_settings(tmp_path: Path, monkeypatch) -> None:
+    """Run by hand after a params change, the stage rebuilds every MAG (from the cache) instead of resuming
+    from the old file; cached replies are not paid again."""
+    import yaml
+
+    import magdi.pipeline as pl
+    from magdi.config import parse_params
+
+    raw = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())
+    raw["paths"]["mags_dir"] = str(tmp_path / "mags")
+    p = parse_params(raw)
+    exs = [_ex("q1"), _ex("q2")]
+    table = {"q1": {"alice": ["5"], "bob": ["5"], "carol": ["5"]}, "q2": {"alice": ["5"], "bob": ["5"], "carol": ["5"]}}
+    with CallCache(tmp_path / "c.jsonl") as cache:
+        be = ScriptedBackend(table, cache=cache)
+        monkeypatch.setattr(pl, "load_examples", lambda *_: exs)
+        monkeypatch.setattr(pl, "make_agents", lambda *_: _agents(be))
+        monkeypatch.chdir(tmp_path)
+        stale = pl.mags_file(p, "gsm8k")
+        stale.parent.mkdir(parents=True)
+        old = MAG(id="q1", task="gsm8k", question="old", gold="5", nodes=[
+            Node("alice", 0, "stale", "7", 0.5, False, 3), Node("bob", 0, "stale", "7", 0.5, False, 3)])
+        stale.write_text(json.dumps(old.to_json()) + "\n")
+        pl.stage_build_mags(p, "gsm8k")
+        mags = read_mags(stale)
+        assert [m.id for m in mags] == ["q1", "q2"] and all(n.reasoning != "stale" for m in mags for n in m.nodes)
+        paid = be.paid
+        pl.stage_build_mags(p, "gsm8k")  # again: everything from the cache
+        assert be.paid == paid and [m.to_json() for m in read_mags(stale)] == [m.to_json() for m in mags]

@@ -244,6 +244,10 @@ def stage_build_mags(p: Params, task: str) -> dict:
         from .discussion import build_mags
 
         examples = load_examples(p, task, "train")
+        # build_mags resumes from a partial MAG file, but that file may come from other teacher settings (a
+        # raised max_new_tokens, another agent): start from none, as `dvc repro` does. Nothing is paid twice:
+        # every reply already generated comes back from the teacher cache.
+        mags_file(p, task).unlink(missing_ok=True)
         agents = make_agents(p)
         try:
             mags = build_mags(agents, examples, task, TASK_TYPES[task], mags_file(p, task), p.teachers.max_rounds,
