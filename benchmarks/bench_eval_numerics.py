@@ -33,6 +33,13 @@ sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
+def adapter_of(p, task: str, method: str) -> Path | None:
+    """The adapter the ``evaluate`` stage merges for ``method`` (none for zero-shot)."""
+    from magdi.pipeline import method_of, train_dir
+
+    return None if method_of(method) == "zero_shot" else train_dir(p, task, method) / "adapter"
+
+
 def adapter_digest(adapter: Path | None) -> str | None:
     if adapter is None:
         return None
@@ -46,11 +53,11 @@ def worker(task: str, method: str, out: Path) -> None:
 
     from magdi.config import cli_params
     from magdi.data import read_jsonl
-    from magdi.pipeline import _set_threads, bench_file, method_of, train_dir
+    from magdi.pipeline import _set_threads, bench_file
 
     _set_threads()
     p = cli_params("params.yaml")
-    adapter = None if method_of(method) == "zero_shot" else train_dir(p, task, method) / "adapter"
+    adapter = adapter_of(p, task, method)
     qs = read_jsonl(bench_file(p, task, "test"))
     preds, seconds = evaluate_on(p, adapter, task, qs, None)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -78,11 +85,11 @@ def run_setting(task: str, method: str, isa: str, runs: Path) -> dict:
     out = runs / task / method / f"{isa}.json"
     from magdi.config import cli_params
     from magdi.data import read_jsonl
-    from magdi.pipeline import bench_file, method_of, train_dir
+    from magdi.pipeline import bench_file
 
     p = cli_params("params.yaml")
     ids = [q["id"] for q in read_jsonl(bench_file(p, task, "test"))]
-    adapter = None if method_of(method) == "zero_shot" else train_dir(p, task, method) / "adapter"
+    adapter = adapter_of(p, task, method)
     if out.exists():
         old = json.loads(out.read_text())
         if old["ids"] == ids and old["adapter_sha256"] == adapter_digest(adapter):
