@@ -330,6 +330,11 @@ def tail_compression(text: str, tail_chars: int = LOOP_TAIL_CHARS) -> float:
 
 
 def is_loop(node: Node) -> bool:
+    """Whether a node's raw reply ends in a repetition loop (:data:`LOOP_RATIO`).
+
+    Nodes built before ``tail_compression`` was recorded (or imported from the official release, which keeps
+    no raw reply) carry ``None`` and count as no loop: unknown is never reported as a loop.
+    """
     return node.tail_compression is not None and node.tail_compression < LOOP_RATIO
 
 
