@@ -108,7 +108,7 @@ def run_setting(task: str, method: str, isa: str, runs: Path) -> dict:
 
 def report(task: str, methods: list[str], isas: list[str], res: dict, stage: dict) -> str:
     from magdi.evaluate import numerics_fingerprint
-    from magdi.report.stats import mcnemar_exact, paired_bootstrap_ci
+    from magdi.report.stats import mcnemar_exact
 
     fp = numerics_fingerprint()
     first = res[methods[0]][isas[0]]
@@ -149,11 +149,9 @@ def report(task: str, methods: list[str], isas: list[str], res: dict, stage: dic
                   "exact p), as in reports/significance.md.\n",
                   f"| setting | {a_m} % | {b_m} % | diff | 95 % CI | p (McNemar) |", "|---|---:|---:|---:|---|---:|"]
         for isa in isas:
-            a, b = res[a_m][isa]["correct"], res[b_m][isa]["correct"]
-            lo, hi = paired_bootstrap_ci(a, b)
-            _, _, pv = mcnemar_exact(a, b)
-            lines.append(f"| {isa} | {100 * sum(a) / len(a):.1f} | {100 * sum(b) / len(b):.1f} | "
-                         f"{100 * (sum(a) - sum(b)) / len(a):+.1f} | [{100 * lo:+.1f}, {100 * hi:+.1f}] | {pv:.3f} |")
+            c = compare(res[a_m][isa]["correct"], res[b_m][isa]["correct"])
+            lines.append(f"| {isa} | {100 * c['acc_a']:.1f} | {100 * c['acc_b']:.1f} | {100 * c['diff']:+.1f} | "
+                         f"[{100 * c['ci_low']:+.1f}, {100 * c['ci_high']:+.1f}] | {c['p_mcnemar']:.3f} |")
         lines.append("")
     lines += ["## Same model, two kernel paths\n",
               "McNemar's exact p between the two settings of one adapter: the chance that the correctness flips "
@@ -167,10 +165,23 @@ def report(task: str, methods: list[str], isas: list[str], res: dict, stage: dic
     return "\n".join(lines) + "\n"
 
 
+def compare(a: list[bool], b: list[bool]) -> dict[str, float]:
+    """Method a vs method b on the same questions, as reports/significance.csv computes it (fractions)."""
+    from magdi.report.stats import mcnemar_exact, paired_bootstrap_ci
+
+    lo, hi = paired_bootstrap_ci(a, b)
+    return {"acc_a": sum(a) / len(a), "acc_b": sum(b) / len(b), "diff": (sum(a) - sum(b)) / len(a),
+            "ci_low": lo, "ci_high": hi, "p_mcnemar": mcnemar_exact(a, b)[2]}
+
+
 def summary(task: str, methods: list[str], isas: list[str], res: dict) -> dict:
     """The numbers the README's results paragraph quotes (tools/update_readme.py): per method and setting
-    the accuracy and how many answers differ from the first setting."""
+    the accuracy and how many answers differ from the first setting; with two or more methods, the first
+    vs the second under each setting (whether a comparison's verdict survives a change of kernels)."""
     out: dict = {"task": task, "settings": isas, "methods": {}}
+    if len(methods) >= 2:
+        out["comparison"] = {"method_a": methods[0], "method_b": methods[1], "by_setting": {
+            isa: compare(res[methods[0]][isa]["correct"], res[methods[1]][isa]["correct"]) for isa in isas}}
     for m in methods:
         base = res[m][isas[0]]
         out["methods"][m] = {isa: {

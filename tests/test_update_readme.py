@@ -72,3 +72,18 @@ def test_decoding_noise_sentence_from_the_benchmark_json(tmp_path) -> None:
     s = ur.decoding_noise_sentence(f)
     assert "magdi 45.0 % with default, 43.5 % with AVX512_CORE_BF16 (81 of 200 answers differ under" in s
     assert "same adapters on the same svamp test questions" in s
+
+
+def test_decoding_noise_sentence_quotes_the_comparison_under_each_setting(tmp_path) -> None:
+    ur = _tool()
+    cmp_ = {"method_a": "magdi", "method_b": "sit_qwen15", "by_setting": {
+        "default": {"acc_a": 0.43, "acc_b": 0.51, "diff": -0.08, "ci_low": -0.145, "ci_high": -0.015,
+                    "p_mcnemar": 0.0328},
+        "AVX512_CORE_BF16": {"acc_a": 0.445, "acc_b": 0.5, "diff": -0.055, "ci_low": -0.125, "ci_high": 0.01,
+                             "p_mcnemar": 0.161}}}
+    f = tmp_path / "n.json"
+    f.write_text(json.dumps({"task": "svamp", "settings": ["default", "AVX512_CORE_BF16"], "methods": {},
+                             "comparison": cmp_}))
+    s = ur.decoding_noise_sentence(f)
+    assert ("The comparison magdi vs sit_qwen15 there: -8.0 points [-14.5, -1.5], p = 0.0328 with default; "
+            "-5.5 points [-12.5, +1.0], p = 0.161 with AVX512_CORE_BF16.") in s

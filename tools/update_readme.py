@@ -97,11 +97,17 @@ def decoding_noise_sentence(path: Path) -> str:
         accs = ", ".join(f"{100 * by[s]['accuracy']:.1f} % with {s}" for s in [base, *other])
         diff = ", ".join(f"{by[s]['outputs_differing']} of {by[s]['n']} answers differ under {s}" for s in other)
         parts.append(f"{m} {accs} ({diff})")
+    verdict = ""
+    if "comparison" in d:  # written by bench_eval_numerics since session 12
+        c = d["comparison"]
+        per = "; ".join(f"{100 * x['diff']:+.1f} points [{100 * x['ci_low']:+.1f}, {100 * x['ci_high']:+.1f}], "
+                        f"p = {x['p_mcnemar']:.3g} with {s}" for s, x in c["by_setting"].items())
+        verdict = f" The comparison {c['method_a']} vs {c['method_b']} there: {per}."
     return (f"Decoding itself is noisy at this size: greedy bf16 decoding on the CPU depends on which matrix "
             f"kernels oneDNN picks, and the same adapters on the same {d['task']} test questions score "
             f"{'; '.join(parts)} ([reports/benchmark_eval_numerics.md](reports/benchmark_eval_numerics.md); each "
-            "evaluation records its kernels in `metrics/eval/*` under `numerics`). A difference of that size "
-            "between methods is not evidence of either.")
+            f"evaluation records its kernels in `metrics/eval/*` under `numerics`).{verdict} A difference of that "
+            "size between methods is not evidence of either.")
 
 
 def block(total_s: int) -> str:
