@@ -106,7 +106,7 @@ def run_setting(task: str, method: str, isa: str, runs: Path) -> dict:
     return json.loads(out.read_text())
 
 
-def report(task: str, methods: list[str], isas: list[str], res: dict, stage: dict) -> str:
+def report(task: str, methods: list[str], isas: list[str], res: dict, stage: dict, cmp: dict) -> str:
     from magdi.evaluate import numerics_fingerprint
     from magdi.report.stats import mcnemar_exact
 
@@ -142,16 +142,16 @@ def report(task: str, methods: list[str], isas: list[str], res: dict, stage: dic
                          f"{sum(st[i][0] != o for i, o in zip(base['ids'], base['outputs'], strict=True))} | "
                          f"{sum(st[i][1] != c for i, c in zip(base['ids'], base['correct'], strict=True))} | 0 |")
     lines.append("")
-    if len(methods) >= 2:
+    if cmp:
         a_m, b_m = methods[0], methods[1]
         lines += [f"## The comparison {a_m} vs {b_m} under each setting\n",
                   "Paired over the same questions (bootstrap 95 % interval of the accuracy difference, McNemar's "
                   "exact p), as in reports/significance.md.\n",
                   f"| setting | {a_m} % | {b_m} % | diff | 95 % CI | p (McNemar) |", "|---|---:|---:|---:|---|---:|"]
         for isa in isas:
-            c = compare(res[a_m][isa]["correct"], res[b_m][isa]["correct"])
-            lines.append(f"| {isa} | {100 * c['acc_a']:.1f} | {100 * c['acc_b']:.1f} | {100 * c['diff']:+.1f} | "
-                         f"[{100 * c['ci_low']:+.1f}, {100 * c['ci_high']:+.1f}] | {c['p_mcnemar']:.3f} |")
+            c = cmp[isa]
+            lines.append(f"| {isa} | {100 * c.acc_a:.1f} | {100 * c.acc_b:.1f} | {100 * c.diff:+.1f} | "
+                         f"[{100 * c.ci_low:+.1f}, {100 * c.ci_high:+.1f}] | {c.p_mcnemar:.3f} |")
         lines.append("")
     lines += ["## Same model, two kernel paths\n",
               "McNemar's exact p between the two settings of one adapter: the chance that the correctness flips "
@@ -165,23 +165,30 @@ def report(task: str, methods: list[str], isas: list[str], res: dict, stage: dic
     return "\n".join(lines) + "\n"
 
 
-def compare(a: list[bool], b: list[bool]) -> dict[str, float]:
-    """Method a vs method b on the same questions, as reports/significance.csv computes it (fractions)."""
-    from magdi.report.stats import mcnemar_exact, paired_bootstrap_ci
+def comparisons(task: str, methods: list[str], isas: list[str], res: dict) -> dict:
+    """The first method vs the second under each setting, by reports/significance.csv's own ``compare``
+    (``{}`` with fewer than two methods); computed once for the markdown report and the JSON summary."""
+    from magdi.report.stats import compare
 
-    lo, hi = paired_bootstrap_ci(a, b)
-    return {"acc_a": sum(a) / len(a), "acc_b": sum(b) / len(b), "diff": (sum(a) - sum(b)) / len(a),
-            "ci_low": lo, "ci_high": hi, "p_mcnemar": mcnemar_exact(a, b)[2]}
+    if len(methods) < 2:
+        return {}
+
+    def preds(r: dict) -> dict[str, dict]:
+        return {i: {"correct": c} for i, c in zip(r["ids"], r["correct"], strict=True)}
+
+    a_m, b_m = methods[0], methods[1]
+    return {isa: compare(task, a_m, b_m, preds(res[a_m][isa]), preds(res[b_m][isa]), isa) for isa in isas}
 
 
-def summary(task: str, methods: list[str], isas: list[str], res: dict) -> dict:
+def summary(task: str, methods: list[str], isas: list[str], res: dict, cmp: dict) -> dict:
     """The numbers the README's results paragraph quotes (tools/update_readme.py): per method and setting
     the accuracy and how many answers differ from the first setting; with two or more methods, the first
     vs the second under each setting (whether a comparison's verdict survives a change of kernels)."""
     out: dict = {"task": task, "settings": isas, "methods": {}}
-    if len(methods) >= 2:
+    if cmp:
+        keys = ("acc_a", "acc_b", "diff", "ci_low", "ci_high", "p_mcnemar")
         out["comparison"] = {"method_a": methods[0], "method_b": methods[1], "by_setting": {
-            isa: compare(res[methods[0]][isa]["correct"], res[methods[1]][isa]["correct"]) for isa in isas}}
+            isa: {k: getattr(c, k) for k in keys} for isa, c in cmp.items()}}
     for m in methods:
         base = res[m][isas[0]]
         out["methods"][m] = {isa: {
@@ -208,10 +215,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     res = {m: {isa: run_setting(a.task, m, isa, a.runs) for isa in a.isa} for m in a.methods}
     stage = {m: s for m in a.methods if (s := stage_predictions(a.task, m)) is not None}
-    text = report(a.task, a.methods, a.isa, res, stage)
+    cmp = comparisons(a.task, a.methods, a.isa, res)
+    text = report(a.task, a.methods, a.isa, res, stage, cmp)
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(text)
-    a.out.with_suffix(".json").write_text(json.dumps(summary(a.task, a.methods, a.isa, res), indent=1) + "\n")
+    a.out.with_suffix(".json").write_text(json.dumps(summary(a.task, a.methods, a.isa, res, cmp), indent=1) + "\n")
     print(text)
     return 0
 
