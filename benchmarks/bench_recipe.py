@@ -1,4 +1,4 @@
-"""Choose the training recipe (learning rate, epochs) on a validation split, never on the test questions.
+"""Choose the training recipe (learning rate, epochs, any ``train`` key) on a validation split, never on the test questions.
 
 The validation questions are the next ``--n-val`` questions of the seeded training draw after the task's ``data.n_train``
 that became MAGs (``magdi.data.sample_splits`` with a larger ``n_train``): disjoint from the MAG questions and
@@ -10,6 +10,12 @@ questions is the baseline, with a paired bootstrap interval and McNemar's exact 
 
     python benchmarks/bench_recipe.py --task svamp --lrs 1e-4 3e-4 --epochs 1 --n-val 100 \\
         [--student qwen_coder_0_5b] [--method magdi] [--out reports/benchmark_recipe_svamp.md]
+    python benchmarks/bench_recipe.py --task svamp --lrs 3e-4 --set node_repr=live,frozen weights.graph=1.0,0.1
+
+``--set KEY=V1,V2`` adds a grid axis over any ``train`` key (dotted for nested keys, values read as YAML
+scalars); the candidates are every combination, validated as the ``train`` section is. Ties in validation
+accuracy go to the smaller learning rate, then to the candidate listed first (the first value of each axis),
+so put the current setting first.
 
 Run it where ``dvc repro`` has built the task's MAGs and the student (``data/mags``, ``models/``). Adapters go to
 ``runs/bench_recipe/<task>/<student>/<method>/`` (resumable: a finished candidate is not trained again; an
@@ -61,6 +67,50 @@ def evaluate_on(p, adapter: Path | None, task: str, questions: list[dict], limit
     return preds, time.perf_counter() - t0
 
 
+def _scalar(text: str):
+    """A YAML scalar, with ``1e-4`` read as a number (YAML 1.1, hence PyYAML, wants ``1.0e-4``)."""
+    import yaml
+
+    val = yaml.safe_load(text)
+    if isinstance(val, str):
+        try:
+            return float(val)
+        except ValueError:
+            return val
+    return val
+
+
+def parse_grid(items: list[str]) -> list[dict]:
+    """``["a.b=1,2", "c=x"]`` -> every combination as nested override dicts, in the order written (first value first).
+
+    Values are parsed with ``yaml.safe_load`` (numbers, booleans, strings), never evaluated."""
+    axes = []
+    for item in items:
+        key, sep, vals = item.partition("=")
+        if not sep or not key or not vals:
+            raise SystemExit(f"--set {item!r}: expected KEY=V1[,V2...]")
+        axes.append([(key, _scalar(v)) for v in vals.split(",")])
+    grid = []
+    for combo in itertools.product(*axes):
+        over: dict = {}
+        for key, val in combo:
+            *path, leaf = key.split(".")
+            d = over
+            for k in path:
+                d = d.setdefault(k, {})
+            d[leaf] = val
+        grid.append(over)
+    return grid
+
+
+def grid_label(over: dict, prefix: str = "") -> str:
+    """``weights.graph=0.1 node_repr=frozen``: the candidate's overrides, flattened (also its resume folder)."""
+    parts = []
+    for k, v in over.items():
+        parts += [grid_label(v, f"{prefix}{k}.")] if isinstance(v, dict) else [f"{prefix}{k}={v}"]
+    return " ".join(parts)
+
+
 def train_candidate(p, task: str, method: str, overrides: dict, out: Path) -> dict:
     """One ``train``-stage run of ``method`` with ``train`` + ``overrides``, adapter saved under ``out``."""
     import torch
@@ -92,6 +142,8 @@ def main() -> None:
     ap.add_argument("--student", default=None, help="one of experiments.scaling_students (default: the main student)")
     ap.add_argument("--lrs", type=float, nargs="+", required=True)
     ap.add_argument("--epochs", type=int, nargs="+", default=None)
+    ap.add_argument("--set", nargs="+", default=[], metavar="KEY=V1,V2",
+                    help="grid axis over a train key, e.g. node_repr=live,frozen weights.graph=1.0,0.1")
     ap.add_argument("--n-val", type=int, default=100)
     ap.add_argument("--workdir", default="runs/bench_recipe")
     ap.add_argument("--out", default=None, help="default: reports/benchmark_recipe_<task>.md")
@@ -127,26 +179,29 @@ def main() -> None:
 
     base = cached_eval("zero_shot", None)
     rows = []
-    for method, ep, lr in itertools.product(a.method, a.epochs or [p.train.epochs], a.lrs):
-        name = f"{method}/lr{lr:g}_ep{ep}"  # a candidate is its method, lr and epochs (resume key)
+    grid = parse_grid(a.set)
+    for method, ep, lr, (gi, over) in itertools.product(a.method, a.epochs or [p.train.epochs], a.lrs, enumerate(grid)):
+        label = grid_label(over)
+        # a candidate is its method, lr, epochs and overrides (resume key)
+        name = f"{method}/lr{lr:g}_ep{ep}" + "".join(f"_{x}" for x in label.split())
         out = work / name
         tf = out / "bench_train.json"
         if not tf.exists():
             torch.manual_seed(0)
-            info = train_candidate(p, a.task, method, {"lr": lr, "epochs": ep}, out)
+            info = train_candidate(p, a.task, method, {**over, "lr": lr, "epochs": ep}, out)
             tf.write_text(json.dumps(info))
         info = json.loads(tf.read_text())
         ev = cached_eval(name, out / "adapter")
         lo, hi = paired_bootstrap_ci(ev["correct"], base["correct"], p.evaluate.bootstrap_samples, p.evaluate.seed)
         b, c, pv = mcnemar_exact(ev["correct"], base["correct"])
-        rows.append({"method": method, "lr": lr, "epochs": ep, **info, "acc": 100 * sum(ev["correct"]) / len(val),
+        rows.append({"method": method, "lr": lr, "epochs": ep, "set": label, "order": gi, **info, "acc": 100 * sum(ev["correct"]) / len(val),
                      "diff": 100 * (sum(ev["correct"]) - sum(base["correct"])) / len(val),
                      "ci": (100 * lo, 100 * hi), "p": pv,
                      "truncated": 100 * sum(t >= p.evaluate.limit(a.task) for t in ev["tokens"]) / len(val),
                      "mean_tokens": sum(ev["tokens"]) / len(val), "eval_s": ev["seconds"]})
 
     zs_acc = 100 * sum(base["correct"]) / len(val)
-    best = {m: max((r for r in rows if r["method"] == m), key=lambda r: (r["acc"], -r["lr"])) for m in a.method}
+    best = {m: max((r for r in rows if r["method"] == m), key=lambda r: (r["acc"], -r["lr"], -r["order"])) for m in a.method}
     lines = [
         f"# Training recipe chosen on a validation split ({a.task}, {', '.join(a.method)}, student "
         f"{a.student or p.student.model})",
@@ -154,24 +209,26 @@ def main() -> None:
         f"`python benchmarks/bench_recipe.py --task {a.task} --method {' '.join(a.method)}"
         + (f" --student {a.student}" if a.student else "")
         + f" --lrs {' '.join(f'{x:g}' for x in a.lrs)}"
-        + (f" --epochs {' '.join(map(str, a.epochs))}" if a.epochs else "") + f" --n-val {a.n_val}`",
+        + (f" --epochs {' '.join(map(str, a.epochs))}" if a.epochs else "")
+        + (f" --set {' '.join(a.set)}" if a.set else "") + f" --n-val {a.n_val}`",
         f"on {platform.machine()} with {torch.get_num_threads()} threads; `train` and `evaluate` as in params, "
-        "each candidate changing only the learning rate and epochs.",
+        "each candidate changing only the learning rate, epochs" + (" and the keys of `--set`." if a.set else "."),
         "",
         f"Validation: {len(val)} {a.task} training-pool questions after the {p.data.train_size(a.task)} MAG questions of the "
         "seeded draw (disjoint from the MAGs and the test set). The base student zero-shot on them: "
         f"{zs_acc:.1f} % ({base['seconds']:.0f} s).",
         "",
-        "| method | lr | epochs | MAGs | steps | train tokens | train s | final loss | val acc % "
+        "| method | lr | epochs | set | MAGs | steps | train tokens | train s | final loss | val acc % "
         "| vs zero-shot (paired 95 % CI) | McNemar p | truncated % | mean tokens |",
-        "|:---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "|:---|---:|---:|:---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
-        lines.append(f"| {r['method']} | {r['lr']:g} | {r['epochs']} | {r['n_mags']} | {r['steps']} | {r['tokens']} | {r['seconds']:.0f} "
+        lines.append(f"| {r['method']} | {r['lr']:g} | {r['epochs']} | {r['set'] or '-'} | {r['n_mags']} | {r['steps']} | {r['tokens']} | {r['seconds']:.0f} "
                      f"| {r['final_loss']:.3f} | {r['acc']:.1f} | {r['diff']:+.1f} [{r['ci'][0]:+.1f}, {r['ci'][1]:+.1f}] "
                      f"| {r['p']:.3g} | {r['truncated']:.1f} | {r['mean_tokens']:.0f} |")
-    lines += [""] + [f"Highest validation accuracy of {m}: lr {b['lr']:g}, {b['epochs']} epoch(s) ({b['acc']:.1f} %; "
-                     "ties go to the smaller learning rate)." for m, b in best.items()]
+    lines += [""] + [f"Highest validation accuracy of {m}: lr {b['lr']:g}, {b['epochs']} epoch(s)"
+                     + (f", {b['set']}" if b["set"] else "") + f" ({b['acc']:.1f} %; ties go to the smaller learning "
+                     "rate, then to the first value of each `--set` axis)." for m, b in best.items()]
     lines += ["", "With this many questions a difference of a few points is within noise: read the intervals."]
     Path(a.out).write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

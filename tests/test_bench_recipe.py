@@ -1,0 +1,51 @@
+"""The validation sweep's grid (benchmarks/bench_recipe.py --set): every combination, first value first, as
+nested ``train`` overrides that the config validates like any other override."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _bench():
+    spec = importlib.util.spec_from_file_location("bench_recipe", ROOT / "benchmarks" / "bench_recipe.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_grid_is_every_combination_in_written_order() -> None:
+    b = _bench()
+    grid = b.parse_grid(["node_repr=live,frozen", "weights.graph=1.0,0.1"])
+    assert grid == [
+        {"node_repr": "live", "weights": {"graph": 1.0}},
+        {"node_repr": "live", "weights": {"graph": 0.1}},
+        {"node_repr": "frozen", "weights": {"graph": 1.0}},
+        {"node_repr": "frozen", "weights": {"graph": 0.1}},
+    ]
+    assert [b.grid_label(g) for g in grid][1] == "node_repr=live weights.graph=0.1"
+    assert b.parse_grid([]) == [{}] and b.grid_label({}) == ""
+
+
+def test_grid_values_are_yaml_scalars_never_evaluated() -> None:
+    b = _bench()
+    assert b.parse_grid(["bf16=false", "epochs=2", "weights.contrastive=1e-2"]) == [
+        {"bf16": False, "epochs": 2, "weights": {"contrastive": 0.01}}]
+    assert b.parse_grid(["graph=__import__('os')"]) == [{"graph": "__import__('os')"}]  # a string, not code
+    with pytest.raises(SystemExit, match="KEY=V1"):
+        b.parse_grid(["node_repr"])
+
+
+def test_grid_overrides_are_validated_as_train_keys() -> None:
+    from magdi.config import load_params
+
+    p = load_params(ROOT / "params.yaml")
+    b = _bench()
+    ok = p.train_with(b.parse_grid(["weights.graph=0.1"])[0], "--set")
+    assert ok.weights.graph == 0.1 and ok.weights.contrastive == p.train.weights.contrastive  # deep merge
+    with pytest.raises(ValueError, match="--set.*node_repr"):
+        p.train_with(b.parse_grid(["node_repr=sideways"])[0], "--set")
