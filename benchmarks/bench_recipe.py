@@ -15,7 +15,8 @@ questions is the baseline, with a paired bootstrap interval and McNemar's exact 
 ``--set KEY=V1,V2`` adds a grid axis over any ``train`` key (dotted for nested keys, values read as YAML
 scalars); the candidates are every combination, validated as the ``train`` section is. Ties in validation
 accuracy go to the smaller learning rate, then to the candidate listed first (the first value of each axis),
-so put the current setting first.
+so put the current setting first. ``--candidates "K=V K2=V2" "K=V3 K2=V4"`` lists the candidates one by one
+instead (e.g. the current setting and another task's winner), in the same tie order.
 
 Run it where ``dvc repro`` has built the task's MAGs and the student (``data/mags``, ``models/``). Adapters go to
 ``runs/bench_recipe/<task>/<student>/<method>/`` (resumable: a finished candidate is not trained again; an
@@ -103,6 +104,28 @@ def parse_grid(items: list[str]) -> list[dict]:
     return grid
 
 
+def parse_candidates(items: list[str]) -> list[dict]:
+    """``["a=1 b.c=2", "a=3 b.c=4"]`` -> one nested override dict per string (each string one ``--set`` row)."""
+    out = []
+    for item in items:
+        over: dict = {}
+        for part in item.split():
+            if "," in part:
+                raise SystemExit(f"--candidates {item!r}: one value per key (a grid is --set)")
+            _merge(over, parse_grid([part])[0])
+        out.append(over)
+    return out
+
+
+def _merge(into: dict, new: dict) -> None:
+    """Nested dict update, so two keys under ``weights.`` end up in one ``weights`` dict."""
+    for k, v in new.items():
+        if isinstance(v, dict):
+            _merge(into.setdefault(k, {}), v)
+        else:
+            into[k] = v
+
+
 def grid_label(over: dict, prefix: str = "") -> str:
     """``weights.graph=0.1 node_repr=frozen``: the candidate's overrides, flattened (also its resume folder)."""
     parts = []
@@ -144,6 +167,8 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, nargs="+", default=None)
     ap.add_argument("--set", nargs="+", default=[], metavar="KEY=V1,V2",
                     help="grid axis over a train key, e.g. node_repr=live,frozen weights.graph=1.0,0.1")
+    ap.add_argument("--candidates", nargs="+", default=[], metavar="'KEY=V KEY2=V2'",
+                    help="explicit candidates instead of a --set grid, one quoted string of KEY=V each")
     ap.add_argument("--n-val", type=int, default=100)
     ap.add_argument("--workdir", default="runs/bench_recipe")
     ap.add_argument("--out", default=None, help="default: reports/benchmark_recipe_<task>.md")
@@ -179,7 +204,9 @@ def main() -> None:
 
     base = cached_eval("zero_shot", None)
     rows = []
-    grid = parse_grid(a.set)
+    if a.set and a.candidates:
+        raise SystemExit("--set and --candidates: give one of them")
+    grid = parse_candidates(a.candidates) if a.candidates else parse_grid(a.set)
     for method, ep, lr, (gi, over) in itertools.product(a.method, a.epochs or [p.train.epochs], a.lrs, enumerate(grid)):
         label = grid_label(over)
         # a candidate is its method, lr, epochs and overrides (resume key)
@@ -210,9 +237,10 @@ def main() -> None:
         + (f" --student {a.student}" if a.student else "")
         + f" --lrs {' '.join(f'{x:g}' for x in a.lrs)}"
         + (f" --epochs {' '.join(map(str, a.epochs))}" if a.epochs else "")
-        + (f" --set {' '.join(a.set)}" if a.set else "") + f" --n-val {a.n_val}`",
+        + (f" --set {' '.join(a.set)}" if a.set else "")
+        + (" --candidates " + " ".join(f"'{c}'" for c in a.candidates) if a.candidates else "") + f" --n-val {a.n_val}`",
         f"on {platform.machine()} with {torch.get_num_threads()} threads; `train` and `evaluate` as in params, "
-        "each candidate changing only the learning rate, epochs" + (" and the keys of `--set`." if a.set else "."),
+        "each candidate changing only the learning rate, epochs" + (" and the keys of `--set`/`--candidates`." if a.set or a.candidates else "."),
         "",
         f"Validation: {len(val)} {a.task} training-pool questions after the {p.data.train_size(a.task)} MAG questions of the "
         "seeded draw (disjoint from the MAGs and the test set). The base student zero-shot on them: "
@@ -228,7 +256,7 @@ def main() -> None:
                      f"| {r['p']:.3g} | {r['truncated']:.1f} | {r['mean_tokens']:.0f} |")
     lines += [""] + [f"Highest validation accuracy of {m}: lr {b['lr']:g}, {b['epochs']} epoch(s)"
                      + (f", {b['set']}" if b["set"] else "") + f" ({b['acc']:.1f} %; ties go to the smaller learning "
-                     "rate, then to the first value of each `--set` axis)." for m, b in best.items()]
+                     "rate, then to the candidate listed first)." for m, b in best.items()]
     lines += ["", "With this many questions a difference of a few points is within noise: read the intervals."]
     Path(a.out).write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -49,3 +49,15 @@ def test_grid_overrides_are_validated_as_train_keys() -> None:
     assert ok.weights.graph == 0.1 and ok.weights.contrastive == p.train.weights.contrastive  # deep merge
     with pytest.raises(ValueError, match="--set.*node_repr"):
         p.train_with(b.parse_grid(["node_repr=sideways"])[0], "--set")
+
+
+def test_explicit_candidates_one_value_per_key() -> None:
+    b = _bench()
+    assert b.parse_candidates(["weights.graph=1.0 weights.contrastive=0.1", "weights.graph=0.1 node_repr=frozen"]) == [
+        {"weights": {"graph": 1.0, "contrastive": 0.1}},
+        {"weights": {"graph": 0.1}, "node_repr": "frozen"},
+    ]
+    assert b.grid_label(b.parse_candidates(["weights.graph=0.1 weights.contrastive=0.01"])[0]) == \
+        "weights.graph=0.1 weights.contrastive=0.01"
+    with pytest.raises(SystemExit, match="one value per key"):
+        b.parse_candidates(["weights.graph=1.0,0.1"])

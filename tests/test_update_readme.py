@@ -39,12 +39,15 @@ def test_setup_sentence_follows_params_and_metrics(tmp_path, monkeypatch) -> Non
     assert "3 epochs at learning rate 0.0001" in s
     assert "qwen15 (Qwen2.5-Coder-1.5B-Instruct)" in s
     params["data"]["n_train_by_task"] = {params["experiments"]["tasks"][0]: 9}
-    params["experiments"]["task_train"] = {params["experiments"]["tasks"][0]: {"lr": 3e-4}}
+    params["experiments"]["task_train"] = {params["experiments"]["tasks"][0]: {"lr": 3e-4, "weights": {"graph": 0.1}}}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     t0, t1 = params["experiments"]["tasks"][:2]
     s = tool.setup_sentence()
     assert f"discussions (MAGs) per task: 9 on {t0}, 7 on {t1}, with 3 rounds" in s
     assert f"3 epochs at learning rate 0.0003 on {t0}, 0.0001 on {t1}" in s
+    w = params["train"]["weights"]
+    assert (f"MAGDi loss weights ntp/contrastive/graph {w['ntp']:g}/{w['contrastive']:g}/0.1 on {t0}, "
+            f"{w['ntp']:g}/{w['contrastive']:g}/{w['graph']:g} on {t1}.") in s
 
 
 def test_a_pair_answering_two_questions_is_listed_once() -> None:

@@ -82,7 +82,13 @@ def setup_sentence() -> str:
             else f"discussions (MAGs) per task: {per_task(sizes)},")
     return (f"The default is a real but small MAGDi experiment: teachers {teachers}; "
             f"{mags} with {p.teachers.max_rounds + 1} rounds; the student {desc}{size}; "
-            f"{per_task(epochs)} epoch{plural} at learning rate {per_task({t: c.lr for t, (_, c) in setup.items()}, 'g')}.")
+            f"{per_task(epochs)} epoch{plural} at learning rate {per_task({t: c.lr for t, (_, c) in setup.items()}, 'g')}"
+            f"; MAGDi loss weights ntp/contrastive/graph {per_task({t: weights(c) for t, (_, c) in setup.items()})}.")
+
+
+def weights(cfg) -> str:
+    """``1/0.1/1``: the weights of L = w_ntp L_ntp + w_con L_contrastive + w_graph L_graph, in that order."""
+    return "/".join(f"{cfg.weights.model_dump()[k]:g}" for k in ("ntp", "contrastive", "graph"))
 
 
 def decoding_noise_sentence(path: Path) -> str:

@@ -64,7 +64,9 @@ def write_readme(ctx: Ctx, out: Path, files: list[Path]) -> Path:
         f"per task, source `{p.data.source}`",
         f"- tasks: {', '.join(p.experiments.tasks)}; OOD: {', '.join(p.experiments.ood_tasks) or 'none'}; "
         f"ablation tasks: {', '.join(p.experiments.ablation_tasks) or 'none'}",
-        f"- training: {per_task(epochs)} epoch(s), lr {per_task(lrs, 'g')}, graph `{p.train.graph}`, encoder "
+        f"- training: {per_task(epochs)} epoch(s), lr {per_task(lrs, 'g')}, MAGDi loss weights ntp/contrastive/graph "
+        f"{per_task({t: '/'.join(f'{w:g}' for w in c.weights.model_dump().values()) for t, (_, c) in setup.items()})}"
+        f", graph `{p.train.graph}`, encoder "
         f"`{p.train.encoder}`, node_repr `{p.train.node_repr}`",
         f"- evaluation cells found: {have} of {total}" + (
             f" (missing, shown as —: {', '.join(missing[:20])}"

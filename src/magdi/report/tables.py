@@ -467,21 +467,22 @@ def training_runs(ctx: Ctx) -> Table:
     runs += [(t, a) for t in ctx.abl_tasks for a in ex.ablations]
     runs += [(t, run_name("magdi", s)) for t in ex.scaling_tasks for s in ex.scaling_students]
     runs += [(MT_TASK, MT_METHOD)] if ex.multitask else []
-    keys = ["n_mags", "lr", "epochs", "steps", "updates", "tokens", "seconds", "tokens_per_s",
-            "targets_truncated_fraction", "final_loss"]
-    heads = ["task", "run", "MAGs", "lr", "epochs", "steps", "updates", "tokens seen", "train s", "tokens/s",
-             "targets cut %", "final loss"]
+    keys = ["n_mags", "lr", "epochs", "w_ntp", "w_contrastive", "w_graph", "steps", "updates", "tokens", "seconds",
+            "tokens_per_s", "targets_truncated_fraction", "final_loss"]
+    heads = ["task", "run", "MAGs", "lr", "epochs", "w ntp", "w con", "w graph", "steps", "updates", "tokens seen",
+             "train s", "tokens/s", "targets cut %", "final loss"]
     rows, recs = [], []
     for task, run in runs:
         m = ctx.m.train(run, task) or {}
         rec = {"task": task, "run": run, "source": OURS, **{k: m.get(k) for k in keys}}
         cut = _num(rec["targets_truncated_fraction"])
-        rows.append([task, run, *(rec[k] for k in keys[:6]), num(rec["seconds"], ".0f"), num(rec["tokens_per_s"]),
+        rows.append([task, run, *(rec[k] for k in keys[:9]), num(rec["seconds"], ".0f"), num(rec["tokens_per_s"]),
                      DASH if cut is None else f"{100 * cut:.1f}", num(rec["final_loss"], ".3f")])
         recs.append(rec)
     return Table("training_runs", "Training runs: what each run saw", [Section(heads, rows, "metrics/train")], recs,
                  ["tokens seen = tokens through the student's LM over all steps and epochs (each unique prompt and "
                   "chain of a step once); steps = batches of `train.mags_per_step` MAGs, updates = optimiser updates.",
-                  "lr and epochs are the run's own: `train`, then the task's `experiments.task_train` entry, then "
-                  "the ablation's or scaling student's overrides.",
+                  "lr, epochs and the loss weights (w: L = w_ntp L_ntp + w_con L_contrastive + w_graph L_graph; "
+                  "only MAGDi runs with a margin or graph term use the last two) are the run's own: `train`, then "
+                  "the task's `experiments.task_train` entry, then the ablation's or scaling student's overrides.",
                   "targets cut % = training chains cut at `train.max_target_tokens`."])
