@@ -90,6 +90,8 @@ def parse_grid(items: list[str]) -> list[dict]:
         key, sep, vals = item.partition("=")
         if not sep or not key or not vals:
             raise SystemExit(f"--set {item!r}: expected KEY=V1[,V2...]")
+        if key in ("lr", "epochs"):
+            raise SystemExit(f"--set {item!r}: the learning rate and epochs have their own flags (--lrs, --epochs)")
         axes.append([(key, _scalar(v)) for v in vals.split(",")])
     grid = []
     for combo in itertools.product(*axes):
@@ -134,16 +136,22 @@ def grid_label(over: dict, prefix: str = "") -> str:
     return " ".join(parts)
 
 
-def train_candidate(p, task: str, method: str, overrides: dict, out: Path) -> dict:
-    """One ``train``-stage run of ``method`` with ``train`` + ``overrides``, adapter saved under ``out``."""
+def candidate_cfg(p, task: str, method: str, overrides: dict):
+    """(base method, training config) of one candidate: what the ``train`` stage resolves for ``method`` on ``task``
+    (``train``, the task's recipe, the ablation's overrides), with ``overrides`` deep-merged on top, so a candidate
+    that sets only ``weights.graph`` keeps the task's other weights."""
+    base, cfg0 = p.train_for(method, task)
+    return base, p.train_with(overrides, "--candidate", cfg0)
+
+
+def train_candidate(p, task: str, base: str, cfg, out: Path) -> dict:
+    """One ``train``-stage run of ``base`` with the resolved ``cfg``, adapter saved under ``out``."""
     import torch
 
     from magdi.pipeline import _select_mags
     from magdi.student import attach_lora, load_student
     from magdi.train import build_items, method_spec, save_adapter, train
 
-    base, cfg0 = p.train_for(method, task)
-    cfg = p.train_with({**cfg0.model_dump(), **overrides}, "--candidate")
     spec = method_spec(base)
     mags = _select_mags(p, task, cfg)
     torch.manual_seed(cfg.seed)
@@ -153,7 +161,7 @@ def train_candidate(p, task: str, method: str, overrides: dict, out: Path) -> di
     res = train(lm, tok, items, spec, cfg, out)
     save_adapter(lm, out / "adapter")
     return {"n_mags": len(mags), "steps": res.steps, "tokens": res.tokens, "seconds": round(res.seconds, 1),
-            "final_loss": res.history[-1]["loss"] if res.history else None}
+            "final_loss": res.history[-1]["loss"] if res.history else None, "train": cfg.model_dump()}
 
 
 def main() -> None:
@@ -207,15 +215,19 @@ def main() -> None:
     if a.set and a.candidates:
         raise SystemExit("--set and --candidates: give one of them")
     grid = parse_candidates(a.candidates) if a.candidates else parse_grid(a.set)
-    for method, ep, lr, (gi, over) in itertools.product(a.method, a.epochs or [p.train.epochs], a.lrs, enumerate(grid)):
+    for method, ep, lr, (gi, over) in itertools.product(a.method, a.epochs or [None], a.lrs, enumerate(grid)):
+        ep = ep or p.train_for(method, a.task)[1].epochs  # default: the run's own epochs (its task recipe's)
         label = grid_label(over)
-        # a candidate is its method, lr, epochs and overrides (resume key)
+        base_method, cfg = candidate_cfg(p, a.task, method, {**over, "lr": lr, "epochs": ep})
+        # a candidate's folder is its method, lr, epochs and overrides; its adapter is reused only if it was trained
+        # with this very config (a later edit of params, e.g. a task recipe, retrains it)
         name = f"{method}/lr{lr:g}_ep{ep}" + "".join(f"_{x}" for x in label.split())
         out = work / name
         tf = out / "bench_train.json"
-        if not tf.exists():
+        if not tf.exists() or json.loads(tf.read_text()).get("train") != json.loads(json.dumps(cfg.model_dump())):
+            (work / f"{name}.eval.json").unlink(missing_ok=True)
             torch.manual_seed(0)
-            info = train_candidate(p, a.task, method, {**over, "lr": lr, "epochs": ep}, out)
+            info = train_candidate(p, a.task, base_method, cfg, out)
             tf.write_text(json.dumps(info))
         info = json.loads(tf.read_text())
         ev = cached_eval(name, out / "adapter")

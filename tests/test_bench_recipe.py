@@ -7,6 +7,7 @@ import importlib.util
 from pathlib import Path
 
 import pytest
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -33,8 +34,8 @@ def test_grid_is_every_combination_in_written_order() -> None:
 
 def test_grid_values_are_yaml_scalars_never_evaluated() -> None:
     b = _bench()
-    assert b.parse_grid(["bf16=false", "epochs=2", "weights.contrastive=1e-2"]) == [
-        {"bf16": False, "epochs": 2, "weights": {"contrastive": 0.01}}]
+    assert b.parse_grid(["bf16=false", "seed=2", "weights.contrastive=1e-2"]) == [
+        {"bf16": False, "seed": 2, "weights": {"contrastive": 0.01}}]
     assert b.parse_grid(["graph=__import__('os')"]) == [{"graph": "__import__('os')"}]  # a string, not code
     with pytest.raises(SystemExit, match="KEY=V1"):
         b.parse_grid(["node_repr"])
@@ -61,3 +62,28 @@ def test_explicit_candidates_one_value_per_key() -> None:
         "weights.graph=0.1 weights.contrastive=0.01"
     with pytest.raises(SystemExit, match="one value per key"):
         b.parse_candidates(["weights.graph=1.0,0.1"])
+
+
+def test_candidate_keeps_the_task_recipe_under_its_overrides() -> None:
+    """A candidate is the train stage's config for its method and task with the overrides deep-merged on top:
+    setting one weight keeps the task's other weights and lr (not the bare ``train`` section's)."""
+    from magdi.config import load_params
+
+    b = _bench()
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw["experiments"]["task_train"] = {"svamp": {"lr": 3e-4, "weights": {"contrastive": 0.01, "graph": 0.1}}}
+    p = load_params(_write(raw))
+    base, cfg = b.candidate_cfg(p, "svamp", "magdi", b.parse_grid(["weights.graph=0.5"])[0])
+    assert base == "magdi" and (cfg.lr, cfg.weights.contrastive, cfg.weights.graph) == (3e-4, 0.01, 0.5)
+    base, cfg = b.candidate_cfg(p, "svamp", "magdi_frozen", {})
+    assert base == "magdi" and cfg.node_repr == "frozen" and cfg.weights.graph == 0.1
+    with pytest.raises(SystemExit, match="own flags"):
+        b.parse_grid(["epochs=1,2"])
+
+
+def _write(raw: dict) -> Path:
+    import tempfile
+
+    f = Path(tempfile.mkdtemp()) / "params.yaml"
+    f.write_text(yaml.safe_dump(raw))
+    return f
