@@ -26,6 +26,7 @@ evaluation is reused only if it was made on the same validation questions).
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import json
 import platform
@@ -35,6 +36,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
+
+from magdi.config import _deep_merge  # noqa: E402  (the merge train_with applies to every override)
 
 
 def validation_questions(p, task: str, n_val: int) -> list[dict]:
@@ -93,39 +96,25 @@ def parse_grid(items: list[str]) -> list[dict]:
         if key in ("lr", "epochs"):
             raise SystemExit(f"--set {item!r}: the learning rate and epochs have their own flags (--lrs, --epochs)")
         axes.append([(key, _scalar(v)) for v in vals.split(",")])
-    grid = []
-    for combo in itertools.product(*axes):
-        over: dict = {}
-        for key, val in combo:
-            *path, leaf = key.split(".")
-            d = over
-            for k in path:
-                d = d.setdefault(k, {})
-            d[leaf] = val
-        grid.append(over)
-    return grid
+    return [functools.reduce(_deep_merge, (_nested(key, val) for key, val in combo), {})
+            for combo in itertools.product(*axes)]
+
+
+def _nested(key: str, val) -> dict:
+    """``("weights.graph", 0.1)`` -> ``{"weights": {"graph": 0.1}}``, an override as ``train_with`` takes it."""
+    for k in reversed(key.split(".")):
+        val = {k: val}
+    return val
 
 
 def parse_candidates(items: list[str]) -> list[dict]:
     """``["a=1 b.c=2", "a=3 b.c=4"]`` -> one nested override dict per string (each string one ``--set`` row)."""
     out = []
     for item in items:
-        over: dict = {}
-        for part in item.split():
-            if "," in part:
-                raise SystemExit(f"--candidates {item!r}: one value per key (a grid is --set)")
-            _merge(over, parse_grid([part])[0])
-        out.append(over)
+        if "," in item:
+            raise SystemExit(f"--candidates {item!r}: one value per key (a grid is --set)")
+        out += parse_grid(item.split())  # one value per axis: a grid of exactly one candidate
     return out
-
-
-def _merge(into: dict, new: dict) -> None:
-    """Nested dict update, so two keys under ``weights.`` end up in one ``weights`` dict."""
-    for k, v in new.items():
-        if isinstance(v, dict):
-            _merge(into.setdefault(k, {}), v)
-        else:
-            into[k] = v
 
 
 def grid_label(over: dict, prefix: str = "") -> str:
@@ -216,9 +205,9 @@ def main() -> None:
         raise SystemExit("--set and --candidates: give one of them")
     grid = parse_candidates(a.candidates) if a.candidates else parse_grid(a.set)
     for method, ep, lr, (gi, over) in itertools.product(a.method, a.epochs or [None], a.lrs, enumerate(grid)):
-        ep = ep or p.train_for(method, a.task)[1].epochs  # default: the run's own epochs (its task recipe's)
-        label = grid_label(over)
-        base_method, cfg = candidate_cfg(p, a.task, method, {**over, "lr": lr, "epochs": ep})
+        # without --epochs: the run's own epochs (its task recipe's)
+        base_method, cfg = candidate_cfg(p, a.task, method, {**over, "lr": lr, **({"epochs": ep} if ep else {})})
+        ep, label = cfg.epochs, grid_label(over)
         # a candidate's folder is its method, lr, epochs and overrides; its adapter is reused only if it was trained
         # with this very config (a later edit of params, e.g. a task recipe, retrains it)
         name = f"{method}/lr{lr:g}_ep{ep}" + "".join(f"_{x}" for x in label.split())

@@ -34,6 +34,17 @@ LORA_TARGETS = ["q_proj", "v_proj"]
 torch.set_num_threads(1)
 
 
+def load_script(relpath: str, name: str):
+    """A repository script outside the package (benchmarks/, tools/) imported as a module, to test its functions."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / relpath)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
 def build_tokenizer():
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
