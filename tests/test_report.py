@@ -367,3 +367,11 @@ def test_a_setting_that_differs_by_task_is_never_shown_as_one_number() -> None:
     assert per_task({"gsm8k": 100, "svamp": 64}) == "100 on gsm8k, 64 on svamp"
     assert per_task({"gsm8k": 3e-4, "svamp": 1e-3}, "g") == "0.0003 on gsm8k, 0.001 on svamp"
     assert per_task({}) == DASH
+
+
+def test_loss_weights_are_printed_ntp_contrastive_graph() -> None:
+    from magdi.config import LossWeights
+    from magdi.report.format import loss_weights
+
+    assert loss_weights(LossWeights()) == "1/0.1/1"
+    assert loss_weights(LossWeights(graph=0.1, contrastive=0.01, ntp=2)) == "2/0.01/0.1"

@@ -23,6 +23,7 @@ from magdi.train import (
     TrainItem,
     build_items,
     encode_step,
+    grad_norm,
     items_per_step,
     method_spec,
     official_pairs,
@@ -645,3 +646,23 @@ def test_fsdp_refused_before_any_step() -> None:
         check_distributed("DistributedType.FSDP")
     for ok in ("DistributedType.NO", "DistributedType.MULTI_GPU"):
         check_distributed(ok)
+
+
+# ============================================================================== gradient clipping (train.max_grad_norm)
+@pytest.mark.parametrize(("max_norm", "scale"), [(1.0, 1 / 5), (10.0, 1.0), (None, 1.0)])
+def test_grad_norm_clips_to_max_norm_or_not_at_all(max_norm: float | None, scale: float) -> None:
+    """Gradients (3, 4) and (0,) have global L2 norm 5: clipped to 1 they shrink by 1/5; a limit above the
+    norm or none at all leaves them as they are; the reported norm is the norm before clipping."""
+    from accelerate import Accelerator
+
+    a, b = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(1))
+    a.grad, b.grad = torch.tensor([3.0, 4.0]), torch.tensor([0.0])
+    assert grad_norm(Accelerator(cpu=True), [a, b], max_norm) == pytest.approx(5.0)
+    assert a.grad.tolist() == pytest.approx([3.0 * scale, 4.0 * scale], rel=1e-5)
+    assert b.grad.tolist() == [0.0]
+
+
+def test_max_grad_norm_key_validated() -> None:
+    assert TrainCfg().max_grad_norm == 1.0 and TrainCfg(max_grad_norm=None).max_grad_norm is None
+    with pytest.raises(ValueError, match="max_grad_norm"):
+        TrainCfg(max_grad_norm=0)

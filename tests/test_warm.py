@@ -286,6 +286,68 @@ def test_torch_computes_in_the_child_with_the_requested_threads(tmp_path: Path) 
     assert outs == [(True, {"threads": 2, "ok": True}), (True, {"threads": 1, "ok": True})]
 
 
+DECODE = '''"""A stage-like script: greedy bf16 decoding of a tiny model, as the evaluate stage decodes."""
+from magdi.warm import delegate
+
+delegate(__file__)
+
+import hashlib, json, os, sys
+
+import torch
+from transformers import AutoModelForCausalLM
+
+from magdi import warm
+from magdi.student import greedy_shrinking
+
+torch.set_num_threads(int(os.environ["MAGDI_THREADS"]))
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.bfloat16).eval()
+g = torch.Generator().manual_seed(0)
+ids = torch.randint(3, 250, (12, 20), generator=g)
+mask = torch.ones_like(ids)
+mask[::3, :5] = 0  # left padding on some rows, as a batch of prompts of different lengths
+with torch.no_grad():
+    logits = model(input_ids=ids, attention_mask=mask).logits.float()
+    tokens = greedy_shrinking(model, ids, mask, 24, {1, 2})
+print(json.dumps({"served": warm.in_server_child(), "tokens": tokens,
+                  "logits": hashlib.sha256(logits.numpy().tobytes()).hexdigest()}))
+'''
+
+
+@pytest.mark.slow
+def test_warm_and_cold_bf16_decoding_of_a_tiny_model_are_identical(tmp_path: Path) -> None:
+    """A stage's outputs must not depend on whether it ran in a fork of the server: the same script decodes a
+    tiny Llama in bf16 (batched, left-padded, greedy with finished rows dropped, as ``evaluate``) in a fresh
+    process and in two forks of one server; the logits are compared bit for bit and the tokens exactly."""
+    torch = pytest.importorskip("torch")
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                      bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    LlamaForCausalLM(cfg).save_pretrained(tmp_path / "model")
+    (tmp_path / "stages").mkdir()
+    script = tmp_path / "stages" / "decode.py"
+    script.write_text(DECODE)
+
+    def run(sock: str | None) -> dict:
+        env = _env(MAGDI_THREADS="2", **({warm.SOCKET_ENV: sock} if sock else {}))
+        res = subprocess.run([sys.executable, str(script), str(tmp_path / "model")], cwd=tmp_path, env=env,
+                             capture_output=True, text=True, timeout=120)
+        assert res.returncode == 0, res.stderr
+        return json.loads(res.stdout.splitlines()[-1])
+
+    cold = run(None)
+    s = Served(tmp_path, ["torch", "transformers", "magdi.student"])
+    try:
+        forks = [run(s.path) for _ in range(2)]
+    finally:
+        s.stop()
+    assert not cold.pop("served") and all(f.pop("served") for f in forks)
+    assert len(cold["tokens"]) == 12 and any(len(t) > 1 for t in cold["tokens"])
+    assert forks == [cold, cold]
+
+
 def test_a_changed_file_of_the_warm_package_itself_is_refused(tmp_path: Path) -> None:
     """Every module of ``magdi.warm`` the server runs (``__main__`` too) counts as magdi code changed on disk."""
     src = tmp_path / "src"

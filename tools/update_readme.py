@@ -62,7 +62,7 @@ def summary(rows: list[dict]) -> str:
 def setup_sentence() -> str:
     """What the default experiment is, read from params.yaml and the run's metrics (nothing typed by hand)."""
     from magdi.config import parse_params
-    from magdi.report.format import per_task
+    from magdi.report.format import loss_weights, per_task
 
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     p = parse_params(params)
@@ -83,12 +83,7 @@ def setup_sentence() -> str:
     return (f"The default is a real but small MAGDi experiment: teachers {teachers}; "
             f"{mags} with {p.teachers.max_rounds + 1} rounds; the student {desc}{size}; "
             f"{per_task(epochs)} epoch{plural} at learning rate {per_task({t: c.lr for t, (_, c) in setup.items()}, 'g')}"
-            f"; MAGDi loss weights ntp/contrastive/graph {per_task({t: weights(c) for t, (_, c) in setup.items()})}.")
-
-
-def weights(cfg) -> str:
-    """``1/0.1/1``: the weights of L = w_ntp L_ntp + w_con L_contrastive + w_graph L_graph, in that order."""
-    return "/".join(f"{cfg.weights.model_dump()[k]:g}" for k in ("ntp", "contrastive", "graph"))
+            f"; MAGDi loss weights ntp/contrastive/graph {per_task({t: loss_weights(c.weights) for t, (_, c) in setup.items()})}.")
 
 
 def decoding_noise_sentence(path: Path) -> str:

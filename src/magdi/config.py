@@ -228,6 +228,9 @@ class TrainCfg(_Strict):
     #: is then unused. null: mags_per_step MAGs per micro-step.
     pairs_per_update: int | None = Field(None, ge=1)
     grad_accum: int = Field(1, ge=1)
+    #: clip each update's gradient to this global L2 norm; null = no clipping. 1.0 is the HF Trainer default
+    #: the official run inherits (train.py passes no max_grad_norm to its TrainingArguments)
+    max_grad_norm: float | None = Field(1.0, gt=0)
     #: length grouping: items are sorted by length inside shuffled buckets of this many steps (per epoch)
     bucket_steps: int = Field(4, ge=1)
     #: recompute decoder activations in backward (memory for time; a 7B student on one GPU needs it)
@@ -447,7 +450,8 @@ class Params(_Strict):
 
     def for_student(self, student: str | None) -> Params:
         """These params with ``student`` (one of ``experiments.scaling_students``) as the base model: the run
-        trains (``train`` + ``experiments.scaling_train``) and evaluates as the main student does, on that
+        trains (``train`` + ``experiments.scaling_train``, then the task's ``experiments.task_train`` through
+        ``train_for``, as the main student's run on that task) and evaluates as the main student does, on that
         model's converted weights."""
         if student is None:
             return self

@@ -474,6 +474,15 @@ def check_attention(attention: str, device: torch.device) -> None:
                            f"{device.type}); use train.attention: sdpa")
 
 
+def grad_norm(accel, params: Sequence[nn.Parameter], max_norm: float | None) -> float:
+    """The update's global gradient L2 norm, clipping to ``max_norm`` first unless it is None.
+
+    Unclipped runs still log the norm: clipping at infinity scales by min(1, inf / norm) = 1, and going through
+    accelerate keeps the norm global under FSDP/DDP either way.
+    """
+    return float(accel.clip_grad_norm_(params, math.inf if max_norm is None else max_norm))
+
+
 def train(
     lm: nn.Module,
     tokenizer,
@@ -541,7 +550,7 @@ def train(
             accel.backward(out["loss"] / window)  # the update is the mean over its micro-steps
         rec = {"step": step + 1, **{k: float(v.detach()) for k, v in out.items()}, "lr": sched.get_last_lr()[0]}
         if boundary:  # clip the accumulated gradient only, then one update and one scheduler step
-            rec["grad_norm"] = float(accel.clip_grad_norm_(params, 1.0))
+            rec["grad_norm"] = grad_norm(accel, params, cfg.max_grad_norm)
             opt.step()
             sched.step()
             opt.zero_grad()

@@ -40,6 +40,13 @@ def per_task(values: dict[str, Any], fmt: str = "") -> str:
     return ", ".join(f"{v} on {t}" for t, v in shown.items())
 
 
+def loss_weights(weights: Any) -> str:
+    """``1/0.1/1``: the weights of L = w_ntp L_ntp + w_con L_contrastive + w_graph L_graph, in that order (a
+    ``LossWeights``), as the report README and the repository README both print them."""
+    w = weights.model_dump()
+    return "/".join(f"{w[k]:g}" for k in ("ntp", "contrastive", "graph"))
+
+
 def pct(x: float | None, digits: int = 1) -> str:
     """A fraction as a percentage string: 0.5 -> '50.0'."""
     return DASH if x is None else f"{100 * x:.{digits}f}"

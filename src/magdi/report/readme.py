@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..pipeline import MT_METHOD
-from .format import PAPER_LABEL, PARTIAL, per_task
+from .format import PAPER_LABEL, PARTIAL, loss_weights, per_task
 from .loader import Ctx
 
 DESCRIPTIONS = {
@@ -65,7 +65,7 @@ def write_readme(ctx: Ctx, out: Path, files: list[Path]) -> Path:
         f"- tasks: {', '.join(p.experiments.tasks)}; OOD: {', '.join(p.experiments.ood_tasks) or 'none'}; "
         f"ablation tasks: {', '.join(p.experiments.ablation_tasks) or 'none'}",
         f"- training: {per_task(epochs)} epoch(s), lr {per_task(lrs, 'g')}, MAGDi loss weights ntp/contrastive/graph "
-        f"{per_task({t: '/'.join(f'{w:g}' for w in c.weights.model_dump().values()) for t, (_, c) in setup.items()})}"
+        f"{per_task({t: loss_weights(c.weights) for t, (_, c) in setup.items()})}"
         f", graph `{p.train.graph}`, encoder "
         f"`{p.train.encoder}`, node_repr `{p.train.node_repr}`",
         f"- evaluation cells found: {have} of {total}" + (
