@@ -29,6 +29,20 @@ def test_numerics_fingerprint_reads_the_first_processor_and_its_matrix_flags(tmp
     assert "cpu_model" not in missing and missing["torch"] == torch.__version__
 
 
+def test_outputs_digest_is_the_sha256_of_the_ordered_outputs() -> None:
+    import hashlib
+
+    def pred(i: str, out: str, correct: bool = True) -> Prediction:
+        return Prediction(id=i, task="svamp", output=out, parsed=None, gold="1", correct=correct, n_tokens=3)
+
+    a = [pred("q1", "The answer is 1."), pred("q2", "Étape: 2")]
+    by_hand = hashlib.sha256('["q1", "The answer is 1.", null]\n["q2", "Étape: 2", null]\n'.encode()).hexdigest()
+    assert ev.outputs_digest(a) == by_hand
+    assert ev.outputs_digest([pred("q1", "The answer is 1.", correct=False), a[1]]) == by_hand  # text only
+    assert ev.outputs_digest(a[::-1]) != by_hand  # order matters
+    assert ev.outputs_digest([a[0], pred("q2", "Étape: 2 ")]) != by_hand  # one character of one output
+
+
 # ============================================================================== bootstrap / summary
 def test_bootstrap_ci_degenerate_cases() -> None:
     assert bootstrap_ci([], 100, 0) == (0.0, 0.0)

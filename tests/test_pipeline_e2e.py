@@ -7,6 +7,7 @@ mirror; sizes are cut to seconds per stage. Skipped when the mirror or the packa
 from __future__ import annotations
 
 import csv
+import hashlib
 import importlib.util
 import json
 import os
@@ -129,6 +130,10 @@ def test_dvc_repro_tiny(tmp_path: Path) -> None:
     scal = json.loads((work / "metrics/eval/magdi@smol_b/gsm8k.json").read_text())
     assert scal["student"] == "smol_b" and scal["student_parameters"] > 1e8
     assert scal["numerics"]["threads"] >= 1 and "torch" in scal["numerics"]  # the kernels behind the tokens
+    rows = [json.loads(ln) for ln in (work / "runs/eval/gsm8k/magdi@smol_b/predictions_gsm8k.jsonl").open()]
+    h = hashlib.sha256(b"".join(json.dumps([r["id"], r["output"], r["samples"]], ensure_ascii=False).encode()
+                                + b"\n" for r in rows))
+    assert scal["outputs_sha256"] == h.hexdigest()  # the decoded outputs, checkable from the metrics alone
     assert json.loads((work / "metrics/eval/zero_shot@smol_b/gsm8k.json").read_text())["student"] == "smol_b"
     t7 = [r for r in csv.DictReader((reports / "table7_student_scaling.csv").open()) if r["source"] == "ours"]
     assert {r["student"] for r in t7} == {"smollm2_135m", "smol_b"} and len(t7) == 4

@@ -6,6 +6,8 @@ generated tokens per question are the efficiency metric of Table 2. Every predic
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import platform
 import random
@@ -135,6 +137,17 @@ def summarise(preds: list[Prediction], bootstrap_samples: int, seed: int, max_ne
         **({"truncated_fraction": sum(p.n_tokens >= max_new_tokens for p in preds) / n if n else 0.0}
            if max_new_tokens is not None else {}),
     }
+
+
+def outputs_digest(preds: Sequence[Prediction]) -> str:
+    """sha256 of the (question id, output text, samples) of every prediction, in order: whether two runs
+    decoded exactly alike, read from their metrics alone (the predictions files are not committed). With
+    ``numerics_fingerprint`` it tells a kernel change from a code change when the same adapter scores
+    differently in two runs, which the accuracy alone cannot (it may not move when outputs do)."""
+    h = hashlib.sha256()
+    for p in preds:
+        h.update(json.dumps([p.id, p.output, p.samples], ensure_ascii=False).encode() + b"\n")
+    return h.hexdigest()
 
 
 def prediction_rows(preds: list[Prediction]) -> list[dict]:

@@ -342,7 +342,7 @@ def decoding(p: Params, k: int) -> dict[str, Any]:
 def _eval_one(p: Params, generator, tok, task: str, out: Path, prefix: str, k: int = 1) -> dict:
     import time
 
-    from .evaluate import evaluate_examples, numerics_fingerprint, prediction_rows, summarise
+    from .evaluate import evaluate_examples, numerics_fingerprint, outputs_digest, prediction_rows, summarise
 
     examples = load_examples(p, task, "test")
     t0 = time.perf_counter()
@@ -353,6 +353,7 @@ def _eval_one(p: Params, generator, tok, task: str, out: Path, prefix: str, k: i
     res["max_new_tokens"] = p.evaluate.limit(task)
     res["generation_seconds"] = round(seconds, 2)  # the compute part of the stage (reports/benchmark_pipeline.md)
     res["numerics"] = numerics_fingerprint()  # the kernels behind the exact tokens (why two runs may differ)
+    res["outputs_sha256"] = outputs_digest(preds)  # two runs decoded alike iff equal
     out.mkdir(parents=True, exist_ok=True)
     with (out / predictions_name(task, k)).open("w") as f:
         for row in prediction_rows(preds):
