@@ -38,9 +38,12 @@ def test_outputs_digest_is_the_sha256_of_the_ordered_outputs() -> None:
     a = [pred("q1", "The answer is 1."), pred("q2", "Étape: 2")]
     by_hand = hashlib.sha256('["q1", "The answer is 1.", null]\n["q2", "Étape: 2", null]\n'.encode()).hexdigest()
     assert ev.outputs_digest(a) == by_hand
-    assert ev.outputs_digest([pred("q1", "The answer is 1.", correct=False), a[1]]) == by_hand  # text only
+    assert ev.outputs_digest([pred("q1", "The answer is 1.", correct=False), a[1]]) == by_hand  # not correctness
     assert ev.outputs_digest(a[::-1]) != by_hand  # order matters
     assert ev.outputs_digest([a[0], pred("q2", "Étape: 2 ")]) != by_hand  # one character of one output
+    sc = Prediction(id="q1", task="svamp", output="1", parsed="1", gold="1", correct=True, n_tokens=3,
+                    samples=["1", "2"])  # self-consistency: the samples count too
+    assert ev.outputs_digest([sc]) == hashlib.sha256(b'["q1", "1", ["1", "2"]]\n').hexdigest()
 
 
 # ============================================================================== bootstrap / summary

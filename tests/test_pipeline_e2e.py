@@ -130,7 +130,8 @@ def test_dvc_repro_tiny(tmp_path: Path) -> None:
     scal = json.loads((work / "metrics/eval/magdi@smol_b/gsm8k.json").read_text())
     assert scal["student"] == "smol_b" and scal["student_parameters"] > 1e8
     assert scal["numerics"]["threads"] >= 1 and "torch" in scal["numerics"]  # the kernels behind the tokens
-    rows = [json.loads(ln) for ln in (work / "runs/eval/gsm8k/magdi@smol_b/predictions_gsm8k.jsonl").open()]
+    preds = work / "runs/eval/gsm8k/magdi@smol_b/predictions_gsm8k.jsonl"
+    rows = [json.loads(ln) for ln in preds.read_text().splitlines()]
     h = hashlib.sha256(b"".join(json.dumps([r["id"], r["output"], r["samples"]], ensure_ascii=False).encode()
                                 + b"\n" for r in rows))
     assert scal["outputs_sha256"] == h.hexdigest()  # the decoded outputs, checkable from the metrics alone

@@ -638,12 +638,14 @@ def test_base_model_unwraps_peft_and_passes_a_plain_model_through(make_lm) -> No
     assert not hasattr(inner, "get_base_model")
 
 
-def test_fsdp_refused_before_any_step() -> None:
-    """FSDP shards parameters and optimiser state, which the checkpoints cannot save yet: fail at start."""
+def test_fsdp_and_deepspeed_refused_before_any_step() -> None:
+    """FSDP shards parameters and optimiser state, which the checkpoints cannot save yet; DeepSpeed's engine
+    would step, clip and schedule in place of this loop: both fail at start."""
     from magdi.train import check_distributed
 
-    with pytest.raises(RuntimeError, match="accelerate_ddp.yaml"):
-        check_distributed("DistributedType.FSDP")
+    for bad in ("DistributedType.FSDP", "DistributedType.DEEPSPEED"):
+        with pytest.raises(RuntimeError, match="accelerate_ddp.yaml"):
+            check_distributed(bad)
     for ok in ("DistributedType.NO", "DistributedType.MULTI_GPU"):
         check_distributed(ok)
 
@@ -654,12 +656,20 @@ def test_grad_norm_clips_to_max_norm_or_not_at_all(max_norm: float | None, scale
     """Gradients (3, 4) and (0,) have global L2 norm 5: clipped to 1 they shrink by 1/5; a limit above the
     norm or none at all leaves them as they are; the reported norm is the norm before clipping."""
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
 
     a, b = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(1))
     a.grad, b.grad = torch.tensor([3.0, 4.0]), torch.tensor([0.0])
-    assert grad_norm(Accelerator(cpu=True), [a, b], max_norm) == pytest.approx(5.0)
-    assert a.grad.tolist() == pytest.approx([3.0 * scale, 4.0 * scale], rel=1e-5)
-    assert b.grad.tolist() == [0.0]
+    try:
+        accel = Accelerator(cpu=True)
+        assert grad_norm(accel, [a, b], max_norm) == pytest.approx(5.0)
+        assert a.grad.tolist() == pytest.approx([3.0 * scale, 4.0 * scale], rel=1e-5)
+        assert b.grad.tolist() == [0.0]
+        if max_norm is None:  # off means untouched, even when the norm overflows (no inf / inf = NaN scaling)
+            a.grad = torch.tensor([math.inf, 4.0])
+            assert grad_norm(accel, [a, b], None) == math.inf and a.grad.tolist() == [math.inf, 4.0]
+    finally:  # a CPU-pinned accelerate state would leak into later tests on a GPU machine
+        AcceleratorState._reset_state(reset_partial_state=True)
 
 
 def test_max_grad_norm_key_validated() -> None:

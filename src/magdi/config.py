@@ -229,7 +229,7 @@ class TrainCfg(_Strict):
     pairs_per_update: int | None = Field(None, ge=1)
     grad_accum: int = Field(1, ge=1)
     #: clip each update's gradient to this global L2 norm; null = no clipping. 1.0 is the HF Trainer default
-    #: the official run inherits (train.py passes no max_grad_norm to its TrainingArguments)
+    #: the official run inherits (the official train.py passes no max_grad_norm to its TrainingArguments)
     max_grad_norm: float | None = Field(1.0, gt=0)
     #: length grouping: items are sorted by length inside shuffled buckets of this many steps (per epoch)
     bucket_steps: int = Field(4, ge=1)
@@ -346,7 +346,8 @@ class ExperimentsCfg(_Strict):
     #: MAGs per task for the data-scaling figure (Fig. 6), trained with method magdi on ablation_tasks
     data_scaling: list[int] = Field(default_factory=list)
     #: student scaling (Table 7 / Fig. 5): more base models (keys of ``models`` or local model folders), each run
-    #: zero-shot and with MAGDi (``train`` settings of the main student) on ``scaling_tasks``
+    #: zero-shot and with MAGDi on ``scaling_tasks``, trained as the main student on that task: ``train`` +
+    #: ``scaling_train``, then the task's ``experiments.task_train`` (``Params.for_student``)
     scaling_students: list[str] = Field(default_factory=list)
     scaling_tasks: list[str] = Field(default_factory=list)
     #: overrides of ``train`` for the scaling students' MAGDi runs (e.g. {bf16: true} for a bigger model on CPU)

@@ -141,9 +141,10 @@ def summarise(preds: list[Prediction], bootstrap_samples: int, seed: int, max_ne
 
 def outputs_digest(preds: Sequence[Prediction]) -> str:
     """sha256 of the (question id, output text, samples) of every prediction, in order: whether two runs
-    decoded exactly alike, read from their metrics alone (the predictions files are not committed). With
-    ``numerics_fingerprint`` it tells a kernel change from a code change when the same adapter scores
-    differently in two runs, which the accuracy alone cannot (it may not move when outputs do)."""
+    decoded exactly alike, read from their metrics alone (the predictions files are not committed), which the
+    accuracy cannot say (it may not move when outputs do). Equal digests: identical texts (token counts are
+    not hashed). Different digests under an equal ``numerics_fingerprint``: something the fingerprint does not
+    capture differed (code, params, inputs, process state)."""
     h = hashlib.sha256()
     for p in preds:
         h.update(json.dumps([p.id, p.output, p.samples], ensure_ascii=False).encode() + b"\n")

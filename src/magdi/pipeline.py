@@ -314,7 +314,7 @@ def stage_train(p: Params, task: str, method: str, student: str | None = None) -
                    "seconds": round(res.seconds, 2), "tokens_per_s": round(res.tokens / max(res.seconds, 1e-9), 1),
                    "resumed_from": res.resumed_from, "epochs": cfg.epochs, "lr": cfg.lr,
                    **{f"w_{k}": v for k, v in cfg.weights.model_dump().items()},
-                   "updates": sum("grad_norm" in r for r in res.history),
+                   "updates": sum("grad_norm" in r for r in res.history), "max_grad_norm": cfg.max_grad_norm,
                    **truncation_stats(items, tok, cfg.max_prompt_tokens, cfg.max_target_tokens),
                    "final_loss": res.history[-1]["loss"] if res.history else None}
         mlf.log_metrics({k: float(v) for k, v in summary.items() if isinstance(v, int | float)})

@@ -452,7 +452,7 @@ class TrainResult:
 
 
 def check_distributed(distributed_type: str) -> None:
-    """Refuse a launcher this loop cannot checkpoint, before any step is paid for.
+    """Refuse a launcher this loop cannot checkpoint (FSDP) or does not drive (DeepSpeed), before any step.
 
     Under FSDP the parameters and AdamW state are sharded DTensors: ``_save_ckpt`` and ``save_adapter``
     write plain tensors and fail at the first checkpoint (seen on an H200 with configs/accelerate_fsdp.yaml:
@@ -460,6 +460,10 @@ def check_distributed(distributed_type: str) -> None:
     student fits one GPU without sharding (19-32 GiB peak measured with gradient checkpointing), so DDP
     is the supported multi-GPU path until checkpoints go through accelerate's sharded state dicts.
     """
+    if "DEEPSPEED" in str(distributed_type).upper():
+        raise RuntimeError("training under DeepSpeed is not supported (ZeRO shards parameters like FSDP, and the "
+                           "engine, not this loop, would step, clip and schedule): launch with "
+                           "configs/accelerate_ddp.yaml")
     if "FSDP" in str(distributed_type).upper():
         raise RuntimeError("training under FSDP is not supported yet (checkpoints and the adapter are saved "
                            "unsharded): launch with configs/accelerate_ddp.yaml and train.gradient_checkpointing: "
@@ -475,12 +479,16 @@ def check_attention(attention: str, device: torch.device) -> None:
 
 
 def grad_norm(accel, params: Sequence[nn.Parameter], max_norm: float | None) -> float:
-    """The update's global gradient L2 norm, clipping to ``max_norm`` first unless it is None.
+    """The update's gradient L2 norm (after unscaling, as clipping sees it), clipped to ``max_norm`` unless None.
 
-    Unclipped runs still log the norm: clipping at infinity scales by min(1, inf / norm) = 1, and going through
-    accelerate keeps the norm global under FSDP/DDP either way.
+    Unclipped runs still log the norm, computed without touching the gradients (clipping "at infinity" would
+    multiply them by inf / inf = NaN when the norm itself overflowed). Under DDP each process holds the
+    all-reduced gradient after backward, so its local norm is the global one (FSDP and DeepSpeed are refused).
     """
-    return float(accel.clip_grad_norm_(params, math.inf if max_norm is None else max_norm))
+    if max_norm is not None:
+        return float(accel.clip_grad_norm_(params, max_norm))
+    accel.unscale_gradients()
+    return float(torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None]))
 
 
 def train(

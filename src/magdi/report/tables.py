@@ -483,6 +483,7 @@ def training_runs(ctx: Ctx) -> Table:
                  ["tokens seen = tokens through the student's LM over all steps and epochs (each unique prompt and "
                   "chain of a step once); steps = batches of `train.mags_per_step` MAGs, updates = optimiser updates.",
                   "lr, epochs and the loss weights (w: L = w_ntp L_ntp + w_con L_contrastive + w_graph L_graph; "
-                  "only MAGDi runs with a margin or graph term use the last two) are the run's own: `train`, then "
-                  "the task's `experiments.task_train` entry, then the ablation's or scaling student's overrides.",
+                  "only MAGDi runs with a margin or graph term use the last two) are the run's own: `train` (+ "
+                  "`experiments.scaling_train` for a scaling student), then the task's `experiments.task_train` "
+                  "entry, then the ablation's overrides.",
                   "targets cut % = training chains cut at `train.max_target_tokens`."])

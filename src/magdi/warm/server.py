@@ -41,10 +41,12 @@ DEFAULT_PRELOAD = (
     "magdi.config", "magdi.pipeline", "magdi.student", "magdi.train", "magdi.evaluate", "magdi.tracking",
     "magdi.mag", "magdi.data", "magdi.discussion", "magdi.encoders", "magdi.losses", "magdi.report",
 )
-# environment variables read by libraries while they are imported: a client whose values differ from the
-# server's would get the server's behaviour, so such a request falls back to an ordinary process
+# environment variables read by libraries while they are imported (or read once, at a first use that may come
+# during the imports: oneDNN's and ATen's kernel caps): a client whose values differ from the server's would get
+# the server's behaviour, so such a request falls back to an ordinary process
 IMPORT_ENV_PREFIXES = ("PYTHON", "HF_", "HUGGINGFACE", "TRANSFORMERS", "TOKENIZERS", "TORCH", "PYTORCH",
-                       "CUDA", "OMP_", "MKL_", "KMP_", "OPENBLAS", "GOTO", "MLFLOW", "LD_", "MALLOC")
+                       "CUDA", "OMP_", "MKL_", "KMP_", "OPENBLAS", "GOTO", "MLFLOW", "LD_", "MALLOC",
+                       "ONEDNN_", "DNNL_", "ATEN_")
 
 
 def native_threads() -> int:
