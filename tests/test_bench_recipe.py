@@ -62,7 +62,7 @@ def test_explicit_candidates_one_value_per_key() -> None:
         b.parse_candidates(["weights.graph=1.0,0.1"])
 
 
-def test_candidate_keeps_the_task_recipe_under_its_overrides() -> None:
+def test_candidate_keeps_the_task_recipe_under_its_overrides(tmp_path: Path) -> None:
     """A candidate is the train stage's config for its method and task with the overrides deep-merged on top:
     setting one weight keeps the task's other weights and lr (not the bare ``train`` section's)."""
     from magdi.config import load_params
@@ -70,18 +70,11 @@ def test_candidate_keeps_the_task_recipe_under_its_overrides() -> None:
     b = _bench()
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
     raw["experiments"]["task_train"] = {"svamp": {"lr": 3e-4, "weights": {"contrastive": 0.01, "graph": 0.1}}}
-    p = load_params(_write(raw))
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    p = load_params(tmp_path / "params.yaml")
     base, cfg = b.candidate_cfg(p, "svamp", "magdi", b.parse_grid(["weights.graph=0.5"])[0])
     assert base == "magdi" and (cfg.lr, cfg.weights.contrastive, cfg.weights.graph) == (3e-4, 0.01, 0.5)
     base, cfg = b.candidate_cfg(p, "svamp", "magdi_frozen", {})
     assert base == "magdi" and cfg.node_repr == "frozen" and cfg.weights.graph == 0.1
     with pytest.raises(SystemExit, match="own flags"):
         b.parse_grid(["epochs=1,2"])
-
-
-def _write(raw: dict) -> Path:
-    import tempfile
-
-    f = Path(tempfile.mkdtemp()) / "params.yaml"
-    f.write_text(yaml.safe_dump(raw))
-    return f
