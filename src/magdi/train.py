@@ -451,6 +451,16 @@ class TrainResult:
     resumed_from: int
 
 
+# Launchers ``check_distributed`` refuses (matched in accelerate's ``distributed_type``, case-insensitively), and
+# why; each message says what to launch instead.
+REFUSED_LAUNCHERS: dict[str, str] = {
+    "DeepSpeed": "ZeRO shards parameters like FSDP, and the engine, not this loop, would step, clip and schedule; "
+                 "launch with configs/accelerate_ddp.yaml",
+    "FSDP": "checkpoints and the adapter are saved unsharded; launch with configs/accelerate_ddp.yaml and "
+            "train.gradient_checkpointing: true (a 7B LoRA student fits one GPU, reports/benchmark_gpu_h200.md)",
+}
+
+
 def check_distributed(distributed_type: str) -> None:
     """Refuse a launcher this loop cannot checkpoint (FSDP) or does not drive (DeepSpeed), before any step.
 
@@ -460,14 +470,10 @@ def check_distributed(distributed_type: str) -> None:
     student fits one GPU without sharding (19-32 GiB peak measured with gradient checkpointing), so DDP
     is the supported multi-GPU path until checkpoints go through accelerate's sharded state dicts.
     """
-    if "DEEPSPEED" in str(distributed_type).upper():
-        raise RuntimeError("training under DeepSpeed is not supported (ZeRO shards parameters like FSDP, and the "
-                           "engine, not this loop, would step, clip and schedule): launch with "
-                           "configs/accelerate_ddp.yaml")
-    if "FSDP" in str(distributed_type).upper():
-        raise RuntimeError("training under FSDP is not supported yet (checkpoints and the adapter are saved "
-                           "unsharded): launch with configs/accelerate_ddp.yaml and train.gradient_checkpointing: "
-                           "true; a 7B LoRA student fits one GPU (reports/benchmark_gpu_h200.md)")
+    kind = str(distributed_type).upper()
+    for name, why in REFUSED_LAUNCHERS.items():
+        if name.upper() in kind:
+            raise RuntimeError(f"training under {name} is not supported: {why}")
 
 
 def check_attention(attention: str, device: torch.device) -> None:

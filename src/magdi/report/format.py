@@ -9,9 +9,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
+
+if TYPE_CHECKING:
+    from magdi.config import LossWeights
 
 DASH = "—"
 PAPER_LABEL = "paper (Mistral-7B-Instruct, reference only)"
@@ -40,9 +43,9 @@ def per_task(values: dict[str, Any], fmt: str = "") -> str:
     return ", ".join(f"{v} on {t}" for t, v in shown.items())
 
 
-def loss_weights(weights: Any) -> str:
-    """``1/0.1/1``: the weights of L = w_ntp L_ntp + w_con L_contrastive + w_graph L_graph, in that order (a
-    ``LossWeights``), as the report README and the repository README both print them."""
+def loss_weights(weights: LossWeights) -> str:
+    """``1/0.1/1``: the weights of L = w_ntp L_ntp + w_con L_contrastive + w_graph L_graph, in that order, as the
+    report README and the repository README both print them."""
     w = weights.model_dump()
     return "/".join(f"{w[k]:g}" for k in ("ntp", "contrastive", "graph"))
 
