@@ -72,6 +72,12 @@ def compute_seconds(stage: str) -> float | None:
     return None
 
 
+def used_warm_server(log: Path) -> bool:
+    """Whether that `make repro` ran its stages in forks of the warm server (make echoes its recipe line,
+    ``... -m magdi.warm run -- ... dvc repro`` with ``WARM=1``, a plain ``dvc repro`` otherwise)."""
+    return any("magdi.warm run" in line for line in log.read_text(errors="replace").splitlines())
+
+
 def _timed(code: str) -> float:
     t = time.perf_counter()
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, capture_output=True)
@@ -136,11 +142,17 @@ def report(log: Path, out: Path) -> None:
     for kind, (wall, comp, n) in sorted(groups.items(), key=lambda kv: -kv[1][0]):
         lines.append(f"| {kind} | {n} | {wall / 60:.1f} | {comp / 60:.1f} | {100 * wall / all_wall:.0f} % |")
     fc = fixed_costs()
-    lines += ["", "`make repro` runs each stage in a fork of the warm server (src/magdi/warm/, "
-              "reports/benchmark_warm.md), which imported the libraries once; a stage's fixed column above is "
-              "what remains (fork, model load, MLflow, DVC). Without it (`make repro WARM=0`, plain `dvc repro`) "
-              "each stage also pays a cold start, measured directly (fresh process each, same machine, after "
-              "the run):", ""]
+    if used_warm_server(log):
+        lines += ["", "This run used `make repro WARM=1`: each stage ran in a fork of the warm server (src/magdi/warm/, "
+                  "reports/benchmark_warm.md), which imported the libraries once; a stage's fixed column above is "
+                  "what remains (fork, model load, MLflow, DVC). Without it (`make repro`, plain `dvc repro`) "
+                  "each stage also pays a cold start, measured directly (fresh process each, same machine, after "
+                  "the run):", ""]
+    else:
+        lines += ["", "Each stage ran as a fresh Python process (`make repro`, the default), so its fixed column "
+                  "includes a cold start, measured directly (fresh process each, same machine, after the run); "
+                  "`make repro WARM=1` shares the imports through a fork server (reports/benchmark_warm.md; see the "
+                  "README's 'Shared start-up' for why it is not the default):", ""]
     lines += [f"- {k}: {v:.1f} s" for k, v in fc.items()]
     students = [("main", ROOT / "models" / "student")]
     students += [(d.name, d) for d in sorted((ROOT / "models" / "students").glob("*")) if d.is_dir()]

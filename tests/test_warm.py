@@ -322,10 +322,10 @@ print(json.dumps({"served": warm.in_server_child(), "tokens": tokens,
 def test_warm_and_cold_bf16_decoding_of_a_tiny_model_are_identical(tmp_path: Path) -> None:
     """A stage's outputs must not depend on whether it ran in a fork of the server: the same script decodes a
     tiny Llama in bf16 (batched, left-padded, greedy with finished rows dropped, as ``evaluate``) in a fresh
-    process and in two forks of a server that pre-imported what ``make repro``'s does; logits are compared bit
-    for bit, tokens and the threading/kernel state exactly. A guard against a systematic warm/cold difference,
-    not a reproducer of the intermittent one seen in SmolLM2's stages of real runs (README, "Shared start-up"),
-    which this test does not show. On a processor with AMX the test shows it can fail: capping oneDNN at
+    process and in two forks of a server that pre-imported what ``make repro WARM=1``'s server does; logits are
+    compared bit for bit, tokens and the threading/kernel state exactly. A guard against a systematic warm/cold
+    difference, not a reproducer of the intermittent one seen in SmolLM2's stages of real runs (README, "Shared
+    start-up"; why ``WARM=0`` is the default), which this test does not show. On a processor with AMX the test shows it can fail: capping oneDNN at
     AVX-512 BF16 changes the logits."""
     torch = pytest.importorskip("torch")
     from transformers import LlamaConfig, LlamaForCausalLM

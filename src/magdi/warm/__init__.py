@@ -45,7 +45,7 @@ The package, by concern (``delegate`` below imports only ``client`` and ``protoc
 * ``client``: ``delegate``, signal forwarding to the child, the fall-back to running in-process;
 * ``server``: pre-imports, fork hazards, the refusal rules above, fork and reaping;
 * ``child``: the forked child becoming the client's process, running the script, ending without teardown;
-* ``cli``: ``python -m magdi.warm serve|run`` (``__main__``) and the ``run`` wrapper ``make repro`` uses.
+* ``cli``: ``python -m magdi.warm serve|run`` (``__main__``) and the ``run`` wrapper ``make repro WARM=1`` uses.
 """
 
 from magdi.warm.client import delegate, in_server_child

@@ -1,4 +1,4 @@
-"""``python -m magdi.warm serve|run``: the server's command line and ``run``, which ``make repro`` wraps."""
+"""``python -m magdi.warm serve|run``: the server's command line and ``run``, which ``make repro WARM=1`` wraps."""
 
 from __future__ import annotations
 
