@@ -14,7 +14,7 @@ two taking turns in every repeat so that load from other processes on the machin
 
 The probe scripts are copied into a temp ``stages/`` directory (the server runs only scripts there) and
 run with the repository root as working directory. The server's own start (pre-imports, paid once per
-``make repro``) is timed too.
+``make repro WARM=1``) is timed too.
 
     .venv/bin/python benchmarks/bench_warm.py          # -> reports/benchmark_warm.md
 """
@@ -144,7 +144,7 @@ def render(r: dict) -> str:
         *rows,
         "",
         f"The server itself started in {r['server_start_s']:.2f} s ({r['server_preload_s']:.2f} s of pre-imports;"
-        f" once per `make repro`). Pre-imported: {', '.join(r['preloaded'])}; not installed: {skipped}.",
+        f" once per `make repro WARM=1`). Pre-imported: {', '.join(r['preloaded'])}; not installed: {skipped}.",
         f"Native threads of the server after its imports: {r['threads_after_imports']}; after all runs: "
         f"{r['threads_after_runs']} (no pool was started by the parent).",
         "",

@@ -72,10 +72,22 @@ def compute_seconds(stage: str) -> float | None:
     return None
 
 
-def used_warm_server(log: Path) -> bool:
-    """Whether that `make repro` ran its stages in forks of the warm server (make echoes its recipe line,
-    ``... -m magdi.warm run -- ... dvc repro`` with ``WARM=1``, a plain ``dvc repro`` otherwise)."""
-    return any("magdi.warm run" in line for line in log.read_text(errors="replace").splitlines())
+WARM_RUN = re.compile(r"-m magdi\.warm run -- \S*dvc repro")
+
+
+def warm_server_use(log: Path) -> tuple[bool, int]:
+    """(forked, declined) for that `make repro`: whether its stages ran in forks of the warm server, and how many
+    stages the server declined (those ran as ordinary processes).
+
+    make echoes its recipe line, ``... -m magdi.warm run -- .../dvc repro`` with ``WARM=1`` and a plain ``dvc repro``
+    otherwise; a server that did not start leaves every stage an ordinary process. ``make -s`` hides the echo, so
+    such a log reads as ``WARM=0``.
+    """
+    lines = log.read_text(errors="replace").splitlines()
+    requested = any(WARM_RUN.search(line) for line in lines)
+    started = not any("magdi.warm: the server did not start" in line for line in lines)
+    declined = sum("magdi.warm: the server declined" in line for line in lines)
+    return requested and started, declined
 
 
 def _timed(code: str) -> float:
@@ -142,18 +154,22 @@ def report(log: Path, out: Path) -> None:
     for kind, (wall, comp, n) in sorted(groups.items(), key=lambda kv: -kv[1][0]):
         lines.append(f"| {kind} | {n} | {wall / 60:.1f} | {comp / 60:.1f} | {100 * wall / all_wall:.0f} % |")
     fc = fixed_costs()
-    if used_warm_server(log):
-        lines += ["", "This run used `make repro WARM=1`: each stage ran in a fork of the warm server (src/magdi/warm/, "
-                  "reports/benchmark_warm.md), which imported the libraries once; a stage's fixed column above is "
-                  "what remains (fork, model load, MLflow, DVC). Without it (`make repro`, plain `dvc repro`) "
-                  "each stage also pays a cold start, measured directly (fresh process each, same machine, after "
-                  "the run):", ""]
+    forked, declined = warm_server_use(log)
+    if forked:
+        fell_back = f" ({declined} declined by the server ran as ordinary processes)" if declined else ""
+        lines += ["", f"This run used `make repro WARM=1`: each stage{fell_back} ran in a fork of the warm server "
+                  "(src/magdi/warm/, reports/benchmark_warm.md), which imported the libraries once; a stage's fixed "
+                  "column above is what remains (fork, model load, MLflow, DVC). Without it (`make repro`, plain "
+                  "`dvc repro`) each stage also pays a cold start; measured directly (fresh process each, same "
+                  "machine, after the run), a cold start costs:", ""]
     else:
         lines += ["", "Each stage ran as a fresh Python process (`make repro`, the default), so its fixed column "
-                  "includes a cold start, measured directly (fresh process each, same machine, after the run); "
-                  "`make repro WARM=1` shares the imports through a fork server (reports/benchmark_warm.md; see the "
-                  "README's 'Shared start-up' for why it is not the default):", ""]
+                  "includes a cold start; measured directly (fresh process each, same machine, after the run), a "
+                  "cold start costs:", ""]
     lines += [f"- {k}: {v:.1f} s" for k, v in fc.items()]
+    if not forked:
+        lines += ["", "`make repro WARM=1` shares the imports through a fork server (reports/benchmark_warm.md; the "
+                  "README's 'Shared start-up' says why it is not the default)."]
     students = [("main", ROOT / "models" / "student")]
     students += [(d.name, d) for d in sorted((ROOT / "models" / "students").glob("*")) if d.is_dir()]
     from magdi.config import load_params

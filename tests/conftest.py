@@ -35,12 +35,16 @@ torch.set_num_threads(1)
 
 
 def load_script(relpath: str, name: str):
-    """A repository script outside the package (benchmarks/, tools/) imported as a module, to test its functions."""
+    """A repository script outside the package (benchmarks/, tools/) imported as a module, to test its functions.
+
+    Registered in ``sys.modules`` before it runs, as an import would (dataclasses look their module up there)."""
     import importlib.util
+    import sys
     from pathlib import Path
 
     spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / relpath)
     mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
     spec.loader.exec_module(mod)
     return mod
 

@@ -325,8 +325,8 @@ def test_warm_and_cold_bf16_decoding_of_a_tiny_model_are_identical(tmp_path: Pat
     process and in two forks of a server that pre-imported what ``make repro WARM=1``'s server does; logits are
     compared bit for bit, tokens and the threading/kernel state exactly. A guard against a systematic warm/cold
     difference, not a reproducer of the intermittent one seen in SmolLM2's stages of real runs (README, "Shared
-    start-up"; why ``WARM=0`` is the default), which this test does not show. On a processor with AMX the test shows it can fail: capping oneDNN at
-    AVX-512 BF16 changes the logits."""
+    start-up"; why ``WARM=0`` is the default), which this test does not show. On a processor with AMX the test
+    shows it can fail: capping oneDNN at AVX-512 BF16 changes the logits."""
     torch = pytest.importorskip("torch")
     from transformers import LlamaConfig, LlamaForCausalLM
 

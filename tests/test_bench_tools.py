@@ -1,0 +1,60 @@
+"""Helpers of the speed benchmarks and of the `make repro` profile that decide what a report says: the clipping
+a timed training step pays (as the pipeline's ``train.max_grad_norm``), and whether a run's log shows the warm
+server (the profile and the README block word their start-up costs by it)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from conftest import load_script
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _module(name: str, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))  # the scripts import their sibling `peak`
+    return load_script(f"benchmarks/{name}.py", name)
+
+
+def test_clip_as_train_clips_like_the_pipeline_and_only_measures_when_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    torch = pytest.importorskip("torch")
+    clip_as_train = _module("bench_train_core", monkeypatch).clip_as_train
+
+    def params() -> list:
+        a, b = torch.nn.Parameter(torch.zeros(1)), torch.nn.Parameter(torch.zeros(1))
+        a.grad, b.grad = torch.tensor([3.0]), torch.tensor([4.0])  # L2 norm sqrt(9 + 16) = 5
+        return [a, b]
+
+    p = params()
+    assert clip_as_train(iter(p), 1.0) == pytest.approx(5.0)  # a generator of parameters, as model.parameters()
+    assert [float(x.grad) for x in p] == pytest.approx([0.6, 0.8], abs=1e-6)  # scaled by 1 / 5
+    p = params()
+    assert clip_as_train(p, 10.0) == pytest.approx(5.0)
+    assert [float(x.grad) for x in p] == [3.0, 4.0]  # under the limit: untouched
+    p = params()
+    assert clip_as_train(p, None) == pytest.approx(5.0)
+    assert [float(x.grad) for x in p] == [3.0, 4.0]  # off: the norm only
+
+
+def _log(tmp_path: Path, *lines: str) -> Path:
+    f = tmp_path / "repro.log"
+    f.write_text("".join(f"[1700000000.{i:03d}] {line}\n" for i, line in enumerate(lines)))
+    return f
+
+
+def test_warm_server_use_reads_the_mode_from_the_make_log(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    use = _module("profile_repro", monkeypatch).warm_server_use
+    stage = "Running stage 'train@svamp-magdi':"
+    cold = _log(tmp_path, " .venv/bin/dvc repro", stage)
+    assert use(cold) == (False, 0)
+    warm = [".venv/bin/python -m magdi.warm run -- .venv/bin/dvc repro", stage]
+    assert use(_log(tmp_path, *warm)) == (True, 0)
+    declined = "magdi.warm: the server declined (magdi module changed on disk); running in-process"
+    assert use(_log(tmp_path, *warm, declined, stage, declined)) == (True, 2)
+    # WARM=1 whose server never came up: every stage was an ordinary process
+    assert use(_log(tmp_path, *warm[:1], "magdi.warm: the server did not start; stages run as ordinary processes",
+                    stage)) == (False, 0)
+    # a stage's own output naming the module is not the recipe line
+    assert use(_log(tmp_path, " .venv/bin/dvc repro", "see python -m magdi.warm run --help")) == (False, 0)
