@@ -1,6 +1,7 @@
-"""Helpers of the speed benchmarks and of the `make repro` profile that decide what a report says: the clipping
-a timed training step pays (as the pipeline's ``train.max_grad_norm``), and whether a run's log shows the warm
-server (the profile and the README block word their start-up costs by it)."""
+"""Helpers of the speed benchmarks, the `make repro` profile and the lock tool that decide what a report or a
+committed file says: the clipping a timed training step pays (as the pipeline's ``train.max_grad_norm``), whether
+a run's log shows the warm server (the profile and the README block word their start-up costs by it), and which
+dvc.lock entries belong to stages the pipeline no longer defines."""
 
 from __future__ import annotations
 
@@ -58,3 +59,12 @@ def test_warm_server_use_reads_the_mode_from_the_make_log(tmp_path: Path, monkey
                     stage)) == (False, 0)
     # a stage's own output naming the module is not the recipe line
     assert use(_log(tmp_path, " .venv/bin/dvc repro", "see python -m magdi.warm run --help")) == (False, 0)
+
+
+def test_prune_lock_keeps_only_stages_the_pipeline_defines() -> None:
+    stale_entries = load_script("tools/prune_lock.py", "prune_lock").stale_entries
+    lock = {"download": {}, "train@ecqa-magdi": {}, "train@gsm8k-magdi": {}, "train_mt": {}, "report": {}}
+    defined = ["download", "train@gsm8k-magdi", "report", "evaluate@gsm8k-magdi"]  # not run yet: no entry
+    assert stale_entries(lock, defined) == ["train@ecqa-magdi", "train_mt"]  # in lock order
+    assert stale_entries(lock, lock) == []
+    assert stale_entries({}, defined) == []
