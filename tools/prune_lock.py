@@ -1,6 +1,6 @@
 """Drop the dvc.lock entries of stages that dvc.yaml no longer defines.
 
-DVC rewrites a stage's lock entry when it runs the stage but never removes the entry of a stage that left the
+DVC rewrites a stage's lock entry when it runs the stage but does not remove the entry of a stage that left the
 pipeline (a task or method taken out of ``experiments``, a stage renamed): the lock keeps describing runs that
 are not part of the pipeline any more, and a reader cannot tell them from the committed run. Entries of stages
 that dvc.yaml still defines are left byte-for-byte as they are (ruamel round trip through DVC's own
