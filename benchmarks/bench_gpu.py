@@ -52,6 +52,7 @@ from magdi.train import (  # noqa: E402
     build_items,
     compile_decoder_layers,
     enable_gradient_checkpointing,
+    grad_norm,
     method_spec,
     train,
 )
@@ -269,7 +270,7 @@ def compile_layers(lm, on: bool) -> None:
 
 
 def cmd_core(a) -> dict:
-    from bench_train_core import clip_as_train, naive_forward
+    from bench_train_core import naive_forward
 
     dev, shape = a.device, a.shape
     vocab = SHAPES[shape]["vocab"]
@@ -315,7 +316,7 @@ def cmd_core(a) -> dict:
                     padded += enc.input_ids.numel()
             (out["loss"] / len(groups)).backward()
             del out
-        clip_as_train(params, cfg.max_grad_norm)
+        grad_norm(None, params, cfg.max_grad_norm)  # the pipeline's clip (train.max_grad_norm)
         opt.step()
         opt.zero_grad(set_to_none=True)
         return {"lm_tokens_real": lm_tokens, "lm_tokens_padded": padded, "encode_seconds": enc_s}

@@ -67,7 +67,15 @@ from magdi.losses import (
 )
 from magdi.mag import MAG, Node, read_mags
 from magdi.student import attach_lora, load_student
-from magdi.train import MagdiStudent, TrainItem, build_items, encode_step, method_spec, plan_steps
+from magdi.train import (
+    MagdiStudent,
+    TrainItem,
+    build_items,
+    encode_step,
+    grad_norm,
+    method_spec,
+    plan_steps,
+)
 
 VARIANTS = ("packed", "packed + bf16 autocast", "packed + bf16 weights", "fused", "naive")
 #: The official code pads every graph to this many nodes.
@@ -254,20 +262,11 @@ def _fused_counts(enc, items) -> tuple[int, int]:
     return n_pos, n_pos * enc.input_ids.shape[1]
 
 
-def clip_as_train(params, max_norm: float | None) -> float:
-    """The pipeline's per-update clipping (``train.max_grad_norm``; None = norm only), so a timed step pays what
-    ``magdi.train.grad_norm`` pays without an Accelerator around it."""
-    params = list(params)
-    if max_norm is not None:
-        return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
-    return float(torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None]))
-
-
 def _timed_step(core, opt, fwd) -> tuple[float, dict]:
     t0 = time.perf_counter()
     out = fwd()
     out["loss"].backward()
-    clip_as_train(_trainable(core), core.cfg.max_grad_norm)
+    grad_norm(None, _trainable(core), core.cfg.max_grad_norm)  # as the pipeline clips
     opt.step()
     opt.zero_grad()
     return time.perf_counter() - t0, out
@@ -320,7 +319,7 @@ def step_naive(core, opt, items, tok, cfg, step_seed, rss_ok) -> StepStats:
     t0 = time.perf_counter()
     out, c = naive_forward(core, items, tok, cfg, step_seed)
     out["loss"].backward()
-    clip_as_train(_trainable(core), cfg.max_grad_norm)
+    grad_norm(None, _trainable(core), cfg.max_grad_norm)
     opt.step()
     opt.zero_grad()
     sec = time.perf_counter() - t0

@@ -1,7 +1,6 @@
-"""Helpers of the speed benchmarks, the `make repro` profile and the lock tool that decide what a report or a
-committed file says: the clipping a timed training step pays (as the pipeline's ``train.max_grad_norm``), whether
-a run's log shows the warm server (the profile and the README block word their start-up costs by it), and which
-dvc.lock entries belong to stages the pipeline no longer defines."""
+"""Helpers of the `make repro` profile and the lock tool that decide what a report or a committed file says:
+whether a run's log shows the warm server (the profile and the README block word their start-up costs by it),
+and which dvc.lock entries belong to stages the pipeline no longer defines."""
 
 from __future__ import annotations
 
@@ -17,26 +16,6 @@ ROOT = Path(__file__).resolve().parents[1]
 def _module(name: str, monkeypatch: pytest.MonkeyPatch):
     monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))  # the scripts import their sibling `peak`
     return load_script(f"benchmarks/{name}.py", name)
-
-
-def test_clip_as_train_clips_like_the_pipeline_and_only_measures_when_off(monkeypatch: pytest.MonkeyPatch) -> None:
-    torch = pytest.importorskip("torch")
-    clip_as_train = _module("bench_train_core", monkeypatch).clip_as_train
-
-    def params() -> list:
-        a, b = torch.nn.Parameter(torch.zeros(1)), torch.nn.Parameter(torch.zeros(1))
-        a.grad, b.grad = torch.tensor([3.0]), torch.tensor([4.0])  # L2 norm sqrt(9 + 16) = 5
-        return [a, b]
-
-    p = params()
-    assert clip_as_train(iter(p), 1.0) == pytest.approx(5.0)  # a generator of parameters, as model.parameters()
-    assert [float(x.grad) for x in p] == pytest.approx([0.6, 0.8], abs=1e-6)  # scaled by 1 / 5
-    p = params()
-    assert clip_as_train(p, 10.0) == pytest.approx(5.0)
-    assert [float(x.grad) for x in p] == [3.0, 4.0]  # under the limit: untouched
-    p = params()
-    assert clip_as_train(p, None) == pytest.approx(5.0)
-    assert [float(x.grad) for x in p] == [3.0, 4.0]  # off: the norm only
 
 
 def _log(tmp_path: Path, *lines: str) -> Path:

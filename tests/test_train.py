@@ -651,18 +651,20 @@ def test_fsdp_and_deepspeed_refused_before_any_step() -> None:
 
 
 # ============================================================================== gradient clipping (train.max_grad_norm)
+@pytest.mark.parametrize("with_accel", [True, False], ids=["accelerator", "bare"])
 @pytest.mark.parametrize(("max_norm", "scale"), [(1.0, 1 / 5), (10.0, 1.0), (None, 1.0)])
-def test_grad_norm_clips_to_max_norm_or_not_at_all(max_norm: float | None, scale: float) -> None:
+def test_grad_norm_clips_to_max_norm_or_not_at_all(max_norm: float | None, scale: float, with_accel: bool) -> None:
     """Gradients (3, 4) and (0,) have global L2 norm 5: clipped to 1 they shrink by 1/5; a limit above the
-    norm or none at all leaves them as they are; the reported norm is the norm before clipping."""
+    norm or none at all leaves them as they are; the reported norm is the norm before clipping. The same with
+    no Accelerator (``accel=None``, the speed benchmarks' loops) and with a generator of parameters."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
 
     a, b = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(1))
     a.grad, b.grad = torch.tensor([3.0, 4.0]), torch.tensor([0.0])
     try:
-        accel = Accelerator(cpu=True)
-        assert grad_norm(accel, [a, b], max_norm) == pytest.approx(5.0)
+        accel = Accelerator(cpu=True) if with_accel else None
+        assert grad_norm(accel, iter([a, b]), max_norm) == pytest.approx(5.0)
         assert a.grad.tolist() == pytest.approx([3.0 * scale, 4.0 * scale], rel=1e-5)
         assert b.grad.tolist() == [0.0]
         if max_norm is None:  # off means untouched, even when the norm overflows (no inf / inf = NaN scaling)

@@ -15,7 +15,7 @@ import math
 import random
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -484,16 +484,21 @@ def check_attention(attention: str, device: torch.device) -> None:
                            f"{device.type}); use train.attention: sdpa")
 
 
-def grad_norm(accel, params: Sequence[nn.Parameter], max_norm: float | None) -> float:
+def grad_norm(accel, params: Iterable[nn.Parameter], max_norm: float | None) -> float:
     """The update's gradient L2 norm (after unscaling, as clipping sees it), clipped to ``max_norm`` unless None.
 
     Unclipped runs still log the norm, computed without touching the gradients (clipping "at infinity" would
     multiply them by inf / inf = NaN when the norm itself overflowed). Under DDP each process holds the
     all-reduced gradient after backward, so its local norm is the global one (FSDP and DeepSpeed are refused).
+    ``accel=None`` (the speed benchmarks' bare loops, no loss scaling) clips with torch directly, so a timed step
+    pays exactly what the pipeline's update pays.
     """
+    params = list(params)
     if max_norm is not None:
-        return float(accel.clip_grad_norm_(params, max_norm))
-    accel.unscale_gradients()
+        clip = accel.clip_grad_norm_ if accel is not None else torch.nn.utils.clip_grad_norm_
+        return float(clip(params, max_norm))
+    if accel is not None:
+        accel.unscale_gradients()
     return float(torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None]))
 
 
