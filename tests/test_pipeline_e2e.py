@@ -107,7 +107,10 @@ def test_dvc_repro_tiny(tmp_path: Path) -> None:
 
     # every trained run left an adapter in safetensors and no pickle anywhere
     for task, method in [("strategyqa", "magdi"), ("gsm8k", "magdi_r0"), ("strategyqa", "magdi_fc")]:
-        assert (work / f"runs/train/{task}/{method}/adapter/adapter_model.safetensors").exists()
+        weights = work / f"runs/train/{task}/{method}/adapter/adapter_model.safetensors"
+        # the metrics name the adapter's bytes (the adapters are not committed; their digest is)
+        digest = json.loads((work / f"metrics/train/{method}/{task}.json").read_text())["adapter_sha256"]
+        assert digest == hashlib.sha256(weights.read_bytes()).hexdigest()
     assert not [p for p in (work / "runs").rglob("*") if p.suffix in {".pt", ".pkl", ".bin", ".pickle"}]
 
     # report files exist and agree with the metrics files they were made from

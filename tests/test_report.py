@@ -95,7 +95,8 @@ def tree(tmp_path: Path) -> tuple[Path, Path]:
     for meth, n in (("magdi", 3), ("magdi_n2", 2), ("magdi_ud", 3)):
         _write(metrics / "train" / meth / "strategyqa.json", {"n_mags": n, "steps": 2, "final_loss": 1.0,
                                                                "lr": 3e-4, "tokens": 1234, "w_ntp": 1.0,
-                                                               "w_contrastive": 0.01, "w_graph": 0.1})
+                                                               "w_contrastive": 0.01, "w_graph": 0.1,
+                                                               "adapter_sha256": f"{n}" + "ab" * 31 + "c"})
         (metrics / "train" / meth / "strategyqa_history.csv").write_text("step,loss,ntp,lr\n1,2.5,2.0,0.1\n2,2.0,1.8,0.1\n")
     mags = _mags()
     write_mags(mags_dir / "strategyqa.jsonl", mags)
@@ -202,10 +203,12 @@ def test_build_report_tables_and_figures(tree: tuple[Path, Path], tmp_path: Path
     r = runs[(runs["task"] == "strategyqa") & (runs["run"] == "magdi_n2")].iloc[0]
     assert (r["n_mags"], r["steps"], r["lr"], r["tokens"]) == (2, 2, 3e-4, 1234)
     assert (r["w_ntp"], r["w_contrastive"], r["w_graph"]) == (1.0, 0.01, 0.1)
+    assert r["adapter_sha256"] == "2" + "ab" * 31 + "c"  # the full digest in the CSV, 12 digits in the table
     assert runs[(runs["task"] == "strategyqa") & (runs["run"] == "magdi_r0")][["n_mags", "lr"]].isna().all(axis=None)
     md = (out / "training_runs.md").read_text()
     cells = [[c.strip() for c in ln.strip("|").split("|")] for ln in md.splitlines() if ln.startswith("| strategyqa")]
     assert ["strategyqa", "magdi_r0", DASH, DASH] in [c[:4] for c in cells]  # no metrics file: cells missing
+    assert ["strategyqa", "magdi_n2", "2" + "ab" * 5 + "a"] in [[*c[:2], c[-1]] for c in cells]
 
     readme = (out / "README.md").read_text()
     assert "test_profile" in readme and "n_test=" in readme and "reference only" in readme

@@ -307,7 +307,7 @@ def stage_train(p: Params, task: str, method: str, student: str | None = None) -
     with mlflow_run(p.paths.tracking_uri, "magdi-train", f"{task}/{method}", run_params) as mlf:
         res = train(lm, tok, items, spec, cfg, out,
                     log_fn=lambda r: mlf.log_metrics({k: v for k, v in r.items() if k != "step"}, step=r["step"]))
-        save_adapter(lm, out / "adapter")
+        adapter_sha256 = save_adapter(lm, out / "adapter")
         summary = {"task": task, "method": method, "base_method": base, **student_info(p),
                    "n_mags": len(mags), "n_items": len(items),
                    "steps": res.steps, "tokens": res.tokens, "unique_sequences": res.n_unique_sequences,
@@ -316,7 +316,8 @@ def stage_train(p: Params, task: str, method: str, student: str | None = None) -
                    **{f"w_{k}": v for k, v in cfg.weights.model_dump().items()},
                    "updates": sum("grad_norm" in r for r in res.history), "max_grad_norm": cfg.max_grad_norm,
                    **truncation_stats(items, tok, cfg.max_prompt_tokens, cfg.max_target_tokens),
-                   "final_loss": res.history[-1]["loss"] if res.history else None}
+                   "final_loss": res.history[-1]["loss"] if res.history else None,
+                   "adapter_sha256": adapter_sha256}  # two runs trained alike iff equal
         mlf.log_metrics({k: float(v) for k, v in summary.items() if isinstance(v, int | float)})
     write_json(metrics_file(task, method, "train"), summary)
     import csv

@@ -588,9 +588,17 @@ def train(
                        seconds=time.time() - t0, history=history, resumed_from=start)
 
 
-def save_adapter(lm: nn.Module, out_dir: Path) -> None:
-    """LoRA weights only (safetensors); the base student is referenced, not copied."""
+def save_adapter(lm: nn.Module, out_dir: Path) -> str:
+    """LoRA weights only (safetensors); the base student is referenced, not copied.
+
+    Returns the sha256 of the saved weights file, the training twin of evaluation's ``outputs_sha256``: the
+    adapters are not committed, so the metrics must say whether two runs trained exactly alike (equal digests:
+    byte-identical weights; the loss curve alone may agree to every printed digit while weights differ).
+    """
+    from .packaged import file_sha256
+
     lm.save_pretrained(str(out_dir), safe_serialization=True)
+    return file_sha256(out_dir / "adapter_model.safetensors")
 
 
 def optimizer_steps(micro_steps: int, grad_accum: int) -> int:

@@ -468,16 +468,17 @@ def training_runs(ctx: Ctx) -> Table:
     runs += [(t, run_name("magdi", s)) for t in ex.scaling_tasks for s in ex.scaling_students]
     runs += [(MT_TASK, MT_METHOD)] if ex.multitask else []
     keys = ["n_mags", "lr", "epochs", "w_ntp", "w_contrastive", "w_graph", "steps", "updates", "tokens", "seconds",
-            "tokens_per_s", "targets_truncated_fraction", "final_loss"]
+            "tokens_per_s", "targets_truncated_fraction", "final_loss", "adapter_sha256"]
     heads = ["task", "run", "MAGs", "lr", "epochs", "w ntp", "w con", "w graph", "steps", "updates", "tokens seen",
-             "train s", "tokens/s", "targets cut %", "final loss"]
+             "train s", "tokens/s", "targets cut %", "final loss", "adapter sha256"]
     rows, recs = [], []
     for task, run in runs:
         m = ctx.m.train(run, task) or {}
         rec = {"task": task, "run": run, "source": OURS, **{k: m.get(k) for k in keys}}
         cut = _num(rec["targets_truncated_fraction"])
         rows.append([task, run, *(rec[k] for k in keys[:9]), num(rec["seconds"], ".0f"), num(rec["tokens_per_s"]),
-                     DASH if cut is None else f"{100 * cut:.1f}", num(rec["final_loss"], ".3f")])
+                     DASH if cut is None else f"{100 * cut:.1f}", num(rec["final_loss"], ".3f"),
+                     rec["adapter_sha256"][:12] if rec["adapter_sha256"] else DASH])
         recs.append(rec)
     return Table("training_runs", "Training runs: what each run saw", [Section(heads, rows, "metrics/train")], recs,
                  ["tokens seen = tokens through the student's LM over all steps and epochs (each unique prompt and "
@@ -486,4 +487,6 @@ def training_runs(ctx: Ctx) -> Table:
                   "only MAGDi runs with a margin or graph term use the last two) are the run's own: `train` (+ "
                   "`experiments.scaling_train` for a scaling student), then the task's `experiments.task_train` "
                   "entry, then the ablation's overrides.",
-                  "targets cut % = training chains cut at `train.max_target_tokens`."])
+                  "targets cut % = training chains cut at `train.max_target_tokens`.",
+                  "adapter sha256 = first 12 hex digits of the saved LoRA weights' digest (full in the CSV and "
+                  "metrics/train): equal digests mean byte-identical adapters, so a rerun is checked without them."])
