@@ -55,7 +55,8 @@ TINY = {
         "scaling_students": ["smol_b"],
         "scaling_tasks": ["gsm8k"],
         "scaling_train": {},
-        "task_train": {"gsm8k": {"lr": 5e-4}},  # a task's own recipe reaches every run on it, not the others
+        # a task's own recipe reaches every run on it, not the others; {} = plain `train` (every trained task has one)
+        "task_train": {"gsm8k": {"lr": 5e-4}, "strategyqa": {}},
     },
 }
 # a second student for the scaling stages: the same pinned package under another name (no extra download)
@@ -170,3 +171,10 @@ def test_dvc_repro_tiny(tmp_path: Path) -> None:
     assert yaml.safe_load((work / "params.yaml").read_text())["experiments"]["ablations"]["magdi_fc"] == {"graph": "ud"}
     exps = run(sys.executable, "-m", "dvc", "exp", "show", "--json")
     assert "magdi_fc" in exps
+    # a task's recipe is a dependency of that task's training stages only (dvc.yaml: task_train.<task>)
+    edited = yaml.safe_load((work / "params.yaml").read_text())
+    edited["experiments"]["task_train"]["gsm8k"]["lr"] = 6e-4
+    (work / "params.yaml").write_text(yaml.safe_dump(edited))
+    stale = set(json.loads(run(sys.executable, "-m", "dvc", "status", "--json")))
+    # (+ the report, which prints every run's recipe)
+    assert stale == {"train@gsm8k-magdi_r0", "train@gsm8k-magdi", "train_scaling@gsm8k-smol_b", "report"}, stale

@@ -511,6 +511,23 @@ def test_unknown_task_is_named(tmp_path: Path) -> None:
         load_benchmark("mathqa", "mirror", tmp_path)
 
 
+def test_every_trained_task_needs_its_recipe_entry(tmp_path: Path) -> None:
+    """dvc.yaml makes each training stage depend on `experiments.task_train.<its task>`: a trained task without
+    an entry fails when the file is read (one line naming the key and the task), not when DVC reaches the stage."""
+    raw = _with("experiments.tasks", ["gsm8k", "svamp"])
+    raw["data"]["benchmarks"] = sorted({*raw["data"]["benchmarks"], "gsm8k", "svamp"})
+    raw["experiments"]["task_train"] = {"gsm8k": {"lr": 1e-4}}
+    p = tmp_path / "params.yaml"
+    p.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError) as ei:
+        load_params(p, check_mirror=False)
+    msg = str(ei.value)
+    assert msg.startswith("params.yaml: experiments.task_train: ") and "['svamp']" in msg and "\n" not in msg
+    raw["experiments"]["task_train"]["svamp"] = {}  # {} = the plain `train` settings
+    p.write_text(yaml.safe_dump(raw))
+    assert load_params(p, check_mirror=False).train_for("magdi", "svamp")[1] == parse_params(raw).train
+
+
 @pytest.mark.parametrize(("text", "says"), [
     ("train: {lr: 0.1\n", "not valid YAML"),
     ("- a\n- b\n", "top level must be a mapping"),

@@ -537,6 +537,7 @@ def load_params(path: str | os.PathLike[str] = "params.yaml", check_mirror: bool
     if not isinstance(raw, dict):
         raise ConfigError(f"{p}: top level must be a mapping")
     params = parse_params(raw)
+    check_stage_params(params, p.name)
     if check_mirror and params.data.source == "mirror":
         check_mirror_files(params)
     return params
@@ -608,6 +609,19 @@ def cli_for_student(p: Params, student: str | None) -> Params:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def check_stage_params(p: Params, source: str = "params.yaml") -> None:
+    """dvc.yaml makes each training stage depend on its own task's ``experiments.task_train.<task>`` only, so an
+    edit to one task's recipe reruns that task's runs and no other; DVC stops at a missing key, so every trained
+    task needs an entry (``{}`` = the plain ``train`` settings). Checked when the file is read, before any stage
+    works, rather than when DVC first reaches a training stage."""
+    ex = p.experiments
+    missing = [t for t in dict.fromkeys(ex.tasks + ex.ablation_tasks + ex.scaling_tasks) if t not in ex.task_train]
+    if missing:
+        raise ConfigError(f"{source}: experiments.task_train: no entry for trained task(s) {missing}; add "
+                          f"`{missing[0]}: {{}}` for the plain `train` settings (each training stage depends on its "
+                          f"task's entry)")
 
 
 def cli_params(path: str = "params.yaml") -> Params:
