@@ -528,6 +528,20 @@ def test_every_trained_task_needs_its_recipe_entry(tmp_path: Path) -> None:
     assert load_params(p, check_mirror=False).train_for("magdi", "svamp")[1] == parse_params(raw).train
 
 
+def test_training_stages_depend_on_their_own_recipe_entries_only() -> None:
+    """dvc.yaml: a training stage names its own task's `task_train` entry (and an ablation run its own ablation),
+    never the whole mapping, so an edit to one entry leaves every other run's lock valid."""
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    own = {"train": ["experiments.task_train.${item.task}"],
+           "train_scaling": ["experiments.task_train.${item.task}"],
+           "train_ablation": ["experiments.task_train.${item.task}", "experiments.ablations.${item.method}"]}
+    for name, keys in own.items():
+        params = stages[name]["params"]
+        assert set(keys) <= set(params), (name, params)
+        assert not {"experiments", "experiments.task_train", "experiments.ablations"} & set(params), (name, params)
+    assert not [k for k in stages["train_mt"]["params"] if "task_train" in k]  # multi-task keeps `train`
+
+
 @pytest.mark.parametrize(("text", "says"), [
     ("train: {lr: 0.1\n", "not valid YAML"),
     ("- a\n- b\n", "top level must be a mapping"),

@@ -650,6 +650,19 @@ def test_fsdp_and_deepspeed_refused_before_any_step() -> None:
         check_distributed(ok)
 
 
+@pytest.mark.parametrize(("rank", "main"), [(None, True), ("0", True), ("1", False), ("3", False)])
+def test_only_rank_0_writes_a_runs_results(monkeypatch: pytest.MonkeyPatch, rank: str | None, main: bool) -> None:
+    """Under DDP every process runs the stage; only rank 0 (or a plain process, no RANK) saves and hashes the
+    adapter and writes metrics, so no file is written by two processes at once."""
+    from magdi.train import is_main_process
+
+    if rank is None:
+        monkeypatch.delenv("RANK", raising=False)
+    else:
+        monkeypatch.setenv("RANK", rank)
+    assert is_main_process() is main
+
+
 # ============================================================================== gradient clipping (train.max_grad_norm)
 @pytest.mark.parametrize("with_accel", [True, False], ids=["accelerator", "bare"])
 @pytest.mark.parametrize(("max_norm", "scale"), [(1.0, 1 / 5), (10.0, 1.0), (None, 1.0)])

@@ -613,11 +613,13 @@ def cli_for_student(p: Params, student: str | None) -> Params:
 
 def check_stage_params(p: Params, source: str = "params.yaml") -> None:
     """dvc.yaml makes each training stage depend on its own task's ``experiments.task_train.<task>`` only, so an
-    edit to one task's recipe reruns that task's runs and no other; DVC stops at a missing key, so every trained
-    task needs an entry (``{}`` = the plain ``train`` settings). Checked when the file is read, before any stage
-    works, rather than when DVC first reaches a training stage."""
+    edit to one task's recipe reruns that task's runs and no other; DVC stops at a missing key, so every task a
+    training stage exists for needs an entry (``{}`` = the plain ``train`` settings). Checked when a params file is
+    read (``load_params``: the stages, before any work), not by ``parse_params``, which also serves in-memory
+    params of tests and report tools that no DVC stage reads."""
     ex = p.experiments
-    missing = [t for t in dict.fromkeys(ex.tasks + ex.ablation_tasks + ex.scaling_tasks) if t not in ex.task_train]
+    trained = ex.tasks + (ex.ablation_tasks if ex.ablations else []) + (ex.scaling_tasks if ex.scaling_students else [])
+    missing = [t for t in dict.fromkeys(trained) if t not in ex.task_train]
     if missing:
         raise ConfigError(f"{source}: experiments.task_train: no entry for trained task(s) {missing}; add "
                           f"`{missing[0]}: {{}}` for the plain `train` settings (each training stage depends on its "

@@ -289,7 +289,7 @@ def stage_train(p: Params, task: str, method: str, student: str | None = None) -
 
     from .student import attach_lora, load_student
     from .tracking import mlflow_run
-    from .train import build_items, method_spec, save_adapter, train, truncation_stats
+    from .train import build_items, is_main_process, method_spec, save_adapter, train, truncation_stats
 
     _set_threads()
     p, run = for_run(p, method, student)  # a scaling student: its own weights, train + experiments.scaling_train
@@ -302,6 +302,9 @@ def stage_train(p: Params, task: str, method: str, student: str | None = None) -
     lm, tok = load_student(p.paths.student_dir, p.student.dtype, p.student.trust_remote_code)
     lm = attach_lora(lm, p.student.lora.r, p.student.lora.alpha, p.student.lora.dropout, p.student.lora.target_modules)
     items = build_items(mags, spec, tok, cfg.graph)
+    if not is_main_process():  # DDP ranks > 0: train in lockstep; rank 0 alone writes the adapter and metrics
+        train(lm, tok, items, spec, cfg, out)
+        return {}
     run_params = {"task": task, "method": method, "base_method": base, "train": cfg.model_dump(),
                   "student": p.student.model_dump(), "n_mags": len(mags), "n_items": len(items)}
     with mlflow_run(p.paths.tracking_uri, "magdi-train", f"{task}/{method}", run_params) as mlf:

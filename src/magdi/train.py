@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import random
 import time
 import warnings
@@ -586,6 +587,15 @@ def train(
     bar.close()
     return TrainResult(steps=len(history), n_items=len(items), n_unique_sequences=uniq, tokens=tokens,
                        seconds=time.time() - t0, history=history, resumed_from=start)
+
+
+def is_main_process() -> bool:
+    """Whether this process writes a run's results. Under ``accelerate launch`` (DDP) every process runs the stage
+    and trains in lockstep, with identical adapters; rank 0 alone saves the adapter, hashes it and writes metrics
+    and MLflow, so no file is written by several processes at once (a digest of a half-written file, interleaved
+    JSON). Read from the launcher's ``RANK`` (torchrun / accelerate set it) because it is needed before the
+    Accelerator exists; a plain process has none and is the main one."""
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def save_adapter(lm: nn.Module, out_dir: Path) -> str:
