@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from magdi.config import LossWeights, TrainCfg
 from magdi.losses import margin_ranking_loss, ntp_loss, pair_indices, position_weighted_mean
@@ -30,6 +31,8 @@ from magdi.train import (
     plan_steps,
     train,
 )
+
+ROOT = Path(__file__).resolve().parents[1]
 
 QUESTION = "What is 2 plus 3?"
 
@@ -661,6 +664,38 @@ def test_only_rank_0_writes_a_runs_results(monkeypatch: pytest.MonkeyPatch, rank
     else:
         monkeypatch.setenv("RANK", rank)
     assert is_main_process() is main
+
+
+@pytest.mark.parametrize("rank", ["1", "0"])
+def test_stage_train_writes_results_on_rank_0_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, rank: str) -> None:
+    """A rank > 0 trains (DDP collectives need every rank) and returns without saving, hashing or writing any
+    file; rank 0 saves the adapter and writes the metrics. The model, LoRA and the loop are stubbed: this is about
+    who writes, not about training."""
+    import magdi.pipeline as pl
+    import magdi.student as st
+    import magdi.train as tr
+    from magdi.config import parse_params
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("RANK", rank)
+    monkeypatch.setenv("MAGDI_THREADS", str(torch.get_num_threads()))  # _set_threads: leave the process as it is
+    calls: list[str] = []
+    monkeypatch.setattr(st, "load_student", lambda *a, **k: (object(), object()))
+    monkeypatch.setattr(st, "attach_lora", lambda lm, *a, **k: lm)
+    monkeypatch.setattr(pl, "_select_mags", lambda *a: [])
+    monkeypatch.setattr(tr, "build_items", lambda *a: [])
+    monkeypatch.setattr(tr, "truncation_stats", lambda *a: {})
+    monkeypatch.setattr(tr, "train", lambda *a, **k: calls.append("train") or tr.TrainResult(0, 0, 0, 0, 0.0, [], 0))
+    monkeypatch.setattr(tr, "save_adapter", lambda lm, out: calls.append("save") or "ab" * 32)
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw["paths"] = {**raw["paths"], "runs_dir": str(tmp_path / "runs"), "tracking_uri": f"sqlite:///{tmp_path}/m.db"}
+    summary = pl.stage_train(parse_params(raw), "svamp", "magdi")
+    written = sorted(str(f.relative_to(tmp_path)) for f in tmp_path.rglob("*") if f.is_file())
+    if rank == "1":
+        assert (calls, summary, written) == (["train"], {}, [])
+    else:
+        assert calls == ["train", "save"] and summary["adapter_sha256"] == "ab" * 32
+        assert {"metrics/train/magdi/svamp.json", "metrics/train/magdi/svamp_history.csv"} <= set(written)
 
 
 # ============================================================================== gradient clipping (train.max_grad_norm)
