@@ -698,6 +698,44 @@ def test_stage_train_writes_results_on_rank_0_only(tmp_path: Path, monkeypatch: 
         assert {"metrics/train/magdi/svamp.json", "metrics/train/magdi/svamp_history.csv"} <= set(written)
 
 
+def test_saved_adapter_config_does_not_depend_on_set_order(tmp_path: Path, tiny_lm) -> None:
+    """peft writes `target_modules` (a set) in iteration order, which follows PYTHONHASHSEED; the saved config
+    lists them sorted whatever that order, so identical runs write identical folders, and it loads back."""
+    from peft import PeftConfig
+
+    from magdi.train import save_adapter
+
+    class Reversed(set):  # iterates against sorted order, as some hash seeds do
+        def __iter__(self):
+            return iter(sorted(set.__iter__(self), reverse=True))
+
+    conf = tiny_lm.peft_config["default"]
+    conf.target_modules = Reversed(conf.target_modules)
+    assert list(conf.target_modules) == sorted(conf.target_modules, reverse=True) and len(conf.target_modules) > 1
+    save_adapter(tiny_lm, tmp_path)
+    saved = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert saved["target_modules"] == sorted(conf.target_modules)
+    assert set(PeftConfig.from_pretrained(str(tmp_path)).target_modules) == set(conf.target_modules)
+
+
+@pytest.mark.parametrize("stage", ["evaluate", "build_mags"])
+def test_stages_other_than_training_refuse_a_multi_process_launch(monkeypatch: pytest.MonkeyPatch,
+                                                                  stage: str) -> None:
+    """Under `accelerate launch` every rank would decode every test question (or call every teacher) and write
+    the same files: those stages fail at once, before loading anything; one process (WORLD_SIZE 1) passes."""
+    import magdi.pipeline as pl
+    from magdi.config import parse_params
+
+    p = parse_params(yaml.safe_load((ROOT / "params.yaml").read_text()))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    call = {"evaluate": lambda: pl.stage_evaluate(p, "svamp", "magdi"),
+            "build_mags": lambda: pl.stage_build_mags(p, "svamp")}[stage]
+    with pytest.raises(RuntimeError, match=rf"^{stage} runs as one process, not 2 .*accelerate launch"):
+        call()
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    pl.single_process(stage)
+
+
 # ============================================================================== gradient clipping (train.max_grad_norm)
 @pytest.mark.parametrize("with_accel", [True, False], ids=["accelerator", "bare"])
 @pytest.mark.parametrize(("max_norm", "scale"), [(1.0, 1 / 5), (10.0, 1.0), (None, 1.0)])

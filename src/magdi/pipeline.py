@@ -77,6 +77,18 @@ def write_json(path: Path, obj: Any) -> None:
     tmp.replace(path)
 
 
+def single_process(stage: str) -> None:
+    """Refuse a multi-process launch of a stage that is not training. Only ``stages/train.py`` shards work across
+    ``accelerate launch`` processes; any other stage would repeat all of its work on every rank (every teacher
+    call, every test question) and write the same files from several processes at once."""
+    import os
+
+    n = int(os.environ.get("WORLD_SIZE", "1"))
+    if n > 1:
+        raise RuntimeError(f"{stage} runs as one process, not {n} (WORLD_SIZE={n}): run it with `dvc repro` or "
+                           f"`python stages/...`; only stages/train.py supports `accelerate launch`")
+
+
 def _set_threads() -> None:
     import os
 
@@ -236,6 +248,7 @@ def import_official_mags(p: Params, task: str) -> list:
 def stage_build_mags(p: Params, task: str) -> dict:
     from .mag import clean_mag, length_stats, mag_stats, write_mags
 
+    single_process("build_mags")
     _set_threads()
     if p.teachers.source == "official":
         mags = import_official_mags(p, task)
@@ -403,6 +416,7 @@ def stage_evaluate(p: Params, train_task: str, method: str, eval_tasks: list[str
     from .student import DSS_ANSWER_PREFIX
     from .tracking import log_predictions, mlflow_run
 
+    single_process("evaluate")
     _set_threads()
     prefix = DSS_ANSWER_PREFIX if method == "dss_mt" else ""
     p, method = for_run(p, method, student)

@@ -608,7 +608,25 @@ def save_adapter(lm: nn.Module, out_dir: Path) -> str:
     from .packaged import file_sha256
 
     lm.save_pretrained(str(out_dir), safe_serialization=True)
+    canonical_adapter_config(lm, out_dir)
     return file_sha256(out_dir / "adapter_model.safetensors")
+
+
+def canonical_adapter_config(lm: nn.Module, out_dir: Path) -> None:
+    """Rewrite ``adapter_config.json`` with its set-valued fields (``target_modules``) sorted.
+
+    peft writes a set as ``list(value)``, in the set's iteration order, which follows the process's string-hash
+    seed: two runs with byte-identical adapters wrote ``["q_proj", "v_proj"]`` or ``["v_proj", "q_proj"]`` (measured:
+    the only file that differed between two `make repro` runs, so DVC saw a changed run folder). Sorted, the folder
+    is a function of the run alone. peft reads a list back as the same set; the format is peft's own (indent 2,
+    sorted keys)."""
+    path = out_dir / "adapter_config.json"
+    sets = {k for conf in lm.peft_config.values() for k, v in conf.to_dict().items() if isinstance(v, set)}
+    raw = json.loads(path.read_text())
+    for k in sets:
+        if isinstance(raw.get(k), list):
+            raw[k] = sorted(raw[k])
+    path.write_text(json.dumps(raw, indent=2, sort_keys=True))
 
 
 def optimizer_steps(micro_steps: int, grad_accum: int) -> int:
