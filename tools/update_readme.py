@@ -119,7 +119,7 @@ def block(total_s: int, command: str = "make repro") -> str:
     scaling = any("@" in r["method_a"] for r in rows)
     t7_text = (f"Student scaling (Table 7: the same MAGs and recipe, a second student on the scaling task):\n\n"
                f"{t7[0]}\n\n{t7[1] if len(t7) > 1 else ''}\n\n" if scaling else "")
-    return f"""{START} (fresh clone, quiet machine, pip cache warm): `{command}`
+    return f"""{START} (fresh clone, nothing else of ours running, pip cache warm): `{command}`
 took **{total_s // 60} min {total_s % 60} s** from the first line to the last, install included; where the time goes, stage by
 stage, and exactly which run it was, is in [`reports/benchmark_pipeline.md`](reports/benchmark_pipeline.md). It replays the teachers' discussions
 from the committed `teacher_cache/` (see "Teachers" below); generating them is measured in
