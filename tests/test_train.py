@@ -653,17 +653,102 @@ def test_fsdp_and_deepspeed_refused_before_any_step() -> None:
         check_distributed(ok)
 
 
-@pytest.mark.parametrize(("rank", "main"), [(None, True), ("0", True), ("1", False), ("3", False)])
-def test_only_rank_0_writes_a_runs_results(monkeypatch: pytest.MonkeyPatch, rank: str | None, main: bool) -> None:
-    """Under DDP every process runs the stage; only rank 0 (or a plain process, no RANK) saves and hashes the
-    adapter and writes metrics, so no file is written by two processes at once."""
-    from magdi.train import is_main_process
+@pytest.mark.parametrize(("env", "n"), [({}, 1), ({"WORLD_SIZE": "4"}, 4), ({"OMPI_COMM_WORLD_SIZE": "3"}, 3),
+                                         ({"PMI_SIZE": "2", "WORLD_SIZE": "1"}, 1), ({"MV2_COMM_WORLD_SIZE": "2"}, 2)])
+def test_launched_processes_reads_the_launchers_variables(monkeypatch: pytest.MonkeyPatch, env: dict, n: int) -> None:
+    """torchrun / accelerate set WORLD_SIZE, MPI launchers their own variables (accelerate's list and order: the
+    first one set wins); none set = one plain process."""
+    from magdi.launch import WORLD_SIZE_ENV, launched_processes
 
-    if rank is None:
-        monkeypatch.delenv("RANK", raising=False)
-    else:
-        monkeypatch.setenv("RANK", rank)
-    assert is_main_process() is main
+    for key in WORLD_SIZE_ENV:
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    assert launched_processes() == n
+
+
+def test_a_plain_process_is_the_main_one_and_an_unseen_launch_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    """One process (no launcher) writes its results. A launcher's N processes that accelerate runs as independent
+    single processes (torchrun without GPUs and without --cpu) would each train everything and write the same
+    files: refused in one line saying what to launch. (Real ranks: test_ddp_on_two_cpu_processes.)"""
+    from magdi.launch import WORLD_SIZE_ENV, is_main_process
+
+    for key in WORLD_SIZE_ENV:
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.delenv("ACCELERATE_USE_CPU", raising=False)
+    assert is_main_process() is True
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(RuntimeError, match=r"started 2 processes but accelerate runs them as 1 .*--cpu"):
+        is_main_process()
+
+
+@pytest.mark.parametrize(("own", "step_items", "processes", "share"),
+                         [(2, 2, 1, 1.0), (2, 3, 2, 4 / 3), (1, 3, 2, 2 / 3), (0, 1, 2, 0.0), (1, 1, 2, 2.0),
+                          (4, 16, 4, 1.0)])
+def test_rank_share_by_hand(own: int, step_items: int, processes: int, share: float) -> None:
+    """A step of 3 MAGs on 2 ranks (2 + 1): weights 4/3 and 2/3, so DDP's mean of the ranks' gradients is
+    (2 g_a + 1 g_b) / 3, each MAG counted once; a rank without a MAG weighs 0; one process or an even split 1."""
+    from magdi.train import rank_share
+
+    assert rank_share(own, step_items, processes) == pytest.approx(share)
+
+
+def _ddp_mags() -> list[MAG]:
+    """6 MAGs of one shape (same chains, pairs and labelled nodes each), so the mean over a step's MAGs is the
+    same whichever way the MAGs are split across ranks, and DDP must reproduce one process's training."""
+    words = ["apples", "river bank", "options (A) (B) (C)", "confidence", "previous round", "step by step"]
+    mags = []
+    for i, w in enumerate(words):  # different texts (so the MAGs pull the weights apart), one structure
+        right, wrong = str(i + 3), str(i + 9)
+        nodes = [Node("a", 0, f"{w} {i} gives {right}", right, 0.9, True),
+                 Node("b", 0, f"{w} twice is {wrong}", wrong, 0.8, False),
+                 Node("c", 0, f"{w} {i} gives {right}", right, 0.7, True),
+                 Node("a", 1, f"I agree, {right}", right, 0.9, True),
+                 Node("b", 1, f"{w}: I was wrong, {right}", right, 0.9, True),
+                 Node("c", 1, f"Now I think {wrong} {w}", wrong, 0.6, False)]
+        mags.append(MAG(f"d{i}", "gsm8k", f"Tom has {i} {w}; what is {i} plus 3?" * (1 + i % 2), right, nodes))
+    return mags
+
+
+def test_ddp_on_two_cpu_processes(make_lm, tiny_tokenizer, tmp_path: Path) -> None:
+    """A real two-process DDP run (torchrun, gloo on the CPU, tests/_ddp_worker.py): 3 MAGs per step split 2 + 1.
+
+    Both ranks end with the same LoRA weights, which match one process training on all MAGs (the ranks' losses
+    weighted by their share of the step, ``rank_share``: equal weights would count the lone MAG twice); the
+    logged losses are the step's, not rank 0's share, and equal on both ranks; tokens and sequences are summed
+    over ranks; only rank 0 is the main process; a rank that cannot see rank 0's checkpoint refuses to resume.
+    """
+    import os
+    import subprocess
+    import sys
+
+    spec = method_spec("magdi")
+    items = build_items(_ddp_mags(), spec, tiny_tokenizer)
+    # the checkpoint rank 0 will find (rank 1's folder stays empty)
+    train(make_lm(), tiny_tokenizer, items, spec, _cfg(mags_per_step=3), tmp_path / "resume0", stop_after=1)
+    one_lm = make_lm()
+    one = train(one_lm, tiny_tokenizer, items, spec, _cfg(mags_per_step=3), tmp_path / "one")
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(
+        [str(ROOT / "src"), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])}
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "0",
+           "--rdzv_backend", "c10d", "--rdzv_endpoint", "localhost:0", str(ROOT / "tests" / "_ddp_worker.py"),
+           str(tmp_path)]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert (r0["main"], r1["main"], r0["world"], r1["world"]) == (True, False, 2, 2)
+    for r in (r0, r1):
+        assert "would resume from different steps [1, 0]" in r["resume_error"]
+        assert (r["steps"], r["tokens"], r["sequences"]) == (one.steps, one.tokens, one.n_unique_sequences)
+    assert r0["lora"] == r1["lora"] and r0["history"] == r1["history"]
+    for got, want in zip(r0["history"], one.history, strict=True):
+        for key in ("loss", "ntp", "contrastive", "graph", "grad_norm"):
+            assert got[key] == pytest.approx(want[key], rel=1e-4, abs=1e-6), (got["step"], key)
+    for name, want in _lora(one_lm).items():
+        torch.testing.assert_close(torch.tensor(r0["lora"][name]), want, rtol=1e-4, atol=1e-5)
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["checkpoint"]
 
 
 @pytest.mark.parametrize("rank", ["1", "0"])
@@ -677,7 +762,7 @@ def test_stage_train_writes_results_on_rank_0_only(tmp_path: Path, monkeypatch: 
     from magdi.config import parse_params
 
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("RANK", rank)
+    monkeypatch.setattr(pl, "is_main_process", lambda: rank == "0")
     monkeypatch.setenv("MAGDI_THREADS", str(torch.get_num_threads()))  # _set_threads: leave the process as it is
     calls: list[str] = []
     monkeypatch.setattr(st, "load_student", lambda *a, **k: (object(), object()))
@@ -718,21 +803,27 @@ def test_saved_adapter_config_does_not_depend_on_set_order(tmp_path: Path, tiny_
     assert set(PeftConfig.from_pretrained(str(tmp_path)).target_modules) == set(conf.target_modules)
 
 
-@pytest.mark.parametrize("stage", ["evaluate", "build_mags"])
+@pytest.mark.parametrize("stage", ["download", "prepare_student", "evaluate", "build_mags"])
+@pytest.mark.parametrize("variable", ["WORLD_SIZE", "OMPI_COMM_WORLD_SIZE"])
 def test_stages_other_than_training_refuse_a_multi_process_launch(monkeypatch: pytest.MonkeyPatch,
-                                                                  stage: str) -> None:
-    """Under `accelerate launch` every rank would decode every test question (or call every teacher) and write
-    the same files: those stages fail at once, before loading anything; one process (WORLD_SIZE 1) passes."""
+                                                                  stage: str, variable: str) -> None:
+    """Under `accelerate launch` (or an MPI launcher) every rank would repeat the stage's work (every test
+    question, every teacher call, every model file) and write the same files: those stages fail at once, before
+    loading anything; one process passes."""
     import magdi.pipeline as pl
     from magdi.config import parse_params
+    from magdi.launch import WORLD_SIZE_ENV
 
     p = parse_params(yaml.safe_load((ROOT / "params.yaml").read_text()))
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    call = {"evaluate": lambda: pl.stage_evaluate(p, "svamp", "magdi"),
+    for key in WORLD_SIZE_ENV:
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv(variable, "2")
+    call = {"download": lambda: pl.stage_download(p), "prepare_student": lambda: pl.stage_prepare_student(p),
+            "evaluate": lambda: pl.stage_evaluate(p, "svamp", "magdi"),
             "build_mags": lambda: pl.stage_build_mags(p, "svamp")}[stage]
     with pytest.raises(RuntimeError, match=rf"^{stage} runs as one process, not 2 .*accelerate launch"):
         call()
-    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.setenv(variable, "1")
     pl.single_process(stage)
 
 

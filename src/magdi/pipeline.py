@@ -6,12 +6,14 @@ Paths of every artefact are derived here from ``params.paths`` so stages, tests 
 from __future__ import annotations
 
 import json
+import os
 import re
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 from .config import MT_METHOD, MT_TASK, TASK_TYPES, Params
+from .launch import is_main_process, single_process
 
 ZS_TASK = "base"  # the "training task" of the zero-shot run: the base model, no adapter
 
@@ -77,21 +79,7 @@ def write_json(path: Path, obj: Any) -> None:
     tmp.replace(path)
 
 
-def single_process(stage: str) -> None:
-    """Refuse a multi-process launch of a stage that is not training. Only ``stages/train.py`` shards work across
-    ``accelerate launch`` processes; any other stage would repeat all of its work on every rank (every teacher
-    call, every test question) and write the same files from several processes at once."""
-    import os
-
-    n = int(os.environ.get("WORLD_SIZE", "1"))
-    if n > 1:
-        raise RuntimeError(f"{stage} runs as one process, not {n} (WORLD_SIZE={n}): run it with `dvc repro` or "
-                           f"`python stages/...`; only stages/train.py supports `accelerate launch`")
-
-
 def _set_threads() -> None:
-    import os
-
     import torch
 
     torch.set_num_threads(max(1, int(os.environ.get("MAGDI_THREADS", os.cpu_count() or 1))))
@@ -103,6 +91,7 @@ def _set_threads() -> None:
 def stage_download(p: Params) -> dict:
     from .data import prepare_all
 
+    single_process("download")
     summary = prepare_all(p.data.benchmarks, p.data.source, Path(p.paths.mirror_dir), Path(p.paths.data_dir),
                           p.data.n_train, p.data.n_test, p.data.seed, p.data.n_train_by_task)
     write_json(Path(p.paths.data_dir) / "summary.json", summary)
@@ -140,6 +129,7 @@ def stage_prepare_student(p: Params) -> dict:
     folder each under ``paths.students_dir``) as safetensors."""
     from .student import convert_student
 
+    single_process("prepare_student")
     assembled = assemble_models(p)
     info = convert_student(model_source(p, p.student.model), Path(p.paths.student_dir), p.student.dtype,
                            p.student.trust_remote_code)
@@ -302,9 +292,10 @@ def stage_train(p: Params, task: str, method: str, student: str | None = None) -
 
     from .student import attach_lora, load_student
     from .tracking import mlflow_run
-    from .train import build_items, is_main_process, method_spec, save_adapter, train, truncation_stats
+    from .train import build_items, method_spec, save_adapter, train, truncation_stats
 
     _set_threads()
+    main = is_main_process()  # before any loading: an inconsistent launch fails at once
     p, run = for_run(p, method, student)  # a scaling student: its own weights, train + experiments.scaling_train
     base, cfg = p.train_for(method if method != MT_METHOD else "magdi", task)  # MT_TASK has no task_train entry
     method = run
@@ -315,7 +306,7 @@ def stage_train(p: Params, task: str, method: str, student: str | None = None) -
     lm, tok = load_student(p.paths.student_dir, p.student.dtype, p.student.trust_remote_code)
     lm = attach_lora(lm, p.student.lora.r, p.student.lora.alpha, p.student.lora.dropout, p.student.lora.target_modules)
     items = build_items(mags, spec, tok, cfg.graph)
-    if not is_main_process():  # DDP ranks > 0: train in lockstep; rank 0 alone writes the adapter and metrics
+    if not main:  # DDP ranks > 0: train in lockstep; rank 0 alone writes the adapter and metrics
         train(lm, tok, items, spec, cfg, out)
         return {}
     run_params = {"task": task, "method": method, "base_method": base, "train": cfg.model_dump(),

@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import random
 import time
 import warnings
@@ -503,6 +502,48 @@ def grad_norm(accel, params: Iterable[nn.Parameter], max_norm: float | None) -> 
     return float(torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None]))
 
 
+def rank_share(own: int, step_items: int, processes: int) -> float:
+    """The factor on a rank's loss under DDP, which averages the ranks' gradients with equal weights.
+
+    A rank's loss is a mean over its own MAGs' chains (pairs, nodes), so equal weights would count a MAG on a
+    rank with fewer of them (a step of 5 MAGs on 2 ranks: 3 + 2) more than one on a fuller rank, and a rank left
+    without a MAG (it reruns the step's first MAG to keep the collectives in lockstep) would add that MAG a second
+    time. Weighting rank r by ``n_r * processes / n`` weights each rank by its share of the step's MAGs: the
+    one-process mean when MAGs contribute alike, and exactly 0 for a rank without a share. One process: 1.
+    """
+    return own * processes / step_items
+
+
+def step_losses(accel, out: dict[str, torch.Tensor], own: int, step_items: int) -> dict[str, float]:
+    """The step's logged losses over all ranks: each rank's values weighted by its share of the step's MAGs
+    (as ``rank_share`` weights the gradients). One process logs its own values as they are, no collective."""
+    if accel.num_processes == 1:
+        return {k: float(v.detach()) for k, v in out.items()}
+    vals = torch.stack([v.detach().float().reshape(()) for v in out.values()]) * own
+    total = accel.reduce(vals, reduction="sum") / step_items
+    return dict(zip(out, total.tolist(), strict=True))
+
+
+def summed_over_ranks(accel, *counts: int) -> tuple[int, ...]:
+    """Counts (tokens, sequences) of the whole run, not of one rank's share: summed over the DDP processes."""
+    if accel.num_processes == 1:
+        return counts
+    total = accel.reduce(torch.tensor(counts, dtype=torch.long, device=accel.device), reduction="sum")
+    return tuple(int(c) for c in total.tolist())
+
+
+def same_start(accel, start: int, ckpt: Path) -> None:
+    """Every rank must resume from the same step. Rank 0 alone writes checkpoints; a rank that cannot see them
+    (no shared filesystem across nodes) would start over at step 0 while the others resume, and the collectives
+    would pair different steps (a hang or a silently wrong run). Refused in one line on every rank instead."""
+    if accel.num_processes == 1:
+        return
+    starts = accel.gather(torch.tensor([start], dtype=torch.long, device=accel.device)).tolist()
+    if len(set(starts)) > 1:
+        raise RuntimeError(f"DDP ranks would resume from different steps {starts}: {ckpt} must be on a filesystem "
+                           f"every process sees (rank 0 alone writes it)")
+
+
 def train(
     lm: nn.Module,
     tokenizer,
@@ -551,6 +592,7 @@ def train(
             warnings.simplefilter("ignore", UserWarning)
             for _ in range(optimizer_steps(start, cfg.grad_accum)):  # it counts updates, not micro-steps
                 sched.step()
+    same_start(accel, start, ckpt)
     model, opt = accel.prepare(model, opt)
     core: MagdiStudent = accel.unwrap_model(model)
     model.train()
@@ -560,22 +602,26 @@ def train(
         if stop_after is not None and step >= stop_after:
             break
         torch.manual_seed(cfg.seed * 100003 + step)  # dropout masks independent of resume point
-        idx = flat_steps[step][accel.process_index :: accel.num_processes] or flat_steps[step][:1]
-        batch_items = [items[i] for i in idx]
+        own = flat_steps[step][accel.process_index :: accel.num_processes]
+        batch_items = [items[i] for i in own or flat_steps[step][:1]]  # no share: run the step anyway, weight 0
+        share = rank_share(len(own), len(flat_steps[step]), accel.num_processes)
         enc = encode_batch(batch_items, tokenizer, cfg).to(accel.device)
         boundary = is_update_step(step, total, cfg.grad_accum)
         window = accumulation_window(step, total, cfg.grad_accum)
         with contextlib.nullcontext() if boundary else accel.no_sync(model):
             out = model(enc, batch_items, cfg.seed * 7919 + step)
-            accel.backward(out["loss"] / window)  # the update is the mean over its micro-steps
-        rec = {"step": step + 1, **{k: float(v.detach()) for k, v in out.items()}, "lr": sched.get_last_lr()[0]}
+            loss = out["loss"] if share == 1 else out["loss"] * share  # one process: share 1, untouched
+            accel.backward(loss / window)  # the update is the mean over its micro-steps
+        rec = {"step": step + 1, **step_losses(accel, out, len(own), len(flat_steps[step])),
+               "lr": sched.get_last_lr()[0]}
         if boundary:  # clip the accumulated gradient only, then one update and one scheduler step
             rec["grad_norm"] = grad_norm(accel, params, cfg.max_grad_norm)
             opt.step()
             sched.step()
             opt.zero_grad()
-        tokens += enc.n_tokens
-        uniq += enc.chain_mask.shape[0]  # unique (prompt, chain) sequences, either core
+        if own:  # a rank that only kept the lockstep trained on nothing
+            tokens += enc.n_tokens
+            uniq += enc.chain_mask.shape[0]  # unique (prompt, chain) sequences, either core
         history.append(rec)
         if log_fn:
             log_fn(rec)
@@ -585,17 +631,9 @@ def train(
         if accel.is_main_process and boundary and ((step + 1) % cfg.checkpoint_every == 0 or step + 1 == total):
             _save_ckpt(ckpt, core, opt, step + 1, history)
     bar.close()
+    tokens, uniq = summed_over_ranks(accel, tokens, uniq)
     return TrainResult(steps=len(history), n_items=len(items), n_unique_sequences=uniq, tokens=tokens,
                        seconds=time.time() - t0, history=history, resumed_from=start)
-
-
-def is_main_process() -> bool:
-    """Whether this process writes a run's results. Under ``accelerate launch`` (DDP) every process runs the stage
-    and trains in lockstep, with identical adapters; rank 0 alone saves the adapter, hashes it and writes metrics
-    and MLflow, so no file is written by several processes at once (a digest of a half-written file, interleaved
-    JSON). Read from the launcher's ``RANK`` (torchrun / accelerate set it) because it is needed before the
-    Accelerator exists; a plain process has none and is the main one."""
-    return int(os.environ.get("RANK", "0")) == 0
 
 
 def save_adapter(lm: nn.Module, out_dir: Path) -> str:
