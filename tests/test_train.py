@@ -669,7 +669,7 @@ def test_launched_processes_reads_the_launchers_variables(monkeypatch: pytest.Mo
 
 def test_a_plain_process_is_the_main_one_and_an_unseen_launch_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     """One process (no launcher) writes its results. A launcher's N processes that accelerate runs as independent
-    single processes (torchrun without GPUs and without --cpu) would each train everything and write the same
+    single processes (torchrun without GPUs and without ACCELERATE_USE_CPU=1) would each train everything and write the same
     files: refused in one line saying what to launch. (Real ranks: test_ddp_on_two_cpu_processes.)"""
     from magdi.launch import WORLD_SIZE_ENV, is_main_process
 
@@ -678,7 +678,7 @@ def test_a_plain_process_is_the_main_one_and_an_unseen_launch_is_refused(monkeyp
     monkeypatch.delenv("ACCELERATE_USE_CPU", raising=False)
     assert is_main_process() is True
     monkeypatch.setenv("WORLD_SIZE", "2")
-    with pytest.raises(RuntimeError, match=r"started 2 processes but accelerate runs them as 1 .*--cpu"):
+    with pytest.raises(RuntimeError, match=r"started 2 processes but accelerate runs them as 1 .*ACCELERATE_USE_CPU=1 torchrun"):
         is_main_process()
 
 

@@ -39,7 +39,7 @@ def is_main_process() -> bool:
     accelerate's own answer (``PartialState``, the state the training loop's ``Accelerator`` shares, so the
     stage's writes and the loop's checkpoints cannot disagree), including MPI launchers that set no ``RANK``.
     A launch of N processes that accelerate treats as N independent single processes (torchrun on a machine
-    without GPUs and without ``--cpu``) would train N full copies that all write the same files: refused, with
+    without GPUs and without ``ACCELERATE_USE_CPU=1``) would train N full copies that all write the same files: refused, with
     what to launch instead.
     """
     from accelerate import PartialState
@@ -49,6 +49,6 @@ def is_main_process() -> bool:
     n = launched_processes()
     if state.num_processes != n:
         raise RuntimeError(f"the launcher started {n} processes but accelerate runs them as {state.num_processes} "
-                           f"({state.distributed_type}): with no GPU, launch CPU DDP with `accelerate launch --cpu` "
-                           f"(or set ACCELERATE_USE_CPU=1 for torchrun)")
+                           f"({state.distributed_type}): for DDP on CPUs set ACCELERATE_USE_CPU=1 "
+                           f"(`ACCELERATE_USE_CPU=1 torchrun --nproc_per_node {n} stages/train.py ...`)")
     return state.is_main_process
