@@ -17,7 +17,7 @@ import torch
 from conftest import build_lm, build_tokenizer
 from magdi.launch import is_main_process, launched_processes
 from magdi.train import build_items, method_spec, train
-from test_train import _cfg, _ddp_mags, _lora
+from test_train import _ddp_cfg, _ddp_mags, _lora
 
 
 def main(out: Path) -> None:
@@ -29,11 +29,11 @@ def main(out: Path) -> None:
     report = {"rank": rank, "main": is_main_process(), "world": launched_processes()}
     # rank 0 finds the checkpoint the test left in its folder, rank 1 an empty folder: refused on every rank
     try:
-        train(build_lm(tok), tok, items, spec, _cfg(mags_per_step=3), out / f"resume{rank}")
+        train(build_lm(tok), tok, items, spec, _ddp_cfg(), out / f"resume{rank}")
     except RuntimeError as e:
         report["resume_error"] = str(e)
     lm = build_lm(tok)
-    res = train(lm, tok, items, spec, _cfg(mags_per_step=3), out / "run")
+    res = train(lm, tok, items, spec, _ddp_cfg(), out / "run")
     report.update(steps=res.steps, tokens=res.tokens, sequences=res.n_unique_sequences, history=res.history,
                   lora={k: v.tolist() for k, v in _lora(lm).items()})
     (out / f"rank{rank}.json").write_text(json.dumps(report))

@@ -694,9 +694,10 @@ def test_rank_share_by_hand(own: int, step_items: int, processes: int, share: fl
 
 
 def _ddp_mags() -> list[MAG]:
-    """6 MAGs of one shape (same chains, pairs and labelled nodes each), so the mean over a step's MAGs is the
+    """7 MAGs of one shape (same chains, pairs and labelled nodes each), so the mean over a step's MAGs is the
     same whichever way the MAGs are split across ranks, and DDP must reproduce one process's training."""
-    words = ["apples", "river bank", "options (A) (B) (C)", "confidence", "previous round", "step by step"]
+    words = ["apples", "river bank", "options (A) (B) (C)", "confidence", "previous round", "step by step",
+             "the answer"]
     mags = []
     for i, w in enumerate(words):  # different texts (so the MAGs pull the weights apart), one structure
         right, wrong = str(i + 3), str(i + 9)
@@ -710,8 +711,29 @@ def _ddp_mags() -> list[MAG]:
     return mags
 
 
+def test_checkpoint_id_tells_checkpoints_apart(tmp_path: Path) -> None:
+    """What ranks compare before resuming: none -> 0; the same state.json bytes -> the same id on every machine;
+    a stale copy at the same step (other history) -> another id."""
+    from magdi.train import checkpoint_id
+
+    a, b, c = (tmp_path / n for n in "abc")
+    for d, text in ((a, '{"step": 2, "history": [1.5]}'), (b, '{"step": 2, "history": [1.5]}'),
+                    (c, '{"step": 2, "history": [1.25]}')):
+        d.mkdir()
+        (d / "state.json").write_text(text)
+    assert checkpoint_id(None) == 0
+    assert checkpoint_id(a) == checkpoint_id(b) != checkpoint_id(c)
+    assert -(2**63) <= checkpoint_id(c) < 2**63  # fits the int64 tensor the ranks gather
+
+
+def _ddp_cfg() -> TrainCfg:
+    return _cfg(mags_per_step=3, grad_accum=2)
+
+
 def test_ddp_on_two_cpu_processes(make_lm, tiny_tokenizer, tmp_path: Path) -> None:
-    """A real two-process DDP run (torchrun, gloo on the CPU, tests/_ddp_worker.py): 3 MAGs per step split 2 + 1.
+    """A real two-process DDP run (torchrun, gloo on the CPU, tests/_ddp_worker.py): 7 MAGs, 3 per step (split
+    2 + 1, and a step of 1 MAG that leaves rank 1 without one), 2 steps per update (no_sync, then a short last
+    window).
 
     Both ranks end with the same LoRA weights, which match one process training on all MAGs (the ranks' losses
     weighted by their share of the step, ``rank_share``: equal weights would count the lone MAG twice); the
@@ -725,9 +747,10 @@ def test_ddp_on_two_cpu_processes(make_lm, tiny_tokenizer, tmp_path: Path) -> No
     spec = method_spec("magdi")
     items = build_items(_ddp_mags(), spec, tiny_tokenizer)
     # the checkpoint rank 0 will find (rank 1's folder stays empty)
-    train(make_lm(), tiny_tokenizer, items, spec, _cfg(mags_per_step=3), tmp_path / "resume0", stop_after=1)
+    train(make_lm(), tiny_tokenizer, items, spec, _ddp_cfg(), tmp_path / "resume0", stop_after=2)
     one_lm = make_lm()
-    one = train(one_lm, tiny_tokenizer, items, spec, _cfg(mags_per_step=3), tmp_path / "one")
+    one = train(one_lm, tiny_tokenizer, items, spec, _ddp_cfg(), tmp_path / "one")
+    assert one.steps == 3 and sorted(len(s) for s in plan_steps(items, 3, 0, 0, _ddp_cfg().bucket_steps)) == [1, 3, 3]
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(
         [str(ROOT / "src"), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])}
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
@@ -740,11 +763,12 @@ def test_ddp_on_two_cpu_processes(make_lm, tiny_tokenizer, tmp_path: Path) -> No
     r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
     assert (r0["main"], r1["main"], r0["world"], r1["world"]) == (True, False, 2, 2)
     for r in (r0, r1):
-        assert "would resume from different steps [1, 0]" in r["resume_error"]
+        assert "would resume from different checkpoints (steps [2, 0])" in r["resume_error"]
         assert (r["steps"], r["tokens"], r["sequences"]) == (one.steps, one.tokens, one.n_unique_sequences)
     assert r0["lora"] == r1["lora"] and r0["history"] == r1["history"]
     for got, want in zip(r0["history"], one.history, strict=True):
-        for key in ("loss", "ntp", "contrastive", "graph", "grad_norm"):
+        assert set(got) == set(want)  # grad_norm on update steps only
+        for key in set(want) & {"loss", "ntp", "contrastive", "graph", "grad_norm"}:
             assert got[key] == pytest.approx(want[key], rel=1e-4, abs=1e-6), (got["step"], key)
     for name, want in _lora(one_lm).items():
         torch.testing.assert_close(torch.tensor(r0["lora"][name]), want, rtol=1e-4, atol=1e-5)
@@ -803,7 +827,7 @@ def test_saved_adapter_config_does_not_depend_on_set_order(tmp_path: Path, tiny_
     assert set(PeftConfig.from_pretrained(str(tmp_path)).target_modules) == set(conf.target_modules)
 
 
-@pytest.mark.parametrize("stage", ["download", "prepare_student", "evaluate", "build_mags"])
+@pytest.mark.parametrize("stage", ["download", "prepare_student", "evaluate", "build_mags", "report"])
 @pytest.mark.parametrize("variable", ["WORLD_SIZE", "OMPI_COMM_WORLD_SIZE"])
 def test_stages_other_than_training_refuse_a_multi_process_launch(monkeypatch: pytest.MonkeyPatch,
                                                                   stage: str, variable: str) -> None:
@@ -813,6 +837,7 @@ def test_stages_other_than_training_refuse_a_multi_process_launch(monkeypatch: p
     import magdi.pipeline as pl
     from magdi.config import parse_params
     from magdi.launch import WORLD_SIZE_ENV
+    from magdi.report import build_report
 
     p = parse_params(yaml.safe_load((ROOT / "params.yaml").read_text()))
     for key in WORLD_SIZE_ENV:
@@ -820,7 +845,8 @@ def test_stages_other_than_training_refuse_a_multi_process_launch(monkeypatch: p
     monkeypatch.setenv(variable, "2")
     call = {"download": lambda: pl.stage_download(p), "prepare_student": lambda: pl.stage_prepare_student(p),
             "evaluate": lambda: pl.stage_evaluate(p, "svamp", "magdi"),
-            "build_mags": lambda: pl.stage_build_mags(p, "svamp")}[stage]
+            "build_mags": lambda: pl.stage_build_mags(p, "svamp"),
+            "report": lambda: build_report(p, Path("never-written"))}[stage]
     with pytest.raises(RuntimeError, match=rf"^{stage} runs as one process, not 2 .*accelerate launch"):
         call()
     monkeypatch.setenv(variable, "1")

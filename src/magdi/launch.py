@@ -1,7 +1,7 @@
 """Who a process is in a multi-process launch (``accelerate launch``, torchrun, an MPI launcher), in one place.
 
-Only training shards its work across processes (DDP, ``magdi.train.train``); every other stage refuses a
-multi-process launch, because each rank would repeat all of its work (every teacher call, every test question)
+Only training shards its work across processes (DDP, ``magdi.train.train``); every other stage (download,
+prepare_student, build_mags, the evaluations, report) refuses a multi-process launch, because each rank would repeat all of its work (every teacher call, every test question)
 and write the same files. Inside training, one definition of "the main process" decides who writes: the
 stage's adapter, digest and metrics and the loop's checkpoints both ask accelerate's ``PartialState``.
 """
@@ -48,7 +48,12 @@ def is_main_process() -> bool:
     state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))  # as AcceleratorState reads it
     n = launched_processes()
     if state.num_processes != n:
+        import torch
+
+        how = ("launch with `accelerate launch --config_file configs/accelerate_ddp.yaml` (or torchrun)"
+               if torch.cuda.is_available() else
+               f"for DDP on CPUs set ACCELERATE_USE_CPU=1 (`ACCELERATE_USE_CPU=1 torchrun --nproc_per_node {n} "
+               f"stages/train.py ...`)")
         raise RuntimeError(f"the launcher started {n} processes but accelerate runs them as {state.num_processes} "
-                           f"({state.distributed_type}): for DDP on CPUs set ACCELERATE_USE_CPU=1 "
-                           f"(`ACCELERATE_USE_CPU=1 torchrun --nproc_per_node {n} stages/train.py ...`)")
+                           f"({state.distributed_type}): {how}")
     return state.is_main_process

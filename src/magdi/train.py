@@ -505,11 +505,13 @@ def grad_norm(accel, params: Iterable[nn.Parameter], max_norm: float | None) -> 
 def rank_share(own: int, step_items: int, processes: int) -> float:
     """The factor on a rank's loss under DDP, which averages the ranks' gradients with equal weights.
 
-    A rank's loss is a mean over its own MAGs' chains (pairs, nodes), so equal weights would count a MAG on a
-    rank with fewer of them (a step of 5 MAGs on 2 ranks: 3 + 2) more than one on a fuller rank, and a rank left
-    without a MAG (it reruns the step's first MAG to keep the collectives in lockstep) would add that MAG a second
-    time. Weighting rank r by ``n_r * processes / n`` weights each rank by its share of the step's MAGs: the
-    one-process mean when MAGs contribute alike, and exactly 0 for a rank without a share. One process: 1.
+    A rank's loss is a mean over its own items' chains (pairs, nodes; an item is a MAG, two for dss_mt), so equal
+    weights would count an item on a rank with fewer of them (a step of 5 on 2 ranks: 3 + 2) more than one on a
+    fuller rank, and a rank left without an item (it reruns the step's first item to keep the collectives in
+    lockstep) would add that item a second time. Weighting rank r by ``n_r * processes / n`` weights each rank by
+    its share of the step's items: the one-process mean when items contribute alike (as many positive chains,
+    pairs and labelled nodes each; otherwise close to it), and exactly 0 for a rank without a share. One
+    process: 1. (Contrastive pairs drawn at random are drawn per rank, so they depend on the split.)
     """
     return own * processes / step_items
 
@@ -532,16 +534,30 @@ def summed_over_ranks(accel, *counts: int) -> tuple[int, ...]:
     return tuple(int(c) for c in total.tolist())
 
 
-def same_start(accel, start: int, ckpt: Path) -> None:
-    """Every rank must resume from the same step. Rank 0 alone writes checkpoints; a rank that cannot see them
-    (no shared filesystem across nodes) would start over at step 0 while the others resume, and the collectives
-    would pair different steps (a hang or a silently wrong run). Refused in one line on every rank instead."""
+def checkpoint_id(found: Path | None) -> int:
+    """Which checkpoint a rank loaded, as a number every rank can compare: the first 8 bytes of the sha256 of its
+    ``state.json`` (step, optimiser settings, loss history), 0 for none. Bytes, not tensor sums: ranks on different
+    machines sum floats in different orders."""
+    import hashlib
+
+    if found is None:
+        return 0
+    return int.from_bytes(hashlib.sha256((found / "state.json").read_bytes()).digest()[:8], "big", signed=True)
+
+
+def same_start(accel, start: int, found: Path | None, ckpt: Path) -> None:
+    """Every rank must resume from the same checkpoint. Rank 0 alone writes them; a rank that cannot see them (no
+    shared filesystem across nodes) would start over at step 0 while the others resume, and the collectives would
+    pair different steps (a hang or a silently wrong run); a rank reading a stale node-local copy would resume at
+    the same step with other AdamW state (DDP broadcasts rank 0's parameters, not the optimiser's). Refused in one
+    line on every rank instead."""
     if accel.num_processes == 1:
         return
-    starts = accel.gather(torch.tensor([start], dtype=torch.long, device=accel.device)).tolist()
-    if len(set(starts)) > 1:
-        raise RuntimeError(f"DDP ranks would resume from different steps {starts}: {ckpt} must be on a filesystem "
-                           f"every process sees (rank 0 alone writes it)")
+    mine = torch.tensor([start, checkpoint_id(found)], dtype=torch.long, device=accel.device)
+    seen = accel.gather(mine).reshape(-1, 2).tolist()
+    if len({tuple(r) for r in seen}) > 1:
+        raise RuntimeError(f"DDP ranks would resume from different checkpoints (steps {[r[0] for r in seen]}): "
+                           f"{ckpt} must be one folder every process sees (rank 0 alone writes it)")
 
 
 def train(
@@ -568,7 +584,8 @@ def train(
     # process that trains several runs (tests, one-process matrices) starts each from a clean state. The
     # distributed (partial) state is kept: it belongs to the launcher.
     AcceleratorState._reset_state()
-    # accumulation is counted here, not by accelerate: its counter has no "last micro-step of the run"
+    # accumulation is counted here, not by accelerate: its counter has no "last micro-step of the run". Under a
+    # launcher the process group already exists (magdi.launch.is_main_process): its options go there
     accel = Accelerator(mixed_precision="bf16" if cfg.bf16 else "no",
                         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
     check_distributed(accel.distributed_type)
@@ -592,7 +609,7 @@ def train(
             warnings.simplefilter("ignore", UserWarning)
             for _ in range(optimizer_steps(start, cfg.grad_accum)):  # it counts updates, not micro-steps
                 sched.step()
-    same_start(accel, start, ckpt)
+    same_start(accel, start, found, ckpt)
     model, opt = accel.prepare(model, opt)
     core: MagdiStudent = accel.unwrap_model(model)
     model.train()

@@ -41,6 +41,9 @@ def build_report(params: Params, out_dir: Path, metrics_dir: Path = Path("metric
                  mags_dir: Path | None = None, runs_dir: Path | None = None) -> list[Path]:
     """Write every table (markdown + CSV), figure (PNG), the significance tests, the HTML pages and the README
     to ``out_dir``; return their paths. Per-question data comes from ``runs_dir`` (``paths.runs_dir``)."""
+    from ..launch import single_process
+
+    single_process("report")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     m = Metrics(Path(metrics_dir), Path(mags_dir or params.paths.mags_dir), Path(runs_dir or params.paths.runs_dir))
