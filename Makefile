@@ -7,8 +7,8 @@ export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM := false
 export MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR := false
-# WARM=0 (default): each DVC stage is a fresh Python process (reruns matched bit for bit, but for one stage whose
-# decode took one of two outcomes per process; README, "Shared start-up"). WARM=1: every stage runs in a fork of
+# WARM=0 (default): each DVC stage is a fresh Python process (reruns mostly match bit for bit; a first-call kernel
+# effect moves some decodes and the fp32 SmolLM2 adapter now and then: README, "Shared start-up"). WARM=1: every stage runs in a fork of
 # one server process that imported torch, transformers, peft, mlflow, ... once (src/magdi/warm/; socket in a private
 # temp dir, server stopped when dvc ends, whatever the outcome): ~9 s less per stage, but some forks gave the
 # SmolLM2 student's stages different results (cause not found), so it is opt-in. DVC runs one command per stage
