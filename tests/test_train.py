@@ -653,31 +653,36 @@ def test_fsdp_and_deepspeed_refused_before_any_step() -> None:
         check_distributed(ok)
 
 
+@pytest.fixture
+def no_launcher(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
+    """The environment of a plain process: none of the launchers' world-size variables, no ACCELERATE_USE_CPU."""
+    from magdi.launch import WORLD_SIZE_ENV
+
+    for key in (*WORLD_SIZE_ENV, "ACCELERATE_USE_CPU"):
+        monkeypatch.delenv(key, raising=False)
+    return monkeypatch
+
+
 @pytest.mark.parametrize(("env", "n"), [({}, 1), ({"WORLD_SIZE": "4"}, 4), ({"OMPI_COMM_WORLD_SIZE": "3"}, 3),
                                          ({"PMI_SIZE": "2", "WORLD_SIZE": "1"}, 1), ({"MV2_COMM_WORLD_SIZE": "2"}, 2)])
-def test_launched_processes_reads_the_launchers_variables(monkeypatch: pytest.MonkeyPatch, env: dict, n: int) -> None:
+def test_launched_processes_reads_the_launchers_variables(no_launcher: pytest.MonkeyPatch, env: dict, n: int) -> None:
     """torchrun / accelerate set WORLD_SIZE, MPI launchers their own variables (accelerate's list and order: the
     first one set wins); none set = one plain process."""
-    from magdi.launch import WORLD_SIZE_ENV, launched_processes
+    from magdi.launch import launched_processes
 
-    for key in WORLD_SIZE_ENV:
-        monkeypatch.delenv(key, raising=False)
     for key, value in env.items():
-        monkeypatch.setenv(key, value)
+        no_launcher.setenv(key, value)
     assert launched_processes() == n
 
 
-def test_a_plain_process_is_the_main_one_and_an_unseen_launch_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_plain_process_is_the_main_one_and_an_unseen_launch_is_refused(no_launcher: pytest.MonkeyPatch) -> None:
     """One process (no launcher) writes its results. A launcher's N processes that accelerate runs as independent
     single processes (torchrun without GPUs and without ACCELERATE_USE_CPU=1) would each train everything and write the same
     files: refused in one line saying what to launch. (Real ranks: test_ddp_on_two_cpu_processes.)"""
-    from magdi.launch import WORLD_SIZE_ENV, is_main_process
+    from magdi.launch import is_main_process
 
-    for key in WORLD_SIZE_ENV:
-        monkeypatch.delenv(key, raising=False)
-    monkeypatch.delenv("ACCELERATE_USE_CPU", raising=False)
     assert is_main_process() is True
-    monkeypatch.setenv("WORLD_SIZE", "2")
+    no_launcher.setenv("WORLD_SIZE", "2")
     with pytest.raises(RuntimeError, match=r"started 2 processes but accelerate runs them as 1 .*ACCELERATE_USE_CPU=1 torchrun"):
         is_main_process()
 
@@ -736,7 +741,8 @@ def test_ddp_on_two_cpu_processes(make_lm, tiny_tokenizer, tmp_path: Path) -> No
     window).
 
     Both ranks end with the same LoRA weights, which match one process training on all MAGs (the ranks' losses
-    weighted by their share of the step, ``rank_share``: equal weights would count the lone MAG twice); the
+    weighted by their share of the step, ``rank_share``: equal weights would give the lone MAG of a 2 + 1 split
+    half the step's weight instead of a third); the
     logged losses are the step's, not rank 0's share, and equal on both ranks; tokens and sequences are summed
     over ranks; only rank 0 is the main process; a rank that cannot see rank 0's checkpoint refuses to resume.
     """
@@ -829,27 +835,24 @@ def test_saved_adapter_config_does_not_depend_on_set_order(tmp_path: Path, tiny_
 
 @pytest.mark.parametrize("stage", ["download", "prepare_student", "evaluate", "build_mags", "report"])
 @pytest.mark.parametrize("variable", ["WORLD_SIZE", "OMPI_COMM_WORLD_SIZE"])
-def test_stages_other_than_training_refuse_a_multi_process_launch(monkeypatch: pytest.MonkeyPatch,
+def test_stages_other_than_training_refuse_a_multi_process_launch(no_launcher: pytest.MonkeyPatch,
                                                                   stage: str, variable: str) -> None:
     """Under `accelerate launch` (or an MPI launcher) every rank would repeat the stage's work (every test
     question, every teacher call, every model file) and write the same files: those stages fail at once, before
     loading anything; one process passes."""
     import magdi.pipeline as pl
     from magdi.config import parse_params
-    from magdi.launch import WORLD_SIZE_ENV
     from magdi.report import build_report
 
     p = parse_params(yaml.safe_load((ROOT / "params.yaml").read_text()))
-    for key in WORLD_SIZE_ENV:
-        monkeypatch.delenv(key, raising=False)
-    monkeypatch.setenv(variable, "2")
+    no_launcher.setenv(variable, "2")
     call = {"download": lambda: pl.stage_download(p), "prepare_student": lambda: pl.stage_prepare_student(p),
             "evaluate": lambda: pl.stage_evaluate(p, "svamp", "magdi"),
             "build_mags": lambda: pl.stage_build_mags(p, "svamp"),
             "report": lambda: build_report(p, Path("never-written"))}[stage]
     with pytest.raises(RuntimeError, match=rf"^{stage} runs as one process, not 2 .*accelerate launch"):
         call()
-    monkeypatch.setenv(variable, "1")
+    no_launcher.setenv(variable, "1")
     pl.single_process(stage)
 
 
