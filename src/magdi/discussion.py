@@ -102,6 +102,7 @@ class LocalBackend:
             by_len[requests[i].max_new_tokens].append(i)
         if todo:
             self._ensure_loaded()
+            made_by = self._made_by()
         for max_new, rows in by_len.items():
             for start in range(0, len(rows), self.batch_size):
                 idx = rows[start : start + self.batch_size]
@@ -113,8 +114,16 @@ class LocalBackend:
                     seed=requests[idx[0]].seed + int(keys[idx[0]][:6], 16))
                 for i, g in zip(idx, gens, strict=True):
                     got[i] = {"text": RESPONSE_PREFIX + g.text, "n_tokens": g.n_tokens}
-                    self.cache.put(keys[i], got[i])
+                    self.cache.put(keys[i], {**got[i], **made_by})
         return got  # type: ignore[return-value]
+
+    def _made_by(self) -> dict[str, str]:
+        """Recorded beside each new reply (not in its key, so the cache replays on any machine): the dtype the
+        model decoded in and the CPU class, whose kernels decide the exact sampled tokens (``magdi.precision``)."""
+        from .precision import capabilities, cpu_class
+
+        dtype = str(getattr(self.model, "dtype", "unknown")).removeprefix("torch.")
+        return {"precision": dtype, "cpu_class": cpu_class(capabilities())}
 
     def _key_at(self, r: Request, max_new_tokens: int) -> str:
         return cache_key(self.model_id, r.messages, {**_sampling(r), "max_new_tokens": max_new_tokens})

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import sys
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -213,7 +214,7 @@ def make_agents(p: Params, student=None):
                 backends[path] = LocalBackend(model, tok, f"local:{a.model}",
                                               CallCache(cache_dir / f"local_{_safe(a.model)}.jsonl", limits),
                                               p.teachers.batch_size * sharing,
-                                              loader=partial(_load_teacher, p, a.model, a.dtype or p.student.gen_dtype))
+                                              loader=partial(_load_teacher, p, a.model, p.teacher_precision(a).dtype))
             backend = backends[path]
         agents.append(Agent(a.name, backend, a.persona, a.temperature, a.top_p, a.seed, a.max_new_tokens))
     return agents
@@ -266,6 +267,12 @@ def stage_build_mags(p: Params, task: str) -> dict:
     if p.teachers.source != "official":
         stats["lengths"] = length_stats(mags, {a.name: a.max_new_tokens for a in p.teachers.agents
                                                if a.backend != "reference"})
+    if p.teachers.source != "official":  # the local teachers' precision on this machine (cached replies keep theirs)
+        from .precision import capabilities, cpu_class
+
+        stats["teacher_precision"] = {a.name: p.teacher_precision(a).dtype for a in p.teachers.agents
+                                      if a.backend == "local"}
+        stats["cpu_class"] = cpu_class(capabilities())
     stats["team_accuracy"] = sum(bool(m.team_correct) for m in mags) / len(mags) if mags else 0.0
     stats["teacher_tokens_per_question"] = sum(n.n_tokens for m in mags for n in m.nodes) / len(mags) if mags else 0.0
     write_json(Path("metrics") / "mags" / f"{task}.json", stats)
@@ -292,13 +299,17 @@ def stage_train(p: Params, task: str, method: str, student: str | None = None) -
 
     from .student import attach_lora, load_student
     from .tracking import mlflow_run
-    from .train import build_items, method_spec, save_adapter, train, truncation_stats
+    from .evaluate import numerics_fingerprint
+    from .train import build_items, method_spec, save_adapter, train, training_precision, truncation_stats
 
     _set_threads()
     main = is_main_process()  # before any loading: an inconsistent launch fails at once
     p, run = for_run(p, method, student)  # a scaling student: its own weights, train + experiments.scaling_train
     base, cfg = p.train_for(method if method != MT_METHOD else "magdi", task)  # MT_TASK has no task_train entry
     method = run
+    prec = training_precision(cfg.bf16)  # resolved once, here: the loop below runs what this line logs
+    log_precision("train", prec)
+    cfg = cfg.model_copy(update={"bf16": prec.bf16})
     spec = method_spec(base)
     out = train_dir(p, task, method)
     mags = _select_mags(p, task, cfg)
@@ -324,7 +335,10 @@ def stage_train(p: Params, task: str, method: str, student: str | None = None) -
                    "updates": sum("grad_norm" in r for r in res.history), "max_grad_norm": cfg.max_grad_norm,
                    **truncation_stats(items, tok, cfg.max_prompt_tokens, cfg.max_target_tokens),
                    "final_loss": res.history[-1]["loss"] if res.history else None,
-                   "adapter_sha256": adapter_sha256}  # two runs trained alike iff equal
+                   "adapter_sha256": adapter_sha256,  # two runs trained alike iff equal
+                   # what the numbers depend on besides code and data: the kernels and the resolved precision
+                   "numerics": {**numerics_fingerprint(),
+                                "precision": {"train": res.precision, "reason": res.precision_reason}}}
         mlf.log_metrics({k: float(v) for k, v in summary.items() if isinstance(v, int | float)})
     write_json(metrics_file(task, method, "train"), summary)
     import csv
@@ -360,13 +374,28 @@ def _eval_one(p: Params, generator, tok, task: str, out: Path, prefix: str, k: i
     res = summarise(preds, p.evaluate.bootstrap_samples, p.evaluate.seed, p.evaluate.limit(task))
     res["max_new_tokens"] = p.evaluate.limit(task)
     res["generation_seconds"] = round(seconds, 2)  # the compute part of the stage (reports/benchmark_pipeline.md)
-    res["numerics"] = numerics_fingerprint()  # the kernels behind the exact tokens (why two runs may differ)
+    # the kernels and the resolved precision behind the exact tokens (why two runs may differ)
+    res["numerics"] = {**numerics_fingerprint(), "precision": generation_precision(p)}
     res["outputs_sha256"] = outputs_digest(preds)  # two runs decoded alike iff equal
     out.mkdir(parents=True, exist_ok=True)
     with (out / predictions_name(task, k)).open("w") as f:
         for row in prediction_rows(preds):
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
     return res
+
+
+def log_precision(what: str, prec) -> None:
+    """One line at start-up saying which precision runs and why (``magdi.precision``)."""
+    print(f"precision: {what} {prec.reason}", file=sys.stderr, flush=True)
+
+
+def generation_precision(p: Params) -> dict[str, str]:
+    """The evaluation's generation dtype as run: vLLM takes ``student.dtype``; transformers the resolved
+    ``student.generation_dtype``."""
+    if p.evaluate.backend == "vllm":
+        return {"generate": p.student.dtype, "reason": f"{p.student.dtype}: evaluate.backend vllm uses student.dtype"}
+    prec = p.student.gen_precision
+    return {"generate": prec.dtype, "reason": prec.reason}
 
 
 def wants_self_consistency(p: Params, method: str, task: str) -> bool:
@@ -389,6 +418,7 @@ def _student_generator(p: Params, adapter: Path | None):
         tok = AutoTokenizer.from_pretrained(p.paths.student_dir, trust_remote_code=p.student.trust_remote_code)
         return VLLMGenerator(p.paths.student_dir, tok, adapter, p.student.dtype, p.student.lora.r,
                              p.evaluate.seed, p.evaluate.vllm_engine, p.student.trust_remote_code), tok
+    log_precision("generate", p.student.gen_precision)
     model, tok = load_student(p.paths.student_dir, p.student.gen_dtype, p.student.trust_remote_code)
     if adapter is not None:
         from peft import PeftModel

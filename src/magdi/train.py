@@ -449,6 +449,9 @@ class TrainResult:
     seconds: float
     history: list[dict[str, Any]]
     resumed_from: int
+    #: the autocast dtype the run trained in (``train.bf16`` resolved on this machine) and why
+    precision: str = "float32"
+    precision_reason: str = ""
 
 
 # Launchers ``check_distributed`` refuses (matched in accelerate's ``distributed_type``, case-insensitively), and
@@ -586,7 +589,8 @@ def train(
     AcceleratorState._reset_state()
     # accumulation is counted here, not by accelerate: its counter has no "last micro-step of the run". Under a
     # launcher the process group already exists (magdi.launch.is_main_process): its options go there
-    accel = Accelerator(mixed_precision="bf16" if cfg.bf16 else "no",
+    prec = training_precision(cfg.bf16)
+    accel = Accelerator(mixed_precision="bf16" if prec.bf16 else "no",
                         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
     check_distributed(accel.distributed_type)
     check_attention(cfg.attention, accel.device)
@@ -650,7 +654,16 @@ def train(
     bar.close()
     tokens, uniq = summed_over_ranks(accel, tokens, uniq)
     return TrainResult(steps=len(history), n_items=len(items), n_unique_sequences=uniq, tokens=tokens,
-                       seconds=time.time() - t0, history=history, resumed_from=start)
+                       seconds=time.time() - t0, history=history, resumed_from=start,
+                       precision=prec.dtype, precision_reason=prec.reason)
+
+
+def training_precision(setting: bool | str):
+    """``train.bf16`` resolved for this run's device (``magdi.precision``): the one place the loop decides on bf16
+    autocast, so ``auto`` on a CPU without native bf16 (AVX2 only) never turns it on."""
+    from .precision import capabilities, resolve, train_device
+
+    return resolve(setting, capabilities(), train_device(), "train.bf16")
 
 
 def save_adapter(lm: nn.Module, out_dir: Path) -> str:
