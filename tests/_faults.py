@@ -215,4 +215,4 @@ def train_cfg(epochs: int = 2):
     from magdi.config import TrainCfg
 
     return TrainCfg(epochs=epochs, lr=1e-2, mags_per_step=2, max_prompt_tokens=64, max_target_tokens=16,
-                    hidden_dim=16, checkpoint_every=1, seed=0)
+                    hidden_dim=16, checkpoint_every=1, seed=0, bf16=False)  # a subprocess: no conftest fixture

@@ -29,9 +29,27 @@ _CORPUS = [
 
 LORA_TARGETS = ["q_proj", "v_proj"]
 
+from magdi.precision import Capabilities  # noqa: E402
+
+#: an x86-64 CPU with AVX2 and no native bf16 (e.g. AMD Zen 3): what the unit tests resolve ``auto`` against
+AVX2_ONLY = Capabilities("x86_64", frozenset({"avx", "avx2", "fma"}), "fake Zen 3")
+
 # The test models are tiny: intra-op thread fan-out only adds overhead, and on a loaded machine spinning
 # OpenMP workers make a 3-step training run ~30x slower.
 torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True)
+def _fp32_machine():
+    """Unit tests resolve ``auto`` precision as on a CPU without native bf16 (AVX2 only): fp32 everywhere, the
+    same numerics on every machine CI may land on. tests/test_precision.py fakes every other class explicitly.
+    Its own MonkeyPatch, so a test's ``monkeypatch.undo()`` keeps it. (Subprocesses do not see it: their configs
+    say ``bf16=False``.)"""
+    from magdi import precision
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(precision, "capabilities", lambda: AVX2_ONLY)
+        yield
 
 
 def load_script(relpath: str, name: str):

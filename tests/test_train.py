@@ -39,7 +39,8 @@ QUESTION = "What is 2 plus 3?"
 
 def _cfg(**kw) -> TrainCfg:
     base = {"mags_per_step": 2, "max_prompt_tokens": 32, "max_target_tokens": 16, "hidden_dim": 16,
-            "checkpoint_every": 1, "lr": 1e-2, "epochs": 1}
+            "checkpoint_every": 1, "lr": 1e-2, "epochs": 1,
+            "bf16": False}  # explicit: subprocess workers (DDP) do not see conftest's fp32 machine
     return TrainCfg(**{**base, **kw})
 
 

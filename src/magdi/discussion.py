@@ -113,8 +113,8 @@ class LocalBackend:
                     [requests[i].temperature for i in idx], [requests[i].top_p for i in idx],
                     seed=requests[idx[0]].seed + int(keys[idx[0]][:6], 16))
                 for i, g in zip(idx, gens, strict=True):
-                    got[i] = {"text": RESPONSE_PREFIX + g.text, "n_tokens": g.n_tokens}
-                    self.cache.put(keys[i], {**got[i], **made_by})
+                    got[i] = {"text": RESPONSE_PREFIX + g.text, "n_tokens": g.n_tokens, **made_by}
+                    self.cache.put(keys[i], got[i])
         return got  # type: ignore[return-value]
 
     def _made_by(self) -> dict[str, str]:
