@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from magdi import precision as pr
-from magdi.precision import Capabilities, cpu_class, native_bf16, resolve
+from magdi.precision import Capabilities, cpu_class, resolve
 
 AMX = Capabilities("x86_64", frozenset({"avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile"}), "Xeon SPR")
 AVX512_BF16 = Capabilities("x86_64", frozenset({"avx2", "avx512f", "avx512_bf16"}), "EPYC Zen 4")
@@ -160,3 +160,46 @@ def test_local_teacher_records_precision_and_cpu_class_beside_each_new_reply(tin
     assert got[0] == line["v"]  # what the discussion reads is what a replay reads
     replay = LocalBackend(None, None, "local:tiny", CallCache(tmp_path / "c.jsonl"), loader=lambda: 1 / 0)
     assert replay.generate_many([Request(msgs, 0.0, 1.0, 8, 0)])[0]["text"] == got[0]["text"]  # no load
+
+
+def test_converted_student_does_not_depend_on_environment_variables(tiny_tokenizer, make_lm, tmp_path,
+                                                                     monkeypatch) -> None:
+    """Two conversions of the same source, with and without HF_HUB_OFFLINE, give byte-identical folders: the
+    load-time keys (``local_files_only``, ``transformers_version``) are not written; every file's sha256 is
+    recorded for the stage's metrics."""
+    from magdi.student import LOAD_TIME_KEYS, convert_student, load_student
+
+    src = tmp_path / "src"
+    make_lm(lora=False).save_pretrained(src)
+    tiny_tokenizer.save_pretrained(src)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    a = convert_student(str(src), tmp_path / "a")
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    b = convert_student(str(src), tmp_path / "b")
+    assert a["files_sha256"] == b["files_sha256"]
+    assert {"config.json", "tokenizer_config.json", "model.safetensors"} <= set(a["files_sha256"])
+    for name, keys in LOAD_TIME_KEYS.items():
+        if (tmp_path / "a" / name).is_file():
+            assert not set(json.loads((tmp_path / "a" / name).read_text())) & set(keys)
+    model, _ = load_student(tmp_path / "a")  # reads back without the version stamp
+    assert model.config.num_hidden_layers == make_lm(lora=False).config.num_hidden_layers
+
+
+def test_report_says_when_runs_disagree_on_cpu_class_or_precision(tmp_path: Path) -> None:
+    from magdi.report.readme import numerics_lines
+
+    def put(kind: str, run: str, cls: str, what: str, dtype: str, reason: str) -> None:
+        f = tmp_path / kind / run / "gsm8k.json"
+        f.parent.mkdir(parents=True, exist_ok=True)
+        f.write_text(json.dumps({"numerics": {"cpu_class": cls, "precision": {what: dtype, "reason": reason}}}))
+
+    put("train", "magdi", "x86-64 AMX", "train", "bfloat16", "bfloat16: CPU has AMX")
+    put("train", "magdi@smol", "x86-64 AMX", "train", "float32", "float32: set explicitly (CPU has AMX)")
+    put("eval", "magdi", "x86-64 AMX", "generate", "bfloat16", "bfloat16: CPU has AMX")
+    (line,) = numerics_lines(tmp_path)
+    assert line.startswith("- numerics: every run on CPU class `x86-64 AMX`") and "explicit float32" in line
+    put("eval", "zero_shot", "x86-64 AVX2", "generate", "float32", "float32: CPU has AVX2, no native bf16")
+    (line,) = numerics_lines(tmp_path)
+    assert "numerics differ between runs" in line and "`x86-64 AVX2`: 1 runs (e.g. eval/zero_shot/gsm8k)" in line
+    assert "`bfloat16` (1 runs), `float32` (1 runs)" in line
+    assert numerics_lines(tmp_path / "none") == []

@@ -137,7 +137,22 @@ def stage_prepare_student(p: Params) -> dict:
     Path(p.paths.students_dir).mkdir(parents=True, exist_ok=True)  # a DVC output even with no scaling student
     scaling = {s: convert_student(model_source(p, s), Path(p.student_folder(s)), p.student.dtype,
                                   p.student.trust_remote_code) for s in p.experiments.scaling_students}
+    write_json(Path("metrics") / "student.json", conversion_record(info, scaling))
     return {**info, "assembled": assembled, "scaling_students": scaling}
+
+
+def conversion_record(info: dict, scaling: dict[str, dict]) -> dict[str, Any]:
+    """``metrics/student.json``: each converted file's sha256 (main and scaling students) with the library versions
+    and CPU class that converted them, so a folder whose DVC hash differs on another machine can be located file by
+    file (the weights are the same on AVX-512 and AVX2 kernels: README, "Precision and CPU classes")."""
+    from importlib.metadata import version
+
+    from .precision import capabilities, cpu_class
+
+    return {"student": info["files_sha256"], "scaling_students": {s: i["files_sha256"] for s, i in scaling.items()},
+            "versions": {pkg: version(pkg) for pkg in ("torch", "transformers", "gguf", "numpy", "safetensors",
+                                                       "tokenizers")},
+            "cpu_class": cpu_class(capabilities())}
 
 
 def student_info(p: Params) -> dict[str, Any]:
@@ -297,9 +312,9 @@ def stage_train(p: Params, task: str, method: str, student: str | None = None) -
     """
     import torch
 
+    from .evaluate import numerics_fingerprint
     from .student import attach_lora, load_student
     from .tracking import mlflow_run
-    from .evaluate import numerics_fingerprint
     from .train import build_items, method_spec, save_adapter, train, training_precision, truncation_stats
 
     _set_threads()

@@ -136,7 +136,7 @@ def resolve(setting: str | bool | None, c: Capabilities, device: str = "cpu", wh
     return Resolved(setting, f"{setting}: set explicitly ({why})", str(setting))  # type: ignore[arg-type]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _warn_once(what: str, why: str) -> None:
     warnings.warn(f"{what}: bfloat16 was set explicitly, but {why}: it runs, emulated, much slower than float32 "
                   "(set it to auto to let the machine decide)", RuntimeWarning, stacklevel=3)

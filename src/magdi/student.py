@@ -65,7 +65,39 @@ def convert_student(spec: str, out_dir: Path, dtype: str = "float32", trust_remo
         "has_chat_template": bool(getattr(tok, "chat_template", None)),
     }
     (out_dir / "magdi_student.json").write_text(json.dumps(info, indent=2))
-    return info
+    canonical_student_files(out_dir)
+    return {**info, "files_sha256": files_sha256(out_dir)}
+
+
+#: what transformers writes into a saved folder about how it was loaded or which version saved it, not about the
+#: model: ``local_files_only`` follows ``HF_HUB_OFFLINE`` (true under the Makefile, false when a stage runs by hand)
+#: and ``transformers_version`` the installed release, so the same weights got another DVC hash on another machine
+LOAD_TIME_KEYS = {"tokenizer_config.json": ("local_files_only", "is_local", "cache_dir", "force_download", "token",
+                                            "revision", "_commit_hash"),
+                  "config.json": ("transformers_version",),
+                  "generation_config.json": ("transformers_version",)}
+
+
+def canonical_student_files(out_dir: Path) -> None:
+    """Drop :data:`LOAD_TIME_KEYS` from a converted folder and write those JSON files with sorted keys, so the
+    folder (and its DVC hash) is a function of the source weights and the conversion code alone. transformers reads
+    the files back without them (a missing version stamp is allowed)."""
+    for name, keys in LOAD_TIME_KEYS.items():
+        path = out_dir / name
+        if not path.is_file():
+            continue
+        raw = json.loads(path.read_text())
+        for k in keys:
+            raw.pop(k, None)
+        path.write_text(json.dumps(raw, indent=2, sort_keys=True) + "\n")
+
+
+def files_sha256(folder: Path) -> dict[str, str]:
+    """sha256 of every file in a converted folder (relative path -> hex), for the stage's metrics: when two
+    machines' folders get different DVC hashes, this says which file differs."""
+    from .packaged import file_sha256
+
+    return {str(f.relative_to(folder)): file_sha256(f) for f in sorted(folder.rglob("*")) if f.is_file()}
 
 
 def load_source(spec: str, dtype: str = "float32", trust_remote_code: bool = False):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from ..pipeline import MT_METHOD
@@ -42,6 +43,45 @@ def _coverage(ctx: Ctx) -> tuple[int, int, list[str]]:
     return len(want) - len(missing), len(want), missing
 
 
+def numerics_lines(metrics_dir: Path) -> list[str]:
+    """What the runs computed in, read from each run's ``numerics`` (``magdi.precision``): one line when every
+    training and evaluation ran on one CPU class with one resolution of ``auto``, and a caution naming the groups
+    when a run in parts mixed machines (their numbers differ within the noise, not bit for bit)."""
+    classes: dict[str, list[str]] = {}
+    auto: dict[str, dict[str, list[str]]] = {"train": {}, "generate": {}}
+    explicit: dict[str, set[str]] = {"train": set(), "generate": set()}
+    for kind, what in (("train", "train"), ("eval", "generate")):
+        for f in sorted((metrics_dir / kind).glob("*/*.json")):
+            if f.name.endswith("_history.json"):
+                continue
+            try:
+                num = json.loads(f.read_text()).get("numerics") or {}
+            except (OSError, json.JSONDecodeError):
+                continue
+            run = f"{kind}/{f.parent.name}/{f.stem}"
+            classes.setdefault(num.get("cpu_class") or "unknown (no cpu_class recorded)", []).append(run)
+            prec = num.get("precision") or {}
+            dtype, reason = prec.get(what), prec.get("reason", "")
+            if dtype is None:
+                continue
+            if "set explicitly" in reason:
+                explicit[what].add(dtype)
+            else:
+                auto[what].setdefault(dtype, []).append(run)
+    if not classes:
+        return []
+    desc = "; ".join(f"{w}: " + ", ".join(f"`{d}` ({len(r)} runs)" for d, r in sorted(auto[w].items()))
+                     + (f" (+ explicit {', '.join(sorted(explicit[w]))})" if explicit[w] else "")
+                     for w in ("train", "generate") if auto[w] or explicit[w])
+    if len(classes) == 1 and all(len(a) <= 1 for a in auto.values()):
+        return [f"- numerics: every run on CPU class `{next(iter(classes))}`; precision {desc} "
+                "(`numerics` in each metrics file; `python -m magdi precision`)"]
+    groups = "; ".join(f"`{c}`: {len(r)} runs (e.g. {r[0]})" for c, r in sorted(classes.items()))
+    return [f"- **numerics differ between runs**: CPU classes {groups}; precision {desc}. A run in parts should "
+            "keep every part on one CPU class: results of another class differ within the noise, not bit for bit "
+            "(compare `outputs_sha256` and `numerics` in the metrics files)."]
+
+
 def write_readme(ctx: Ctx, out: Path, files: list[Path]) -> Path:
     p = ctx.params
     have, total, missing = _coverage(ctx)
@@ -68,6 +108,7 @@ def write_readme(ctx: Ctx, out: Path, files: list[Path]) -> Path:
         f"{per_task({t: loss_weights(c.weights) for t, (_, c) in setup.items()})}"
         f", graph `{p.train.graph}`, encoder "
         f"`{p.train.encoder}`, node_repr `{p.train.node_repr}`",
+        *numerics_lines(ctx.m.metrics_dir),
         f"- evaluation cells found: {have} of {total}" + (
             f" (missing, shown as —: {', '.join(missing[:20])}"
             + (f", … {len(missing) - 20} more" if len(missing) > 20 else "") + ")" if missing else ""),
