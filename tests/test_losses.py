@@ -253,3 +253,22 @@ def test_total_loss_weights() -> None:
     assert total_loss(l1, l2, l3, w_ntp=0.5, w_con=0.0, w_graph=2.0).item() == pytest.approx(9.0)
     # a disabled term cannot poison the sum
     assert total_loss(l1, torch.tensor(float("nan")), l3, w_con=0.0).item() == pytest.approx(6.0)
+
+
+def test_graph_loss_equals_the_official_log_softmax_then_cross_entropy() -> None:
+    """The official code feeds log_softmax output to CrossEntropyLoss: the same loss and gradient as the logits
+    (log_softmax is idempotent), so our raw-logit L_graph is no behavioural difference."""
+    import torch
+    import torch.nn.functional as F
+
+    from magdi.losses import graph_node_loss
+
+    logits = torch.tensor([[2.0, -1.0], [0.3, 0.7], [-0.5, 1.5]], requires_grad=True)
+    labels = torch.tensor([0, 1, -100])
+    ours = graph_node_loss(logits, labels)
+    (g_ours,) = torch.autograd.grad(ours, logits)
+    official = F.cross_entropy(F.log_softmax(logits, dim=-1), labels, ignore_index=-100)
+    (g_off,) = torch.autograd.grad(official, logits)
+    assert torch.allclose(ours, official) and torch.allclose(g_ours, g_off)
+    by_hand = (-(F.log_softmax(logits[0], -1)[0]) - F.log_softmax(logits[1], -1)[1]) / 2
+    assert torch.allclose(ours, by_hand)

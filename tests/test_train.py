@@ -885,3 +885,74 @@ def test_max_grad_norm_key_validated() -> None:
     assert TrainCfg().max_grad_norm == 1.0 and TrainCfg(max_grad_norm=None).max_grad_norm is None
     with pytest.raises(ValueError, match="max_grad_norm"):
         TrainCfg(max_grad_norm=0)
+
+
+# ============================================================================== official update count (pairs mode)
+def _synthetic_items(n: int, seed: int) -> list[TrainItem]:
+    """``n`` MAG items of 3-9 chains with random labels (some all-wrong, some all-right)."""
+    rng = __import__("random").Random(seed)
+    out = []
+    for _ in range(n):
+        k = rng.choice([3, 6, 9])
+        out.append(TrainItem("p", ["c"] * k, [int(rng.random() < 0.55) for _ in range(k)]))
+    return out
+
+
+@pytest.mark.parametrize(("n", "seed"), [(1000, 0), (997, 1), (123, 2), (50, 3), (7, 4), (1, 5)])
+def test_updates_per_epoch_equals_the_official_count(n: int, seed: int) -> None:
+    """HF Trainer with 4 pairs per device and 4 accumulation steps makes floor(ceil(P/4)/4) updates an epoch (at
+    least one); ours makes that many (within +-1 is the issue's bar; here exactly), for sizes that do not divide."""
+    from magdi.train import epoch_layout, official_updates, updates_per_epoch
+
+    items = _synthetic_items(n, seed)
+    pairs = sum(official_pairs(it) for it in items)
+    official = max(1, -(-pairs // 4) // 4)
+    cfg = _cfg(pairs_per_update=16, grad_accum=4)
+    assert official_updates(pairs, 16, 4) == official
+    assert updates_per_epoch(items, cfg) == min(official, n)
+    m, windows = epoch_layout(items, cfg)
+    assert sum(windows) == m and max(windows) - min(windows) <= 1 and m <= n
+    steps = plan_steps(items, items_per_step(items, cfg), 0, 0, 4, m)
+    assert sorted(i for s in steps for i in s) == list(range(n))  # every MAG once
+    assert len(steps) == m and max(map(len, steps)) - min(map(len, steps)) <= 1
+
+
+def test_paper_scale_makes_218_updates_not_125() -> None:
+    """1000 MAGs with 3,500 official pairs: the official run's 218 updates per epoch (was 125: whole MAGs per
+    micro-step could only give 250, 125, 84, ...)."""
+    from magdi.train import updates_per_epoch
+
+    items = [TrainItem("p", ["c"] * 4, [1, 1, 1, 0]) for _ in range(500)]  # 3 pairs each
+    items += [TrainItem("p", ["c"] * 4, [1, 1, 1, 1]) for _ in range(500)]  # 4 pairs each
+    assert sum(official_pairs(it) for it in items) == 3500
+    assert updates_per_epoch(items, _cfg(pairs_per_update=16, grad_accum=4)) == 218
+
+
+def test_loop_makes_the_official_updates_each_epoch(make_lm, tiny_tokenizer, tmp_path: Path) -> None:
+    """6 MAGs of 3 pairs each, 4 pairs per update over 2 accumulation steps: floor(ceil(18/2)/2) = 4 updates per
+    epoch from 6 micro-steps (windows 2, 2, 1, 1), 8 over 2 epochs, each window's loss averaged over its steps."""
+    from magdi.train import updates_per_epoch
+
+    spec = method_spec("magdi")
+    items = build_items(_train_mags(), spec, tiny_tokenizer)
+    cfg = _cfg(pairs_per_update=4, grad_accum=2, epochs=2)
+    assert updates_per_epoch(items, cfg) == 4
+    res = train(make_lm(), tiny_tokenizer, items, spec, cfg, tmp_path / "run")
+    assert res.steps == 12 and sum("grad_norm" in r for r in res.history) == 8
+    assert [r["step"] for r in res.history if "grad_norm" in r] == [2, 4, 5, 6, 8, 10, 11, 12]
+
+
+def test_warmup_steps_fixed_or_ratio() -> None:
+    from magdi.train import lr_schedule, warmup_updates
+
+    assert (warmup_updates(10, 0.1), warmup_updates(10, 0.1, 3), warmup_updates(2, 0.1, 100)) == (1, 3, 2)
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = lr_schedule(opt, 10, 0.1, warmup_steps=4)
+    lrs = []
+    for _ in range(10):
+        lrs.append(sched.get_last_lr()[0])
+        opt.step()
+        sched.step()
+    assert lrs[:6] == pytest.approx([0.0, 0.25, 0.5, 0.75, 1.0, 5 / 6])
+    with pytest.raises(ValueError, match="multiple of train.grad_accum"):
+        _cfg(pairs_per_update=10, grad_accum=4)

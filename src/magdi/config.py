@@ -248,6 +248,8 @@ class TrainCfg(_Strict):
     gradient_checkpointing: bool = False
     #: share of the optimiser updates spent warming the lr up linearly from 0 (then linear decay to 0)
     warmup_ratio: float = Field(0.1, ge=0.0, lt=1.0)
+    #: a fixed number of warm-up updates instead of ``warmup_ratio`` (the official run: 100); null = the ratio
+    warmup_steps: int | None = Field(None, ge=0)
     max_prompt_tokens: int = Field(160, ge=8)
     max_target_tokens: int = Field(160, ge=8)
     seed: int = 0
@@ -284,6 +286,13 @@ class TrainCfg(_Strict):
     #: 3.24 in the same run (39-40 % MFU in two runs), 74-104 s to compile (reports/benchmark_gpu.md); with
     #: gradient checkpointing on torch 2.11 the compiler failed (it ran on the CPU's torch 2.13).
     compile: bool = False
+
+    @model_validator(mode="after")
+    def _pairs_divide(self) -> TrainCfg:
+        if self.pairs_per_update is not None and self.pairs_per_update % self.grad_accum:
+            raise ValueError(f"train.pairs_per_update ({self.pairs_per_update}) must be a multiple of "
+                             f"train.grad_accum ({self.grad_accum}): pairs per micro-step (official: 16 = 4 x 4)")
+        return self
 
     @model_validator(mode="after")
     def _flex_needs_packed(self) -> TrainCfg:

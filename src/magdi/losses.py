@@ -214,8 +214,10 @@ def margin_ranking_loss(s_pos: Tensor, s_neg: Tensor, margin: float = 1.0) -> Te
 def graph_node_loss(node_logits: Tensor, labels: Tensor) -> Tensor:
     """Objective 3, ``L_graph``: cross-entropy of the structure encoder's node logits against node
     correctness (0 = incorrect, 1 = correct), averaged over labelled nodes of the batch; label -100 is
-    ignored. Exactly 0 (with graph) when no node is labelled. Takes raw logits (the official code applies
-    ``log_softmax`` before ``CrossEntropyLoss``, i.e. a double softmax; we do not).
+    ignored. Exactly 0 (with graph) when no node is labelled. Takes raw logits. The official code applies
+    ``log_softmax`` before ``CrossEntropyLoss``: no behavioural difference, because ``log_softmax`` is idempotent
+    (log-probabilities already normalise: their logsumexp is 0), so cross-entropy on its output equals
+    cross-entropy on the logits, in value and gradient (tests/test_losses.py checks it).
     """
     per_node = F.cross_entropy(
         node_logits.float(), labels.long(), ignore_index=IGNORE_INDEX, reduction="none"

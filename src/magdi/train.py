@@ -10,6 +10,7 @@ safetensors + JSON (no pickle) and resume bit-exactly on CPU.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import math
 import random
@@ -178,25 +179,45 @@ def encode_batch(items: Sequence[TrainItem], tokenizer, cfg: TrainCfg) -> Encode
 
 
 def plan_steps(items: Sequence[TrainItem], per_step: int, seed: int, epoch: int,
-               bucket_steps: int = 4) -> list[list[int]]:
+               bucket_steps: int = 4, n_steps: int | None = None) -> list[list[int]]:
     """Steps of one epoch, reshuffled every epoch, length-grouped inside shuffled buckets.
 
     Items are shuffled (seeded by seed and epoch) and cut into buckets of ``bucket_steps`` steps; inside a
     bucket they are sorted by size and chunked into steps (less padding), then the order of all steps
     is shuffled. So every epoch sees new batches (as the official HF Trainer's shuffled sampler does)
-    while each batch still holds chains of similar length.
+    while each batch still holds chains of similar length. ``n_steps`` (``train.pairs_per_update``): exactly
+    that many steps, their sizes differing by at most one item (:func:`near_equal`), instead of ``per_step``
+    items each.
     """
     rng = random.Random(seed * 1000 + epoch)
     size = [sum(len(t) for t in it.targets) + len(it.prompt) for it in items]
     order = list(range(len(items)))
     rng.shuffle(order)
-    bucket = per_step * bucket_steps
     steps: list[list[int]] = []
-    for b in range(0, len(order), bucket):
-        group = sorted(order[b : b + bucket], key=lambda i: (size[i], i))
-        steps += [group[i : i + per_step] for i in range(0, len(group), per_step)]
+    if n_steps is None:
+        bucket = per_step * bucket_steps
+        for b in range(0, len(order), bucket):
+            group = sorted(order[b : b + bucket], key=lambda i: (size[i], i))
+            steps += [group[i : i + per_step] for i in range(0, len(group), per_step)]
+    else:
+        sizes = near_equal(len(order), n_steps)
+        start = 0
+        for b in range(0, len(sizes), bucket_steps):
+            chunk = sizes[b : b + bucket_steps]
+            group = sorted(order[start : start + sum(chunk)], key=lambda i: (size[i], i))
+            start += sum(chunk)
+            at = 0
+            for k in chunk:
+                steps.append(group[at : at + k])
+                at += k
     rng.shuffle(steps)
     return steps
+
+
+def near_equal(n: int, parts: int) -> list[int]:
+    """``n`` split into ``parts`` sizes that differ by at most one (the larger ones first); ``parts`` <= ``n``."""
+    q, r = divmod(n, parts)
+    return [q + 1] * r + [q] * (parts - r)
 
 
 def official_pairs(item: TrainItem) -> int:
@@ -207,15 +228,57 @@ def official_pairs(item: TrainItem) -> int:
     return max(pos, len(item.labels) - pos) if pos else 0
 
 
-def items_per_step(items: Sequence[TrainItem], cfg: TrainCfg) -> int:
-    """Items (MAGs) per micro-step. ``mags_per_step``, unless ``pairs_per_update`` is set: then as many as
-    give the official number of updates per epoch, ``ceil(Σ official_pairs / pairs_per_update)`` (the
-    official run: 4 pairs per device × 4 accumulation steps = 16 pairs per update), spread over
-    ``grad_accum`` micro-steps."""
+def official_updates(pairs: int, pairs_per_update: int, grad_accum: int) -> int:
+    """Updates per epoch of the official run on ``pairs`` (positive, negative) pairs: HF Trainer makes
+    ``⌊⌈P / per_device⌉ / grad_accum⌋`` (its dataloader has ⌈P / per_device⌉ batches; an epoch makes one update per
+    full accumulation window), with ``per_device = pairs_per_update / grad_accum`` (official: 4 pairs x 4 steps);
+    at least one."""
+    per_device = pairs_per_update // grad_accum
+    return max(1, math.ceil(pairs / per_device) // grad_accum)
+
+
+def epoch_layout(items: Sequence[TrainItem], cfg: TrainCfg) -> tuple[int | None, list[int] | None]:
+    """``(micro-steps, update windows)`` of one epoch with ``train.pairs_per_update`` set, else ``(None, None)``.
+
+    The official count ``U`` (:func:`official_updates`) is made exactly: the epoch's MAGs fill
+    ``M = min(#MAGs, U x grad_accum)`` micro-steps of near-equal size, and those form ``U`` updates of
+    near-equal numbers of micro-steps (``grad_accum`` each whenever there are MAGs enough; a MAG is never split,
+    and ``U`` <= #MAGs because a MAG of at most 9 chains gives at most 9 pairs, fewer than one update's 16)."""
     if cfg.pairs_per_update is None:
+        return None, None
+    u = official_updates(sum(official_pairs(it) for it in items), cfg.pairs_per_update, cfg.grad_accum)
+    u = min(u, len(items)) if items else u
+    m = min(len(items), u * cfg.grad_accum) if items else 0
+    return m, near_equal(m, u) if m else []
+
+
+def update_windows(items: Sequence[TrainItem], cfg: TrainCfg, steps_per_epoch: Sequence[int]) -> list[int]:
+    """Sizes (in micro-steps) of every optimiser update of the run, in order; they sum to the run's micro-steps.
+    ``mags_per_step``: windows of ``grad_accum`` over the whole run (the last may be short); ``pairs_per_update``:
+    :func:`epoch_layout`'s windows, epoch by epoch."""
+    _, per_epoch = epoch_layout(items, cfg)
+    if per_epoch is not None:
+        return [w for _ in steps_per_epoch for w in per_epoch]
+    total = sum(steps_per_epoch)
+    return [min(cfg.grad_accum, total - s) for s in range(0, total, cfg.grad_accum)]
+
+
+def updates_per_epoch(items: Sequence[TrainItem], cfg: TrainCfg) -> int:
+    """Optimiser updates the loop makes in one epoch (the first, where windows span epochs): with
+    ``train.pairs_per_update``, the official count (:func:`official_updates`)."""
+    m, windows = epoch_layout(items, cfg)
+    if windows is not None:
+        return len(windows)
+    return optimizer_steps(math.ceil(len(items) / cfg.mags_per_step), cfg.grad_accum)
+
+
+def items_per_step(items: Sequence[TrainItem], cfg: TrainCfg) -> int:
+    """Items (MAGs) per micro-step: ``mags_per_step``; with ``pairs_per_update`` the largest micro-step of
+    :func:`epoch_layout` (its sizes vary by one)."""
+    m, _ = epoch_layout(items, cfg)
+    if m is None:
         return cfg.mags_per_step
-    updates = max(1, math.ceil(sum(official_pairs(it) for it in items) / cfg.pairs_per_update))
-    return max(1, math.ceil(len(items) / (updates * cfg.grad_accum)))
+    return max(1, math.ceil(len(items) / max(m, 1)))
 
 
 def base_model(lm: nn.Module) -> nn.Module:
@@ -598,12 +661,17 @@ def train(
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     per_step = items_per_step(items, cfg)
-    plans = [plan_steps(items, per_step, cfg.seed, e, cfg.bucket_steps) for e in range(cfg.epochs)]
+    n_steps, _ = epoch_layout(items, cfg)
+    plans = [plan_steps(items, per_step, cfg.seed, e, cfg.bucket_steps, n_steps) for e in range(cfg.epochs)]
     # every process takes its share of each step's items (DDP); one process on CPU takes all
     flat_steps = [s for p in plans for s in p]
     total = len(flat_steps)
-    n_updates = optimizer_steps(total, cfg.grad_accum)
-    sched = lr_schedule(opt, n_updates, cfg.warmup_ratio)
+    windows = update_windows(items, cfg, [len(p) for p in plans])
+    ends = list(itertools.accumulate(windows))  # micro-step count at the end of each update
+    ends_set = set(ends)
+    window_of = [w for w in windows for _ in range(w)]
+    n_updates = len(windows)
+    sched = lr_schedule(opt, n_updates, cfg.warmup_ratio, cfg.warmup_steps)
     ckpt = out_dir / "checkpoint"
     start, history = 0, []
     found = _find_ckpt(ckpt)
@@ -611,7 +679,7 @@ def train(
         start, history = _load_ckpt(found, model, opt)
         with warnings.catch_warnings():  # replaying the schedule before any opt.step() of this process
             warnings.simplefilter("ignore", UserWarning)
-            for _ in range(optimizer_steps(start, cfg.grad_accum)):  # it counts updates, not micro-steps
+            for _ in range(sum(e <= start for e in ends)):  # it counts updates, not micro-steps
                 sched.step()
     same_start(accel, start, found, ckpt)
     model, opt = accel.prepare(model, opt)
@@ -627,8 +695,8 @@ def train(
         batch_items = [items[i] for i in own or flat_steps[step][:1]]  # no share: run the step anyway, weight 0
         share = rank_share(len(own), len(flat_steps[step]), accel.num_processes)
         enc = encode_batch(batch_items, tokenizer, cfg).to(accel.device)
-        boundary = is_update_step(step, total, cfg.grad_accum)
-        window = accumulation_window(step, total, cfg.grad_accum)
+        boundary = step + 1 in ends_set
+        window = window_of[step]
         with contextlib.nullcontext() if boundary else accel.no_sync(model):
             out = model(enc, batch_items, cfg.seed * 7919 + step)
             loss = out["loss"] if share == 1 else out["loss"] * share  # one process: share 1, untouched
@@ -702,28 +770,22 @@ def optimizer_steps(micro_steps: int, grad_accum: int) -> int:
     return math.ceil(micro_steps / grad_accum)
 
 
-def is_update_step(step: int, total: int, grad_accum: int) -> bool:
-    """Micro-step ``step`` (0-based) ends an accumulation window (or the run) and so makes an update."""
-    return (step + 1) % grad_accum == 0 or step + 1 == total
 
 
-def accumulation_window(step: int, total: int, grad_accum: int) -> int:
-    """How many micro-steps share the update that ``step`` belongs to (the last window may be short)."""
-    first = (step // grad_accum) * grad_accum
-    return min(grad_accum, total - first)
+def warmup_updates(n_updates: int, warmup_ratio: float, warmup_steps: int | None = None) -> int:
+    """Updates of the linear warm-up: ``warmup_steps`` when set (the official run: a fixed 100), else
+    ``round(warmup_ratio * n_updates)``; never more than the run has."""
+    w = warmup_steps if warmup_steps is not None else round(warmup_ratio * n_updates)
+    return min(w, n_updates)
 
 
-def lr_schedule(opt: torch.optim.Optimizer, n_updates: int, warmup_ratio: float):
+def lr_schedule(opt: torch.optim.Optimizer, n_updates: int, warmup_ratio: float, warmup_steps: int | None = None):
     """The official recipe (HF Trainer's default): linear warm-up from 0 to the peak, then linear decay to 0.
 
-    Stepped once per optimiser update. The warm-up is ``round(warmup_ratio * n_updates)`` updates (the
-    official run used a fixed 100 of its ~630); the lr of update ``u`` is ``lr · u / W`` while ``u < W``,
+    Stepped once per optimiser update. The warm-up ``W`` is :func:`warmup_updates` (official: ``warmup_steps``
+    100 over its 10 epochs of ~218 updates each); the lr of update ``u`` is ``lr · u / W`` while ``u < W``,
     then ``lr · (n - u) / (n - W)``: it reaches the peak exactly at ``u = W`` and 0 after the last update.
     """
     from transformers import get_linear_schedule_with_warmup
 
-    return get_linear_schedule_with_warmup(opt, round(warmup_ratio * n_updates), n_updates)
-
-
-def steps_per_epoch(n_items: int, per_step: int) -> int:
-    return math.ceil(n_items / per_step)
+    return get_linear_schedule_with_warmup(opt, warmup_updates(n_updates, warmup_ratio, warmup_steps), n_updates)
