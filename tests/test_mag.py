@@ -14,19 +14,18 @@ from magdi.mag import (
     MAG,
     Node,
     append_mag,
-    clean_mag,
     draw_mag,
     edges,
-    import_official,
     iter_mags,
     length_stats,
     mag_stats,
     read_mags,
-    remove_agreement,
     tail_compression,
     to_pyg,
     write_mags,
 )
+
+from magdi.official import clean_mag, import_official, remove_agreement  # noqa: E402
 
 AGENTS = ("a", "b", "c")
 
@@ -349,7 +348,7 @@ def test_draw_mag_writes_png(tmp_path: Path, n_rounds: int) -> None:
 
 
 def test_import_official_ecqa_option_numbers_and_team_vote() -> None:
-    """Official ECQA MAGs answer with digits 1-5; they must score against the gold digit (and letters)."""
+    """Official ECQA MAGs answer with digits 1-5: imported as letters, with the options split off the question."""
     rec = {"question": "Where do fish live? 1. tree 2. sea 3. shop 4. car 5. desk", "gold_answer": "2",
            "claude_output_0": {"reasoning": "Fish swim in the sea.", "answer": "2", "confidence_level": 0.9},
            "gpt4_output_0": {"reasoning": "Shops sell fish.", "answer": "3", "confidence_level": 0.7},
@@ -361,8 +360,10 @@ def test_import_official_ecqa_option_numbers_and_team_vote() -> None:
            "bard_output_1": {"reasoning": "Sea", "answer": "B", "confidence_level": 0.9}}
     (m,) = import_official([rec], task="ecqa", answer_type="choice")
     assert m.gold == "B"
+    assert (m.question, m.choices) == ("Where do fish live?", ["tree", "sea", "shop", "car", "desk"])
+    assert [n.answer for n in m.nodes] == ["B", "B", "C", "B", "B", "B"]  # digits read as the evaluation's letters
     assert [n.correct for n in m.nodes] == [True, True, False, True, True, True]
-    assert m.team_answer == "2" and m.team_correct is True and m.consensus is False  # "B" != "2" as text
+    assert m.team_answer == "B" and m.team_correct is True and m.consensus is True
     assert m.nodes[4].reasoning == "I agree with gpt4. Still the sea"
     (clean,) = import_official([rec], task="ecqa", answer_type="choice", clean_agreement=True)
     assert [n.reasoning for n in clean.nodes if n.round == 1] == ["Sea", "Still the sea", "It is the sea"]

@@ -1,4 +1,5 @@
-"""Multi-Agent Interaction Graphs: data model, edges, storage, PyG conversion, import and statistics.
+"""Multi-Agent Interaction Graphs: data model, edges, storage, PyG conversion and statistics (the official
+release's importer: ``magdi.official``).
 
 A MAG holds one node per (agent, round) that actually happened. Rounds that did not happen because the
 agents reached consensus are *absent*, not placeholder nodes (the official release keeps them as "None"
@@ -202,78 +203,6 @@ def iter_mags(path: Path, strict: bool = False) -> Iterator[MAG]:
 
 def read_mags(path: Path) -> list[MAG]:
     return list(iter_mags(path)) if path.exists() else []
-
-
-# ----------------------------------------------------------------------------- official release importer
-
-
-def remove_agreement(text: str, phrases: tuple[str, ...] = ("I disagree", "I agree")) -> str:
-    """The official text cleaning (``utils.remove_agreement``): drop the sentences (split on ". ") that
-    start with "I agree" / "I disagree", so a chain reads as reasoning rather than as a reply."""
-    return ". ".join(s for s in text.split(". ") if not s.startswith(phrases))
-
-
-def clean_mag(mag: MAG) -> MAG:
-    """``mag`` with ``remove_agreement`` applied to every chain (``n_tokens`` stays what the teacher wrote)."""
-    from dataclasses import replace
-
-    nodes = [replace(n, reasoning=remove_agreement(n.reasoning)) for n in mag.nodes]
-    return replace(mag, nodes=nodes)
-
-
-def import_official(records: list[dict[str, Any]], task: str, answer_type: str, max_rounds: int = 3,
-                    clean_agreement: bool = False) -> list[MAG]:
-    """Convert the authors' released MAG JSON (``<agent>_output_<round>`` objects) to our MAGs.
-
-    Absent or "None" rounds become absent nodes; correctness is re-derived from the gold answer with our
-    scorer rather than trusting stored labels (ECQA's option numbers 1-5 score as letters A-E). The team
-    answer is ReConcile's recalibrated-confidence vote over the last round, as for our own discussions.
-    ``clean_agreement`` applies the official ``remove_agreement`` to every chain.
-    """
-    from .discussion import consensus, weighted_vote
-    from .scoring import is_correct, normalize_gold
-
-    mags = []
-    for qi, rec in enumerate(records):
-        gold = normalize_gold(str(rec["gold_answer"]), answer_type)
-        agents = sorted({k.split("_output_")[0] for k in rec if "_output_" in k})
-        nodes = []
-        for r in range(max_rounds + 1):
-            for a in agents:
-                out = rec.get(f"{a}_output_{r}")
-                if not isinstance(out, dict) or out.get("reasoning") in (None, "None", "NA"):
-                    continue
-                ans = out.get("answer")
-                ans = None if ans in (None, "None") else str(ans)
-                text = str(out.get("reasoning", ""))
-                text = remove_agreement(text) if clean_agreement else text
-                nodes.append(
-                    Node(
-                        agent=a,
-                        round=r,
-                        reasoning=text,
-                        answer=ans,
-                        confidence=float(out.get("confidence_level", out.get("confidence", 0.0)) or 0.0),
-                        correct=is_correct(ans, gold, answer_type) if ans is not None else False,
-                        n_tokens=len(text.split()),
-                    )
-                )
-        last = [n for n in nodes if nodes and n.round == max(x.round for x in nodes)]
-        team = weighted_vote(last)
-        mags.append(
-            MAG(
-                id=str(rec.get("id", f"{task}-official-{qi:05d}")),
-                task=task,
-                question=str(rec["question"]),
-                gold=gold,
-                nodes=nodes,
-                team_answer=team,
-                team_correct=is_correct(team, gold, answer_type) if team is not None else False,
-                consensus=consensus(last),
-                meta={"source": "official_release"},
-            )
-        )
-    return mags
 
 
 # ----------------------------------------------------------------------------- statistics (Table 12)

@@ -239,7 +239,7 @@ def import_official_mags(p: Params, task: str) -> list:
     """``teachers.source: official``: the authors' MAG release for ``task`` (a JSON list of records),
     its first ``data.n_train`` (or ``n_train_by_task``) questions, converted to our MAGs (labels re-derived by our
     scorer)."""
-    from .mag import import_official
+    from .official import import_official
 
     path = Path(p.teachers.official_files[task])
     if not path.is_file():
@@ -248,11 +248,27 @@ def import_official_mags(p: Params, task: str) -> list:
     if not isinstance(records, list):
         raise ValueError(f"teachers.official_files.{task}: {path} is not a JSON list of MAG records")
     return import_official(records[: p.data.train_size(task)], task, TASK_TYPES[task], max_rounds=10,
-                           clean_agreement=p.teachers.clean_agreement)
+                           clean_agreement=p.teachers.clean_agreement, lookup=options_lookup(p, task))
+
+
+def options_lookup(p: Params, task: str) -> dict[str, list[str]] | None:
+    """For a choice task: question text -> the benchmark's options (every pool of the mirror or hub), so imported
+    records whose options are neither in the record nor in its text get them back (``magdi.official``)."""
+    if TASK_TYPES[task] != "choice":
+        return None
+    from .data import MissingBenchmark, load_benchmark
+    from .official import benchmark_lookup
+
+    try:
+        pools, _ = load_benchmark(task, p.data.source, p.paths.mirror_dir)
+    except (MissingBenchmark, FileNotFoundError):  # no benchmark to look in: the record's own options only
+        return None
+    return benchmark_lookup([r for rows in pools.values() for r in rows])
 
 
 def stage_build_mags(p: Params, task: str) -> dict:
-    from .mag import clean_mag, length_stats, mag_stats, write_mags
+    from .mag import length_stats, mag_stats, write_mags
+    from .official import clean_mag
 
     single_process("build_mags")
     _set_threads()
