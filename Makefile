@@ -16,7 +16,7 @@ export MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR := false
 WARM    ?= 0
 WARM_RUN = $(if $(filter 1,$(WARM)),$(BIN)/python -m magdi.warm run --)
 
-.PHONY: repro test env lint clean-runs llama-server
+.PHONY: repro test test-fast env lint clean-runs llama-server
 
 $(BIN)/.installed: requirements.txt pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -58,6 +58,10 @@ repro: env $(BIN)/.models
 
 test: env
 	$(BIN)/python -m pytest
+
+# for iteration: skips the tests marked slow (real models, the end-to-end pipeline); CI runs `make test`
+test-fast: env
+	$(BIN)/python -m pytest -m "not slow"
 
 lint: env
 	$(BIN)/ruff check src stages tests benchmarks

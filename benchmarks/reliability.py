@@ -589,8 +589,8 @@ def security(tmp: Path) -> list[Row]:
                           "yaml.load, trust_remote_code=True",
                  "measured": f"{len(files)} files, {len(hits)} hits" + (f": {hits[:5]}" if hits else ""),
                  "ok": not hits})
-    rows.append({"check": "trust_remote_code default", "measured": f"StudentCfg().trust_remote_code = "
-                 f"{StudentCfg().trust_remote_code}", "ok": StudentCfg().trust_remote_code is False})
+    rows.append({"check": "trust_remote_code default", "measured": f"StudentCfg(model='m').trust_remote_code = "
+                 f"{StudentCfg(model='m').trust_remote_code}", "ok": StudentCfg(model="m").trust_remote_code is False})
 
     secret, env = "sk-test-SECRET-123", "MAGDI_TEST_KEY"
     os.environ[env] = secret

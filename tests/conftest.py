@@ -52,6 +52,22 @@ def _fp32_machine():
         yield
 
 
+#: the settings params.yaml must give (config.py holds no default for them), empty: what a minimal test config adds
+REQUIRED_EMPTY = {"models": {}, "data": {"n_train_by_task": {}}, "student": {"model": "student"},
+                  "teachers": {"earlier_limits": []}, "evaluate": {"max_new_tokens_by_task": {}},
+                  "experiments": {"ablations": {}, "multitask_methods": [], "scaling_students": [],
+                                  "scaling_tasks": [], "scaling_train": {}, "task_train": {}}}
+
+
+def minimal(raw: dict) -> dict:
+    """``raw`` with the required settings it lacks filled in empty (:data:`REQUIRED_EMPTY`), for tests that build a
+    small params mapping by hand instead of reading params.yaml."""
+    out = {k: dict(v) for k, v in REQUIRED_EMPTY.items()}
+    for k, v in raw.items():
+        out[k] = {**out[k], **v} if isinstance(v, dict) and k in out else v
+    return out
+
+
 def load_script(relpath: str, name: str):
     """A repository script outside the package (benchmarks/, tools/) imported as a module, to test its functions.
 

@@ -251,8 +251,8 @@ def test_generation_dtype_is_used_by_generating_stages(monkeypatch, tmp_path) ->
     from magdi import pipeline
     from magdi.config import StudentCfg, load_params
 
-    assert StudentCfg(dtype="float32", generation_dtype=None).gen_dtype == "float32"  # null = the training dtype
-    assert StudentCfg(dtype="float32", generation_dtype="bfloat16").gen_dtype == "bfloat16"
+    assert StudentCfg(model="m", dtype="float32", generation_dtype=None).gen_dtype == "float32"  # null = the training dtype
+    assert StudentCfg(model="m", dtype="float32", generation_dtype="bfloat16").gen_dtype == "bfloat16"
     p = load_params("params.yaml", check_mirror=False)
     p = p.model_copy(update={"evaluate": p.evaluate.model_copy(update={"backend": "transformers"}),
                              "student": p.student.model_copy(update={"dtype": "float32",

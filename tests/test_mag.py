@@ -24,7 +24,6 @@ from magdi.mag import (
     to_pyg,
     write_mags,
 )
-
 from magdi.official import clean_mag, import_official, remove_agreement  # noqa: E402
 
 AGENTS = ("a", "b", "c")

@@ -128,15 +128,17 @@ def test_chunk_packages_code_is_never_imported(site):
 
 
 def test_params_models_validation():
+    from conftest import minimal
+
     base = {"teachers": {"agents": [{"name": "a", "backend": "reference"}, {"name": "b", "backend": "reference"}]},
             "experiments": {"tasks": ["gsm8k"], "methods": ["magdi"]}}
     ok = {"package": "x-part{i}", "parts": 2, "version": "1", "sha256": "a" * 64, "size": 10}
-    p = parse_params({**base, "models": {"m": ok}, "student": {"model": "m"}})
+    p = parse_params(minimal({**base, "models": {"m": ok}, "student": {"model": "m"}}))
     assert p.packaged_models_used() == ["m"]
     with pytest.raises(ConfigError, match=r"models\.m\.sha256"):
-        parse_params({**base, "models": {"m": {**ok, "sha256": "xyz"}}})
+        parse_params(minimal({**base, "models": {"m": {**ok, "sha256": "xyz"}}}))
     with pytest.raises(ConfigError, match=r"models\.m: .*needs '\{i\}'"):
-        parse_params({**base, "models": {"m": {**ok, "package": "x-part"}}})
+        parse_params(minimal({**base, "models": {"m": {**ok, "package": "x-part"}}}))
 
 
 def test_every_pinned_package_is_in_requirements_models():

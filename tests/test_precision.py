@@ -121,11 +121,11 @@ def test_training_loop_never_autocasts_bf16_by_default_without_native_bf16(tiny_
 def test_generation_dtype_auto_follows_the_machine(monkeypatch) -> None:
     from magdi.config import AgentCfg, StudentCfg, load_params
 
-    assert StudentCfg().generation_dtype == "auto" and StudentCfg().gen_dtype == "float32"  # conftest: AVX2
+    assert StudentCfg(model="m").generation_dtype == "auto" and StudentCfg(model="m").gen_dtype == "float32"  # conftest: AVX2
     p = load_params("params.yaml", check_mirror=False)
     assert {p.teacher_precision(a).dtype for a in p.teachers.agents} == {"float32"}
     monkeypatch.setattr(pr, "capabilities", lambda: AVX512_BF16)
-    assert StudentCfg().gen_dtype == "bfloat16"
+    assert StudentCfg(model="m").gen_dtype == "bfloat16"
     assert p.teacher_precision(AgentCfg(name="x", backend="local", dtype="float32")).dtype == "float32"
     assert {p.teacher_precision(a).dtype for a in p.teachers.agents} == {"bfloat16"}
 

@@ -10,6 +10,8 @@ import pandas as pd
 import pytest
 
 from magdi.config import parse_params
+
+from conftest import minimal
 from magdi.mag import MAG, Node, mag_stats, write_mags
 from magdi.report import DASH, PAPER_LABEL, build_report, load_paper_numbers, md_table
 
@@ -26,7 +28,7 @@ EXPECTED = [
 
 
 def _params():
-    return parse_params({
+    return parse_params(minimal({
         "profile": "test_profile",
         "teachers": {"agents": [{"name": "a", "backend": "local"}, {"name": "b", "backend": "reference"}],
                      "max_rounds": 2},
@@ -39,8 +41,9 @@ def _params():
                           "magdi_n2": {"max_mags": 2}},
             "ood_tasks": ["boolq"],
             "self_consistency_methods": ["magdi"],
+            "multitask_methods": ["magdi_mt"],
         },
-    })
+    }))
 
 
 def _ev(acc: float, lo: float, hi: float, tokens: float, **extra) -> dict:

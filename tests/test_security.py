@@ -207,7 +207,7 @@ def test_no_pickle_eval_or_remote_code_in_the_source_tree() -> None:
 def test_trust_remote_code_is_off_by_default() -> None:
     from magdi.student import convert_student, load_student
 
-    assert StudentCfg().trust_remote_code is False
+    assert StudentCfg(model="m").trust_remote_code is False
     assert StudentCfg.model_fields["trust_remote_code"].default is False
     for name in ("params.yaml", "params.paper.yaml"):
         if (ROOT / name).exists():

@@ -2,6 +2,8 @@
 
 - ``precision [--json] [--params params.yaml]``: what the precision settings (``auto`` or explicit) resolve to on
   this machine, and why (``magdi.precision``).
+- ``show-runs [-S key=value ...] [--json]``: every run ``dvc.yaml`` defines with its resolved configuration; with
+  ``-S`` edits (DVC's syntax, as ``dvc exp run -S``), the runs they change and how (``magdi.runs``).
 """
 
 from __future__ import annotations
@@ -34,6 +36,35 @@ def _precision(args: argparse.Namespace) -> int:
     return 0
 
 
+def _show_runs(args: argparse.Namespace) -> int:
+    from .config import ConfigError
+    from .runs import changes, load, table
+
+    try:
+        base, _ = load(args.params, args.dvc)
+        after, _ = load(args.params, args.dvc, args.set) if args.set else (base, None)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    diff = changes(base, after) if args.set else {}
+    if args.json:
+        print(json.dumps([{**r.as_dict(), **({"changes": diff.get(r.stage, [])} if args.set else {})}
+                          for r in after], indent=2, sort_keys=True))
+        return 0
+    if not args.set:
+        print(table(after))
+        print(f"\n{sum(r.kind == 'train' for r in after)} training runs, "
+              f"{sum(r.kind == 'evaluate' for r in after)} evaluations, {len(after)} stages (--json: everything)")
+        return 0
+    if not diff:
+        print(f"{' '.join(args.set)}: changes no run")
+        return 0
+    print(f"{' '.join(args.set)} changes {len(diff)} of {len(after)} stages:")
+    for stage, what in diff.items():
+        print(f"  {stage}: {'; '.join(what)}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m magdi", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -42,6 +73,13 @@ def main(argv: list[str] | None = None) -> int:
     pr.add_argument("--json", action="store_true", help='{"train", "generate", "teachers", ...} as JSON')
     pr.add_argument("--params", default="params.yaml")
     pr.set_defaults(fn=_precision)
+    sr = sub.add_parser("show-runs", help="every run of the pipeline, resolved; with -S, the runs an edit changes")
+    sr.add_argument("-S", "--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="a params edit in DVC's syntax (repeatable), e.g. -S train.weights.contrastive=0.5")
+    sr.add_argument("--json", action="store_true", help="a list of {stage, task, method, train, ...} objects")
+    sr.add_argument("--params", default="params.yaml")
+    sr.add_argument("--dvc", default="dvc.yaml")
+    sr.set_defaults(fn=_show_runs)
     args = ap.parse_args(argv)
     return args.fn(args)
 

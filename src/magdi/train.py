@@ -515,6 +515,8 @@ class TrainResult:
     #: the autocast dtype the run trained in (``train.bf16`` resolved on this machine) and why
     precision: str = "float32"
     precision_reason: str = ""
+    #: updates of the linear warm-up (``train.warmup_steps`` or ``warmup_ratio``), and updates in all
+    warmup_updates: int = 0
 
 
 # Launchers ``check_distributed`` refuses (matched in accelerate's ``distributed_type``, case-insensitively), and
@@ -723,7 +725,8 @@ def train(
     tokens, uniq = summed_over_ranks(accel, tokens, uniq)
     return TrainResult(steps=len(history), n_items=len(items), n_unique_sequences=uniq, tokens=tokens,
                        seconds=time.time() - t0, history=history, resumed_from=start,
-                       precision=prec.dtype, precision_reason=prec.reason)
+                       precision=prec.dtype, precision_reason=prec.reason,
+                       warmup_updates=warmup_updates(n_updates, cfg.warmup_ratio, cfg.warmup_steps))
 
 
 def training_precision(setting: bool | str):
