@@ -12,13 +12,11 @@ kernels round differently, so the losses agree only approximately).
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
 
 
 def run(p, task: str, steps: int, compiled: bool) -> dict:

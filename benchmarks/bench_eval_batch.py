@@ -11,12 +11,10 @@ student in the evaluation's dtype: the same GSM8K test prompts, greedy, ``short`
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
 
 
 def main() -> None:

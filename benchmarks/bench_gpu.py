@@ -33,14 +33,10 @@ import os
 import platform
 import random
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from magdi.config import TrainCfg  # noqa: E402
 from magdi.core import encode_packed, prompt_ids, target_ids  # noqa: E402

@@ -41,8 +41,6 @@ SETTINGS = [
 def child(args: argparse.Namespace) -> dict:
     """One setting, in this process: resolve, then time the matmul peak, training steps and decoding."""
     import torch
-
-    sys.path.insert(0, str(Path(__file__).parent))
     from peak import matmul_peak
 
     from magdi.config import TASK_TYPES, load_params

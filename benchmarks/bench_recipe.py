@@ -30,12 +30,10 @@ import functools
 import itertools
 import json
 import platform
-import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
 
 from magdi.config import _deep_merge  # noqa: E402  (the merge train_with applies to every override)
 

@@ -57,7 +57,6 @@ def bench_llama(p, model: str, msgs, parallel: int, max_new: int, binary: str, t
 def bench_transformers(p, model: str, msgs, batch: int, max_new: int, dtype: str) -> dict:
     code = f"""
 import json, resource, sys, time, torch
-sys.path.insert(0, 'src')
 from magdi.config import load_params
 from magdi.pipeline import model_source
 from magdi.student import chat_prompt, generate, load_source, ready_for_generation

@@ -106,7 +106,6 @@ def fixed_costs() -> dict[str, float]:
 def throughput(student_dir: Path, runs: str = "main") -> dict[str, float]:
     """Achieved FLOP/s of training and generation of one student's runs (``main``: run folders without
     ``@``; else the runs ``*@<runs>``), with that student's parameter count."""
-    sys.path.insert(0, str(ROOT / "benchmarks"))
     from peak import matmul_peak  # noqa: E402
 
     cfg = json.loads((student_dir / "config.json").read_text())

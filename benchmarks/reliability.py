@@ -1,7 +1,7 @@
 """Reliability and security scenarios, measured, written to ``reports/reliability.md``.
 
 The same scenarios as ``tests/test_reliability.py`` and ``tests/test_security.py`` (sharing their
-fault-injection helpers, ``tests/_faults.py``), run once with every number measured at run time:
+fault-injection helpers, ``magdi.testing.faults``), run once with every number measured at run time:
 
 * faults -- SIGKILL of a real MAG build (several times, at different points) and of a real training run
   (twice), a MAG record torn mid-append, a kill *during* a checkpoint write, and a teacher endpoint that is
@@ -42,17 +42,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-SRC = ROOT / "src"
-if str(SRC) not in sys.path:
-    sys.path.insert(0, str(SRC))
-
-TESTS = ROOT / "tests"
-if str(TESTS) not in sys.path:  # the fault-injection helpers are shared with tests/test_reliability.py
-    sys.path.insert(0, str(TESTS))
-
-from _faults import cache_snapshot as cache_entries  # noqa: E402
-from _faults import (  # noqa: E402
+from magdi.testing.faults import cache_snapshot as cache_entries
+from magdi.testing.faults import (
     child_env,
     close_agents,
     closed_port_url,
@@ -63,6 +54,8 @@ from _faults import (  # noqa: E402
     tiny_student,
     train_cfg,
 )
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def ids_in(path: Path) -> list[str]:
@@ -278,7 +271,7 @@ def fault_kill_in_checkpoint_write(tmp: Path) -> Row:
     except Exception as e:  # a torn checkpoint may not even load
         outcome, ok, dw = f"resume FAILED: {type(e).__name__}: {str(e)[:120]}", False, float("nan")
     if not ok:
-        outcome += (" -- KNOWN ISSUE: magdi.train._save_ckpt overwrites the .safetensors files in place before "
+        outcome += (" -- KNOWN ISSUE: magdi.train.loop._save_ckpt overwrites the .safetensors files in place before "
                     "renaming state.json (test xfail: test_kill_during_checkpoint_write_still_resumes_exactly)")
     return {"kind": "kill inside a checkpoint write (after the weights, before the optimizer state)",
             "attempts": 1 if killed else "0 (kill point not reached)", "outcome": outcome,

@@ -1,14 +1,9 @@
 """DVC stage `download`: benchmarks (mirror or hub) -> normalised, seeded train/test JSONL subsets."""
 
-# ruff: noqa: E402 -- delegate() comes first: in a warm server (magdi.warm) the imports below are pre-loaded
-from magdi.warm import delegate
-
-delegate(__file__)
-
 import argparse
 
 from magdi.config import cli_params
-from magdi.pipeline import stage_download
+from magdi.pipeline.prepare import stage_download
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__)

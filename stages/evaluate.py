@@ -1,15 +1,10 @@
 """DVC stage `evaluate`: the trained student answers test questions alone; accuracy, CI, tokens, predictions."""
 
-# ruff: noqa: E402 -- delegate() comes first: in a warm server (magdi.warm) the imports below are pre-loaded
-from magdi.warm import delegate
-
-delegate(__file__)
-
 import argparse
 import json
 
 from magdi.config import cli_check_run, cli_for_student, cli_params
-from magdi.pipeline import stage_evaluate, stage_evaluate_mt, stage_zero_shot
+from magdi.pipeline.evaluation import stage_evaluate, stage_evaluate_mt, stage_zero_shot
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__)

@@ -1,11 +1,6 @@
 """DVC stage `report`: the paper's tables and figures, the paired significance tests and the HTML MAG browser and
 predictions pages in reports/, from metrics/, data/mags and runs/eval."""
 
-# ruff: noqa: E402 -- delegate() comes first: in a warm server (magdi.warm) the imports below are pre-loaded
-from magdi.warm import delegate
-
-delegate(__file__)
-
 import argparse
 from pathlib import Path
 

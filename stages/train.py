@@ -1,15 +1,10 @@
 """DVC stage `train`: fine-tune the student (LoRA) with one method on one task's MAGs (or all tasks: multitask)."""
 
-# ruff: noqa: E402 -- delegate() comes first: in a warm server (magdi.warm) the imports below are pre-loaded
-from magdi.warm import delegate
-
-delegate(__file__)
-
 import argparse
 import json
 
-from magdi.config import cli_check_run, cli_for_student, cli_params
-from magdi.pipeline import MT_METHOD, MT_TASK, stage_train
+from magdi.config import MT_METHOD, MT_TASK, cli_check_run, cli_for_student, cli_params
+from magdi.pipeline.training import stage_train
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__)

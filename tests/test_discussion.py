@@ -585,7 +585,7 @@ def test_build_mags_stage_never_reuses_a_mag_file_from_other_settings(tmp_path: 
     from the old file; cached replies are not paid again."""
     import yaml
 
-    import magdi.pipeline as pl
+    import magdi.pipeline.mags as pl
     from magdi.config import parse_params
 
     raw = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())

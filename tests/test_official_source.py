@@ -50,7 +50,7 @@ def test_build_mags_imports_the_official_release(tmp_path: Path, monkeypatch, ti
     release.write_text(json.dumps(RELEASE))
     p = _params(tmp_path, source="official", official_files={"ecqa": str(release)}, clean_agreement=True)
     monkeypatch.chdir(tmp_path)  # the stage writes metrics/mags/<task>.json
-    monkeypatch.setattr("magdi.pipeline.make_agents", lambda *_: pytest.fail("no teacher may be built"))
+    monkeypatch.setattr("magdi.pipeline.mags.make_agents", lambda *_: pytest.fail("no teacher may be built"))
     stats = stage_build_mags(p, "ecqa")
     mags = read_mags(mags_file(p, "ecqa"))
     assert [m.gold for m in mags] == ["B", "A"]

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from _loopback import running
 from magdi.backends_openai import OpenAIChatBackend, TeacherCallError, TeacherConfigError
 from magdi.cache import CallCache, cache_key
+from magdi.testing.loopback import running
 
 SECRET = "sk-test-SECRET123"
 KEY_ENV = "MAGDI_TEST_TEACHER_KEY"

@@ -26,7 +26,13 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from _faults import (
+from magdi.backends_openai import TeacherCallError
+from magdi.config import ConfigError, TrainCfg, load_params, parse_params
+from magdi.data import LoadReport, load_benchmark, prepare_all, sample_splits
+from magdi.discussion import Agent, build_mags, discuss_chunk, parse_reply
+from magdi.mag import MAG, Node, append_mag, iter_mags, read_mags
+from magdi.scoring import extract_answer, is_correct
+from magdi.testing.faults import (
     cache_snapshot,
     child_env,
     close_agents,
@@ -36,12 +42,6 @@ from _faults import (
     serve,
     teacher_agents,
 )
-from magdi.backends_openai import TeacherCallError
-from magdi.config import ConfigError, TrainCfg, load_params, parse_params
-from magdi.data import LoadReport, load_benchmark, prepare_all, sample_splits
-from magdi.discussion import Agent, build_mags, discuss_chunk, parse_reply
-from magdi.mag import MAG, Node, append_mag, iter_mags, read_mags
-from magdi.scoring import extract_answer, is_correct
 
 ROOT = Path(__file__).resolve().parents[1]
 ANSWER_TYPES = ("yesno", "choice", "number", "latex")
@@ -156,7 +156,7 @@ import torch
 torch.set_num_threads(1)
 out, pause, go, ref, tests_dir = Path(sys.argv[1]), float(sys.argv[2]), Path(sys.argv[3]), sys.argv[4], sys.argv[5]
 sys.path.insert(0, tests_dir)
-from _faults import tiny_student, train_cfg
+from magdi.testing.faults import tiny_student, train_cfg
 from magdi.train import build_items, method_spec, train
 
 spec = method_spec("magdi")

@@ -9,9 +9,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from magdi.config import parse_params
-
 from conftest import minimal
+from magdi.config import parse_params
 from magdi.mag import MAG, Node, mag_stats, write_mags
 from magdi.report import DASH, PAPER_LABEL, build_report, load_paper_numbers, md_table
 

@@ -28,13 +28,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from _loopback import running
 from magdi.backends_openai import TeacherCallError
 from magdi.cache import CallCache
 from magdi.config import AgentCfg, StudentCfg, load_params, parse_params
 from magdi.discussion import Agent, build_mags, discuss_chunk, parse_reply
 from magdi.mag import append_mag, read_mags
 from magdi.scoring import extract_answer, is_correct, majority_vote, normalize_gold
+from magdi.testing.loopback import running
 
 ROOT = Path(__file__).resolve().parents[1]
 ANSWER_TYPES = ("yesno", "choice", "number", "latex")

@@ -245,7 +245,7 @@ def test_task_recipe_errors_name_the_key(over: dict, needle: str) -> None:
 
 def test_evaluation_decodes_and_counts_truncation_at_the_tasks_own_limit(tmp_path: Path, monkeypatch) -> None:
     import magdi.evaluate
-    from magdi import pipeline
+    from magdi.pipeline import evaluation as pipeline
 
     raw = _raw()
     raw["evaluate"].update(max_new_tokens=300, max_new_tokens_by_task={"gsm8k": 450})

@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 import magdi.evaluate as ev
-import magdi.pipeline as pl
+import magdi.pipeline.evaluation as pl
 from magdi.config import parse_params
 from magdi.student import Generation
 

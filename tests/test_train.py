@@ -15,10 +15,8 @@ import yaml
 from magdi.config import LossWeights, TrainCfg
 from magdi.losses import margin_ranking_loss, ntp_loss, pair_indices, position_weighted_mean
 from magdi.mag import MAG, Node, edges
-from magdi.student import student_prompt, student_target
+from magdi.student import DSS_ANSWER_PREFIX, DSS_RATIONALE_PREFIX, student_prompt, student_target
 from magdi.train import (
-    DSS_ANSWER_PREFIX,
-    DSS_RATIONALE_PREFIX,
     MagdiStudent,
     MethodSpec,
     TrainItem,
@@ -787,7 +785,7 @@ def test_stage_train_writes_results_on_rank_0_only(tmp_path: Path, monkeypatch: 
     """A rank > 0 trains (DDP collectives need every rank) and returns without saving, hashing or writing any
     file; rank 0 saves the adapter and writes the metrics. The model, LoRA and the loop are stubbed: this is about
     who writes, not about training."""
-    import magdi.pipeline as pl
+    import magdi.pipeline.training as pl
     import magdi.student as st
     import magdi.train as tr
     from magdi.config import parse_params
@@ -854,7 +852,9 @@ def test_stages_other_than_training_refuse_a_multi_process_launch(no_launcher: p
     with pytest.raises(RuntimeError, match=rf"^{stage} runs as one process, not 2 .*accelerate launch"):
         call()
     no_launcher.setenv(variable, "1")
-    pl.single_process(stage)
+    from magdi.launch import single_process
+
+    single_process(stage)
 
 
 # ============================================================================== gradient clipping (train.max_grad_norm)

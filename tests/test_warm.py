@@ -257,7 +257,8 @@ def test_run_wraps_a_command_and_removes_its_socket(probe_dir: Path) -> None:
 def test_a_real_stage_script_runs_in_the_server(tmp_path: Path) -> None:
     s = Served(tmp_path, ["magdi.config"], stages=ROOT / "stages")
     try:
-        res = subprocess.run([sys.executable, "stages/report.py", "--help"], cwd=ROOT,
+        # as DVC's `python stages/report.py --help` runs under `make repro WARM=1`: through the shim's `python`
+        res = subprocess.run([sys.executable, "-m", "magdi.warm.shim", "stages/report.py", "--help"], cwd=ROOT,
                              env=_env(**{warm.SOCKET_ENV: s.path}), capture_output=True, text=True, timeout=60)
     finally:
         s.stop()
@@ -390,3 +391,23 @@ def test_a_changed_file_of_the_warm_package_itself_is_refused(tmp_path: Path) ->
                 assert f"{f} changed since the server started" in res.stderr
     finally:
         s.stop()
+
+
+def test_shim_runs_non_stage_commands_as_the_real_interpreter_and_stages_fall_back(tmp_path: Path) -> None:
+    """The shim `python` (make repro WARM=1): `python -c ...` and a stage without a server run as plain python."""
+    from magdi.warm.shim import write_shims
+
+    write_shims(str(tmp_path))
+    env = {**_env(), "PATH": f"{tmp_path}{os.pathsep}{os.environ['PATH']}"}
+    env.pop(warm.SOCKET_ENV, None)
+    res = subprocess.run(["python", "-c", "import sys; print(sys.argv[1:])", "a", "b"], env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0 and res.stdout.strip() == "['a', 'b']", res.stderr
+    res = subprocess.run(["python", "stages/report.py", "--help"], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=60)
+    assert res.returncode == 0 and "usage: report.py" in res.stdout, res.stderr
+
+
+def test_stage_scripts_know_nothing_of_the_server() -> None:
+    for script in sorted((ROOT / "stages").glob("*.py")):
+        assert "magdi.warm" not in script.read_text(), script.name

@@ -15,6 +15,8 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from .names import BASE_METHODS, EncoderName, GraphKind, NodeRepr
+
 #: Task name -> answer type. The answer type decides extraction and scoring (``magdi.scoring``).
 TASK_TYPES: dict[str, str] = {
     "strategyqa": "yesno",
@@ -26,9 +28,6 @@ TASK_TYPES: dict[str, str] = {
     "svamp": "number",
 }
 
-BASE_METHODS = ("zero_shot", "dss_mt", "magdi_r0", "magdi_cn", "magdi_an", "magdi")
-GRAPH_TYPES = ("d", "ud", "fc")
-ENCODERS = ("gcn", "node_attention", "token_attention")
 
 
 class ConfigError(ValueError):
@@ -255,9 +254,9 @@ class TrainCfg(_Strict):
     seed: int = 0
     weights: LossWeights = LossWeights()
     margin: float = Field(1.0, ge=0)
-    graph: Literal["d", "ud", "fc"] = "d"
-    encoder: Literal["gcn", "node_attention", "token_attention"] = "gcn"
-    node_repr: Literal["live", "frozen"] = "live"
+    graph: GraphKind = "d"
+    encoder: EncoderName = "gcn"
+    node_repr: NodeRepr = "live"
     hidden_dim: int = Field(256, ge=2)
     #: dropout inside the structure encoder (after the first GCN layer; in the attention encoders' layers)
     gcn_dropout: float = Field(0.0, ge=0.0, lt=1.0)

@@ -18,16 +18,13 @@ output whatever else is in the batch (in eval mode). ``takes_tokens`` tells the 
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 from torch import Tensor, nn
 from torch_geometric.nn import GCNConv
 from torch_geometric.utils import to_dense_batch
 
 from magdi.losses import as_param_dtype, position_weighted_mean
-
-EncoderName = Literal["gcn", "node_attention", "token_attention"]
+from magdi.names import ENCODERS, EncoderName
 
 
 def _num_heads(hidden_dim: int, preferred: int) -> int:
@@ -169,11 +166,15 @@ def build_encoder(
     name: EncoderName, in_dim: int, hidden_dim: int, num_classes: int = 2, dropout: float = 0.0
 ) -> nn.Module:
     """Encoder by its ``params.yaml`` name (``train.encoder``): gcn | node_attention | token_attention."""
-    encoders: dict[str, type[nn.Module]] = {
-        "gcn": GCNEncoder,
-        "node_attention": NodeAttentionEncoder,
-        "token_attention": TokenAttentionEncoder,
-    }
-    if name not in encoders:
-        raise ValueError(f"unknown encoder {name!r}; expected one of {sorted(encoders)}")
-    return encoders[name](in_dim, hidden_dim, num_classes=num_classes, dropout=dropout)
+    if name not in ENCODERS:
+        raise ValueError(f"unknown encoder {name!r}; expected one of {sorted(ENCODERS)}")
+    return ENCODER_CLASSES[name](in_dim, hidden_dim, num_classes=num_classes, dropout=dropout)
+
+
+#: ``train.encoder`` name -> class, one entry per name of the registry (``magdi.names.ENCODERS``)
+ENCODER_CLASSES: dict[str, type[nn.Module]] = {
+    "gcn": GCNEncoder,
+    "node_attention": NodeAttentionEncoder,
+    "token_attention": TokenAttentionEncoder,
+}
+assert set(ENCODER_CLASSES) == set(ENCODERS), "magdi.names.ENCODERS and the encoder classes disagree"

@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-GRAPH_KINDS = ("d", "ud", "fc")
+from .names import GRAPH_KINDS
 
 
 @dataclass

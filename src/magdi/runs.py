@@ -71,9 +71,13 @@ def expand_stages(dvc: dict[str, Any], raw: dict[str, Any]) -> list[tuple[str, s
         for combo in itertools.product(*axes.values()):
             item = dict(zip(axes, combo, strict=True))
             address = f"{name}@{'-'.join(str(v) for v in combo)}"
-            out.append((address, _REF.sub(lambda mm: str(item[mm.group(1).removeprefix("item.")])
-                                          if mm.group(1).startswith("item.") else mm.group(0), cmd)))
+            out.append((address, _substitute_items(cmd, item)))
     return out
+
+
+def _substitute_items(cmd: str, item: dict[str, Any]) -> str:
+    """``${item.<key>}`` in a matrix stage's command replaced by that stage's values."""
+    return _REF.sub(lambda m: str(item[m.group(1)[5:]]) if m.group(1).startswith("item.") else m.group(0), cmd)
 
 
 def _args(cmd: str) -> dict[str, Any]:

@@ -29,9 +29,7 @@ import re
 import threading
 from collections.abc import Callable
 from decimal import Decimal
-from typing import Literal
 
-AnswerType = Literal["yesno", "choice", "number", "latex"]
 ANSWER_TYPES: tuple[str, ...] = ("yesno", "choice", "number", "latex")
 LETTERS = "ABCDE"
 

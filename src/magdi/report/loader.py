@@ -16,9 +16,9 @@ from typing import Any
 import pandas as pd
 import yaml
 
-from ..config import Params
+from ..config import MT_METHOD, Params
 from ..mag import MAG, read_mags
-from ..pipeline import MT_METHOD, eval_train_task, predictions_name, run_name
+from ..pipeline.paths import eval_train_task, predictions_name, run_name
 from .format import _num
 
 

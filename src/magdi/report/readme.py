@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..pipeline import MT_METHOD
+from ..config import MT_METHOD
 from .format import PAPER_LABEL, PARTIAL, loss_weights, per_task
 from .loader import Ctx
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..config import MT_METHOD, MT_TASK
 from ..mag import LOOP_RATIO, LOOP_TAIL_CHARS, MAG
-from ..pipeline import MT_METHOD, MT_TASK, run_name
+from ..pipeline.paths import run_name
 from .format import (
     DASH,
     OURS,

@@ -10,7 +10,9 @@ already loaded. DVC still runs one command per stage (same deps, params, per-cel
     MAGDI_WARM_SOCKET=DIR/s dvc repro                 # each stage runs in a fork of the server
     python -m magdi.warm run -- dvc repro             # both: server in a temp dir, stopped afterwards
 
-Client: ``delegate(__file__)`` on the first line of a stage script. If ``MAGDI_WARM_SOCKET`` names a live
+Client: ``python -m magdi.warm run -- dvc repro`` puts a ``python`` shim first on ``PATH`` (``shim``), so DVC's
+``python stages/<x>.py`` calls ``delegate(script)`` before anything else; the stage scripts know nothing of the
+server. If ``MAGDI_WARM_SOCKET`` names a live
 server it sends argv, cwd, umask, the whole environment and its fds 0/1/2 (SCM_RIGHTS); the server forks,
 the child takes over those fds, cwd, environment and argv and runs the script with ``runpy`` as
 ``__main__``; the client waits, forwards SIGINT/SIGTERM/SIGHUP/SIGQUIT to the child's process group and
@@ -45,7 +47,8 @@ The package, by concern (``delegate`` below imports only ``client`` and ``protoc
 * ``client``: ``delegate``, signal forwarding to the child, the fall-back to running in-process;
 * ``server``: pre-imports, fork hazards, the refusal rules above, fork and reaping;
 * ``child``: the forked child becoming the client's process, running the script, ending without teardown;
-* ``cli``: ``python -m magdi.warm serve|run`` (``__main__``) and the ``run`` wrapper ``make repro WARM=1`` uses.
+* ``cli``: ``python -m magdi.warm serve|run`` (``__main__``) and the ``run`` wrapper ``make repro WARM=1`` uses;
+* ``shim``: the ``python`` that wrapper puts on ``PATH``: stage scripts go to the server, anything else runs as is.
 """
 
 from magdi.warm.client import delegate, in_server_child

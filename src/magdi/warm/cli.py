@@ -17,6 +17,7 @@ import magdi.warm
 from magdi.warm.child import exit_child, run_job
 from magdi.warm.protocol import SOCKET_ENV, ping
 from magdi.warm.server import DEFAULT_PRELOAD, Server
+from magdi.warm.shim import write_shims
 
 
 def wait_ready(path: str, proc: subprocess.Popen, timeout: float) -> dict | None:
@@ -56,10 +57,13 @@ def running_server(stages: Path, modules: Sequence[str] | None = None, timeout: 
 def run_command(cmd: Sequence[str], stages: Path, modules: Sequence[str] | None = None,
                 verbose: bool = False) -> int:
     """Run ``cmd`` (e.g. ``dvc repro``) with a warm server; the server is stopped however ``cmd`` ends."""
-    with running_server(stages, modules, verbose=verbose) as path:
+    with running_server(stages, modules, verbose=verbose) as path, \
+            tempfile.TemporaryDirectory(prefix="magdi-shim-") as shims:
         env = dict(os.environ)
-        if path:
+        if path:  # stage commands (`python stages/x.py`) find the shim's `python` first (magdi.warm.shim)
+            write_shims(shims)
             env[SOCKET_ENV] = path
+            env["PATH"] = shims + os.pathsep + env.get("PATH", "")
         proc = subprocess.Popen(list(cmd), env=env)
 
         def forward(signum: int, _frame: object) -> None:

@@ -18,10 +18,10 @@ from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-from _loopback import running
 from magdi.backends_openai import OpenAIChatBackend
 from magdi.cache import CallCache
 from magdi.discussion import Agent
+from magdi.testing.loopback import running
 
 ROOT = Path(__file__).resolve().parents[1]
 SRC = ROOT / "src"
