@@ -131,12 +131,19 @@ def throughput(student_dir: Path, runs: str = "main") -> dict[str, float]:
             "n_params": n_params}
 
 
+def machine_class() -> str:
+    from magdi.precision import capabilities, cpu_class
+
+    return cpu_class(capabilities())
+
+
 def report(log: Path, out: Path) -> None:
     stages, total = stage_times(log)
     groups: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0, 0])
     lines = ["# Where `make repro` spends its time", "",
              f"From the timestamped log of one `make repro` on a fresh clone (`{log.name}`): "
-             f"**{total / 60:.1f} min** from the first to the last line (install included).", "",
+             f"**{total / 60:.1f} min** from the first to the last line (install included), on a CPU of class "
+             f"**{machine_class()}** (`python -m magdi precision`; compare timings within one class only).", "",
              "| stage | wall s | compute s (measured by the stage) | fixed s (start-up, model load, DVC) |",
              "|---|---:|---:|---:|"]
     for name, wall in stages:
@@ -176,7 +183,10 @@ def report(log: Path, out: Path) -> None:
     params = load_params(ROOT / "params.yaml", check_mirror=False)
     for runs, folder in students:
         tp = throughput(folder, runs)
-        bf16 = params.for_student(None if runs == "main" else runs).train.bf16  # the precision its training ran in
+        from magdi.train import training_precision
+
+        # the precision its training ran in (train.bf16 resolved on this machine, as the stage resolved it)
+        bf16 = training_precision(params.for_student(None if runs == "main" else runs).train.bf16).bf16
         tr_kind, tr_peak = ("bf16", tp["peak_bf16"]) if bf16 else ("fp32", tp["peak_fp32"])
         lines += ["", f"Achieved throughput of the {'main student' if runs == 'main' else runs} "
                   f"({tp['n_params'] / 1e6:.0f} M parameters; sum of tokens / sum of compute seconds of its runs) against "

@@ -16,7 +16,6 @@ from pathlib import Path
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 START = "Measured on this workplace's 2-core CPU machine"
 END = "## What it does"
@@ -112,6 +111,32 @@ def decoding_noise_sentence(path: Path) -> str:
             "size between methods is not evidence of either.")
 
 
+def numerics_sentence(metrics: Path, precision_json: Path) -> str:
+    """The CPU class and precision the run's metrics record (``numerics``), and the `make repro` time derived for a
+    CPU without native bf16 from ``reports/benchmark_precision.json`` (benchmarks/bench_precision.py)."""
+    classes, prec = set(), {"train": set(), "generate": set()}
+    for kind, what in (("train", "train"), ("eval", "generate")):
+        for f in (metrics / kind).glob("*/*.json"):
+            num = json.loads(f.read_text()).get("numerics") or {}
+            classes.add(num.get("cpu_class") or "unknown")
+            p = num.get("precision") or {}
+            if p.get(what) and "set explicitly" not in p.get("reason", ""):
+                prec[what].add(p[what])
+    if not classes:
+        return ""
+    out = (f"The committed results ran on a CPU of class **{', '.join(sorted(classes))}**, where `auto` precision "
+           f"resolved to {'/'.join(sorted(prec['train'])) or '?'} for training and "
+           f"{'/'.join(sorted(prec['generate'])) or '?'} for decoding (each metrics file's `numerics`).")
+    if precision_json.is_file():
+        d = json.loads(precision_json.read_text())
+        if d.get("derived_minutes"):
+            out += (f" On a CPU without native bf16 (AVX2 only) `auto` is float32 throughout; the run is derived to take "
+                    f"about {d['derived_minutes'][1]:.0f} min there (training {d['r_train']:.2f}x and decoding "
+                    f"{d['r_gen']:.2f}x the time, measured on this CPU held to AVX2 kernels, not on a real AVX2 "
+                    "machine: [`reports/benchmark_precision.md`](reports/benchmark_precision.md)).")
+    return out
+
+
 def block(total_s: int, command: str = "make repro") -> str:
     t1 = ours_tables((ROOT / "reports/table1_main.md").read_text())[0]
     t7 = ours_tables((ROOT / "reports/table7_student_scaling.md").read_text())
@@ -122,8 +147,9 @@ def block(total_s: int, command: str = "make repro") -> str:
     return f"""{START} (fresh clone, nothing else of ours running, pip cache warm): `{command}`
 took **{total_s // 60} min {total_s % 60} s** from the first line to the last, install included; where the time goes, stage by
 stage, and exactly which run it was, is in [`reports/benchmark_pipeline.md`](reports/benchmark_pipeline.md). It replays the teachers' discussions
-from the committed `teacher_cache/` (see "Teachers" below); generating them is measured in
+from the committed `teacher_cache/` ([`docs/teachers.md`](docs/teachers.md)); generating them is measured in
 [`reports/teacher_generation.md`](reports/teacher_generation.md). `make test` runs the unit tests plus one end-to-end `dvc repro` + `dvc exp run -S` on tiny sizes.
+{numerics_sentence(ROOT / "metrics", ROOT / "reports/benchmark_precision.json")}
 
 The results of that run are committed: [`reports/`](reports/README.md) (tables and figures mirroring the
 paper), `metrics/` (one JSON per run, `dvc metrics show`) and `dvc.lock`. What produced the numbers can be read
