@@ -14,6 +14,8 @@ import argparse
 import statistics
 from pathlib import Path
 
+from peak import machine_line
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -48,7 +50,7 @@ def main() -> None:
     q = statistics.quantiles(lengths, n=20)
     limits = sorted({128, 192, 256, 320, 384, 448, 512, a.limit, p.evaluate.limit(a.task)})
     lines = [
-        f"# Answer lengths of the student ({a.student or p.student.model}) on {a.task}",
+        f"# Answer lengths of the student ({a.student or p.student.model}) on {a.task}", "", machine_line(),
         "",
         f"`python benchmarks/bench_answer_lengths.py --task {a.task} --n {a.n} --limit {a.limit}"
         + (f" --student {a.student}" if a.student else "") + f"` ({secs:.0f} s, {torch.get_num_threads()} threads)",

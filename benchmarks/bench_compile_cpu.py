@@ -16,6 +16,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from peak import machine_line
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -64,7 +66,7 @@ def main() -> None:
     se, sc = sum(eager["later"]), sum(comp["later"])
     n = len(eager["later"])
     lines = [
-        f"# `train.compile` on the CPU ({p.student.model}, {a.task}, MAGDi)", "",
+        f"# `train.compile` on the CPU ({p.student.model}, {a.task}, MAGDi)", "", machine_line(), "",
         f"`python benchmarks/bench_compile_cpu.py --task {a.task} --steps {a.steps}` ({torch.get_num_threads()} threads, "
         f"torch {torch.__version__}; eager first, then compiled, in one process)", "",
         "| run | first step s | later steps s (sum of " + str(n) + ") | s / later step |",

@@ -14,6 +14,8 @@ import argparse
 import time
 from pathlib import Path
 
+from peak import machine_line
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -48,6 +50,7 @@ def main() -> None:
                 times.setdefault((bs, new), []).append(time.perf_counter() - t)
     limit, n = p.evaluate.limit(a.task), p.data.n_test
     lines = [f"# Evaluation batch size ({p.student.model}, {p.student.gen_dtype}, {a.task} test prompts)", "",
+             machine_line(), "",
              f"`python benchmarks/bench_eval_batch.py --batch-sizes {' '.join(map(str, a.batch_sizes))}` "
              f"({torch.get_num_threads()} threads; best of 2 per cell)", "",
              f"| batch | {a.short} tokens s | {a.long} tokens s | s per decoding step | prompt + first steps s "

@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 import torch
+from peak import machine_line
 
 from magdi.config import load_params
 from magdi.data import read_jsonl
@@ -97,7 +98,7 @@ def run(student_dir: str, dtype: str, bench_file: Path, batches: list[int], new_
 
 def write_md(res: dict, out: Path, cmd: str) -> None:
     lines = [
-        "# Decoding a merged (frozen) student: the LM-head copy and its fix",
+        "# Decoding a merged (frozen) student: the LM-head copy and its fix", "", machine_line(),
         "",
         f"Written by `benchmarks/bench_frozen_head.py` ({res['when']}); command: `{cmd}`. Student "
         f"`{res['student_dir']}` ({res['parameters'] / 1e6:.0f} M parameters, LM head {res['head'][0]} x "

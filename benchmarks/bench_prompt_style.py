@@ -35,6 +35,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import yaml
+from peak import machine_line
 
 from magdi.cache import cache_key
 from magdi.config import TASK_TYPES, load_params
@@ -319,7 +320,7 @@ def write_report(args, p, runs, conv, timings_path: Path, agent_names: list[str]
     secs = {s: sum(v for (st, _, _), v in timings.items() if st == s) or None for s in STYLES}
     seen_ids = ", ".join(m.id for m in runs["compact"][0])
 
-    L = ["# Discussion prompt: `compact` vs `reconcile` on the default teachers", "",
+    L = ["# Discussion prompt: `compact` vs `reconcile` on the default teachers", "", machine_line(), "",
          f"Written by `benchmarks/bench_prompt_style.py` ({datetime.now(UTC):%Y-%m-%d %H:%M} UTC). Task "
          f"{args.task}: the first {n} questions of the train pool ({seen_ids}). Teachers, sampling and rounds are "
          f"params.yaml's: {', '.join(f'{a} ({model_of[a]}, max_new_tokens {max_new[a]})' for a in agent_names)}; "

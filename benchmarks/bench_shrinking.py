@@ -14,6 +14,8 @@ import argparse
 import platform
 from pathlib import Path
 
+from peak import machine_line
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -54,6 +56,7 @@ def main() -> None:
     limit = p.evaluate.limit(a.task)
     text = "\n".join([
         f"# Greedy evaluation: dropping finished rows vs `model.generate` ({p.student.model}, {a.task})", "",
+        machine_line(), "",
         f"`python benchmarks/bench_shrinking.py --task {a.task} --n-val {a.n_val}` — {n} validation questions "
         f"(the training pool after the {p.data.train_size(a.task)} MAG questions; never test questions), the `evaluate` "
         f"decoding path: batch {p.evaluate.batch_size}, {limit} new tokens, {p.student.gen_dtype}, "

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import torch
+from peak import machine_line
 
 from magdi.cache import CallCache
 from magdi.config import load_params
@@ -97,7 +98,7 @@ def main() -> None:
             print(rows[-1], flush=True)
         rows.append({"model": model, **bench_transformers(p, model, msgs, a.n, a.max_new, "bfloat16")})
         print(rows[-1], flush=True)
-    lines = ["# Teacher engines: llama.cpp server vs transformers", "",
+    lines = ["# Teacher engines: llama.cpp server vs transformers", "", machine_line(), "",
              f"Command: `PYTHONPATH=src python benchmarks/bench_teacher_engines.py --models {' '.join(a.models)} "
              f"--n {a.n} --max-new {a.max_new} --slots {' '.join(map(str, a.slots))}`", "",
              f"{a.n} GSM8K round-0 discussion prompts, greedy, at most {a.max_new} new tokens, prefilled JSON "

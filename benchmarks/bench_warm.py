@@ -33,6 +33,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from peak import machine_line
+
 from magdi import warm
 from magdi.warm.cli import wait_ready
 
@@ -134,7 +136,7 @@ def render(r: dict) -> str:
             for case, t in r["times"].items()]
     skipped = ", ".join(r["skipped"]) or "none"
     return "\n".join([
-        "# Stage start-up: fresh process vs fork of the warm server",
+        "# Stage start-up: fresh process vs fork of the warm server", "", machine_line(),
         "",
         f"`benchmarks/bench_warm.py`, {r['date']}, {r['cpus']} CPUs (shared with other jobs: single timings "
         f"are noisy), Python {r['python']}, {r['repeats']} repeats, cold and warm taking turns.",

@@ -43,3 +43,11 @@ def cpu_flags() -> dict[str, bool]:
     except OSError:
         flags = []
     return {k: k in flags for k in ("avx512f", "avx512_bf16", "amx_bf16")}
+
+
+def machine_line() -> str:
+    """The line every benchmark report carries under its title: the CPU class its timings belong to."""
+    from magdi.precision import capabilities, cpu_class
+
+    return (f"CPU class: **{cpu_class(capabilities())}** (`python -m magdi precision`); compare timings within one "
+            "class only.")
