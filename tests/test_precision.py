@@ -203,3 +203,14 @@ def test_report_says_when_runs_disagree_on_cpu_class_or_precision(tmp_path: Path
     assert "numerics differ between runs" in line and "`x86-64 AVX2`: 1 runs (e.g. eval/zero_shot/gsm8k)" in line
     assert "`bfloat16` (1 runs), `float32` (1 runs)" in line
     assert numerics_lines(tmp_path / "none") == []
+
+
+def test_report_derives_the_cpu_class_from_a_fingerprint_without_one() -> None:
+    from magdi.report.readme import recorded_cpu_class
+
+    fp = {"machine": "x86_64", "cpu_matrix_flags": ["avx512_bf16"], "cpu_capability": "AVX512",
+          "onednn_max_cpu_isa": None}
+    assert recorded_cpu_class(fp) == "x86-64 AVX512-BF16"
+    assert recorded_cpu_class({**fp, "cpu_matrix_flags": [], "cpu_capability": "AVX2"}) == "x86-64 AVX2"
+    assert recorded_cpu_class({**fp, "cpu_matrix_flags": ["amx_bf16", "avx512_bf16"]}) == "x86-64 AMX"
+    assert recorded_cpu_class({**fp, "cpu_class": "aarch64 BF16"}) == "aarch64 BF16"

@@ -111,6 +111,12 @@ def decoding_noise_sentence(path: Path) -> str:
             "size between methods is not evidence of either.")
 
 
+def recorded_cpu_class(num: dict) -> str:
+    from magdi.report.readme import recorded_cpu_class as rc
+
+    return rc(num)
+
+
 def numerics_sentence(metrics: Path, precision_json: Path) -> str:
     """The CPU class and precision the run's metrics record (``numerics``), and the `make repro` time derived for a
     CPU without native bf16 from ``reports/benchmark_precision.json`` (benchmarks/bench_precision.py)."""
@@ -118,15 +124,15 @@ def numerics_sentence(metrics: Path, precision_json: Path) -> str:
     for kind, what in (("train", "train"), ("eval", "generate")):
         for f in (metrics / kind).glob("*/*.json"):
             num = json.loads(f.read_text()).get("numerics") or {}
-            classes.add(num.get("cpu_class") or "unknown")
+            classes.add(recorded_cpu_class(num))
             p = num.get("precision") or {}
-            if p.get(what) and "set explicitly" not in p.get("reason", ""):
+            if p.get(what) and "@" not in f.parent.name:  # the main student's runs (a scaling student sets its own)
                 prec[what].add(p[what])
     if not classes:
         return ""
-    out = (f"The committed results ran on a CPU of class **{', '.join(sorted(classes))}**, where `auto` precision "
-           f"resolved to {'/'.join(sorted(prec['train'])) or '?'} for training and "
-           f"{'/'.join(sorted(prec['generate'])) or '?'} for decoding (each metrics file's `numerics`).")
+    out = (f"The committed results ran on a CPU of class **{', '.join(sorted(classes))}**, where the main student "
+           f"trained in {'/'.join(sorted(prec['train'])) or '?'} and decoded in "
+           f"{'/'.join(sorted(prec['generate'])) or '?'} (`auto`; each metrics file's `numerics`).")
     if precision_json.is_file():
         d = json.loads(precision_json.read_text())
         if d.get("derived_minutes"):

@@ -43,6 +43,21 @@ def _coverage(ctx: Ctx) -> tuple[int, int, list[str]]:
     return len(want) - len(missing), len(want), missing
 
 
+def recorded_cpu_class(num: dict) -> str:
+    """The CPU class of a metrics file's ``numerics``: as recorded, else derived from the processor flags and the
+    oneDNN cap the fingerprint records (``magdi.precision.cpu_class`` of them)."""
+    if num.get("cpu_class"):
+        return num["cpu_class"]
+    if not num.get("machine"):
+        return "unknown (no fingerprint recorded)"
+    from ..precision import Capabilities, cpu_class
+
+    flags = set(num.get("cpu_matrix_flags") or [])
+    if num.get("cpu_capability") in ("AVX512", "AVX2"):  # torch's own ISA level (AVX2 implies it is there)
+        flags |= {"avx2"} | ({"avx512f"} if num["cpu_capability"] == "AVX512" else set())
+    return cpu_class(Capabilities(num["machine"], frozenset(flags), onednn_max_isa=num.get("onednn_max_cpu_isa")))
+
+
 def numerics_lines(metrics_dir: Path) -> list[str]:
     """What the runs computed in, read from each run's ``numerics`` (``magdi.precision``): one line when every
     training and evaluation ran on one CPU class with one resolution of ``auto``, and a caution naming the groups
@@ -59,7 +74,7 @@ def numerics_lines(metrics_dir: Path) -> list[str]:
             except (OSError, json.JSONDecodeError):
                 continue
             run = f"{kind}/{f.parent.name}/{f.stem}"
-            classes.setdefault(num.get("cpu_class") or "unknown (no cpu_class recorded)", []).append(run)
+            classes.setdefault(recorded_cpu_class(num), []).append(run)
             prec = num.get("precision") or {}
             dtype, reason = prec.get(what), prec.get("reason", "")
             if dtype is None:
