@@ -810,6 +810,11 @@ def test_stage_train_writes_results_on_rank_0_only(tmp_path: Path, monkeypatch: 
     else:
         assert calls == ["train", "save"] and summary["adapter_sha256"] == "ab" * 32
         assert {"metrics/train/magdi/svamp.json", "metrics/train/magdi/svamp_history.csv"} <= set(written)
+        # the precision as resolved from the setting written in params.yaml (auto; conftest: an AVX2-only CPU)
+        assert summary["numerics"]["precision"]["setting"] == "auto"
+        assert summary["numerics"]["precision"]["reason"] == "float32: CPU has AVX2, no native bf16"
+        cfg = json.loads((tmp_path / "runs" / "train" / "svamp" / "magdi" / "config.json").read_text())
+        assert cfg["train"]["bf16"] is False and cfg["precision"] == "float32: CPU has AVX2, no native bf16"
 
 
 def test_saved_adapter_config_does_not_depend_on_set_order(tmp_path: Path, tiny_lm) -> None:

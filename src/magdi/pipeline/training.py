@@ -80,7 +80,9 @@ def stage_train(p: Params, task: str, method: str, student: str | None = None) -
                    "adapter_sha256": adapter_sha256,  # two runs trained alike iff equal
                    # what the numbers depend on besides code and data: the kernels and the resolved precision
                    "numerics": {**numerics_fingerprint(),
-                                "precision": {"train": res.precision, "reason": res.precision_reason}}}
+                                # the resolution of the setting as written (the loop got it resolved: a bool)
+                                "precision": {"train": res.precision, "reason": prec.reason,
+                                              "setting": prec.setting}}}
         mlf.log_metrics({k: float(v) for k, v in summary.items() if isinstance(v, int | float)})
     write_json(metrics_file(task, method, "train"), summary)
     import csv
