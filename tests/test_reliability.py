@@ -542,7 +542,7 @@ def test_training_stages_depend_on_their_own_recipe_entries_only() -> None:
     never the whole mapping, so an edit to one entry leaves every other run's lock valid."""
     stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
     training = {n for n, st in stages.items() if "stages/train.py" in st["cmd"]}
-    assert training == {"train", "train_ablation", "train_scaling", "train_mt"}  # a new one: decide its deps here
+    assert training == {"train", "train_ablation", "train_data_scaling", "train_scaling", "train_mt"}  # a new one: decide its deps here
     for name in training - {"train_mt"}:
         params = stages[name]["params"]
         assert "experiments.task_train.${item.task}" in params, (name, params)

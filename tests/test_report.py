@@ -289,7 +289,7 @@ def test_significance_files_and_table1_marks(tmp_path: Path) -> None:
     build_report(_params(), out, metrics, mags_dir, runs)
     df = pd.read_csv(out / "significance.csv")
     assert list(df.columns) == ["task", "method_a", "method_b", "n", "acc_a", "acc_b", "diff", "ci_low", "ci_high",
-                                "p_mcnemar", "comparison"]
+                                "p_mcnemar", "p_holm", "comparison"]
     rows = {(r.method_a, r.method_b, r.comparison.startswith("MAGDi vs best")): r for r in df.itertuples()}
     zs = rows[("magdi", "zero_shot", False)]
     assert (zs.task, zs.n, zs.acc_a, zs.acc_b, zs.diff) == ("strategyqa", 10, 80.0, 20.0, 60.0)

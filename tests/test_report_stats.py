@@ -72,3 +72,44 @@ def test_compare_pairs_by_question_id_not_by_position() -> None:
     assert c.p_mcnemar == 1.0 and not c.significant
     assert c.row()["acc_a"] == pytest.approx(66.6667)
     assert compare("t", "x", "y", {"a": {"correct": True}}, {"b": {"correct": True}}, "", 10, 0) is None
+
+
+def test_holm_by_hand() -> None:
+    from magdi.report.stats import holm
+
+    # sorted 0.01, 0.03, 0.04 (m = 3): 3 x 0.01 = 0.03; 2 x 0.03 = 0.06; 1 x 0.04 = 0.04 -> max so far 0.06
+    assert holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
+    assert holm([0.5, 0.9]) == pytest.approx([1.0, 1.0])  # capped at 1
+    assert holm([]) == []
+
+
+def test_minimum_detectable_difference_solves_connors_formula() -> None:
+    from scipy.stats import norm
+
+    from magdi.report.stats import minimum_detectable_difference
+
+    n, psi = 200, 0.20
+    d = minimum_detectable_difference(n, psi)
+    za, zb = norm.ppf(0.975), norm.ppf(0.8)  # 1.95996, 0.84162
+    assert n * d * d == pytest.approx((za * math.sqrt(psi) + zb * math.sqrt(psi - d * d)) ** 2, rel=1e-9)
+    # between the small-d approximation (za + zb) sqrt(psi / n) = 0.08859 and za sqrt(psi / n) = 0.06198
+    assert 0.06198 < d < 0.08859 and d == pytest.approx(0.08807, abs=1e-5)
+    assert minimum_detectable_difference(800, psi) == pytest.approx(d / 2, rel=0.03)  # ~1/sqrt(n)
+    assert math.isnan(minimum_detectable_difference(200, 0.0))
+
+
+def test_ordering_verdicts_by_hand() -> None:
+    from magdi.report.stats import ordering_verdicts
+
+    acc = {"t": {"zero_shot": 40.0, "sit_a": 45.0, "sit_b": 50.0, "magdi_r0": 48.0, "magdi": 55.0},
+           "u": {"zero_shot": 40.0, "sit_a": 35.0, "magdi_r0": 41.0, "magdi": 41.0}}
+    comps = [{"task": "t", "method_a": "magdi", "method_b": "sit_b", "p_mcnemar": "0.01"},
+             {"task": "t", "method_a": "sit_b", "method_b": "zero_shot", "p_mcnemar": "0.02"},
+             {"task": "t", "method_a": "magdi", "method_b": "magdi_r0", "p_mcnemar": "0.2"}]
+    t, u = ordering_verdicts(acc, comps)
+    # t: levels go up but not significantly; MAGDi > best SiT (sit_b) > zero-shot, both steps significant
+    assert "levels increase: **in direction only**" in t and "magdi 55.0 > magdi_r0 48.0, p = 0.2" in t
+    assert "MAGDi > best SiT > zero-shot: **yes**, every step significant" in t and "sit_b 50.0 > zero_shot" in t
+    # u: magdi = magdi_r0 (not an increase); the best SiT is below zero-shot
+    assert "levels increase: **no** (magdi 41.0 = magdi_r0 41.0)" in u
+    assert "MAGDi > best SiT > zero-shot: **no**" in u and "sit_a 35.0 < zero_shot 40.0" in u

@@ -272,3 +272,16 @@ def test_teachers_earlier_limits_validated() -> None:
     raw["teachers"]["earlier_limits"] = [0]
     with pytest.raises(ConfigError, match="teachers.earlier_limits"):
         parse_params(raw)
+
+
+def test_max_rounds_by_task() -> None:
+    from magdi.config import TeachersCfg
+
+    raw = {"agents": [{"name": "a", "backend": "reference"}, {"name": "b", "backend": "reference"}],
+           "earlier_limits": [], "max_rounds": 1, "max_rounds_by_task": {"arc_challenge": 3}}
+    t = TeachersCfg(**raw)
+    assert (t.rounds("arc_challenge"), t.rounds("gsm8k")) == (3, 1)
+    with pytest.raises(ValueError, match="unknown task"):
+        TeachersCfg(**{**raw, "max_rounds_by_task": {"arc": 3}})
+    with pytest.raises(ValueError, match="rounds must be in 0..10"):
+        TeachersCfg(**{**raw, "max_rounds_by_task": {"gsm8k": 11}})

@@ -191,6 +191,9 @@ class TeachersCfg(_Strict):
     agents: list[AgentCfg]
     llama_server: LlamaServerCfg = LlamaServerCfg()
     max_rounds: int = Field(1, ge=0, le=10)
+    #: per-task discussion rounds overriding ``max_rounds`` (e.g. the paper's 3 rounds, ``{arc_challenge: 2}``, on
+    #: the ablation task that Table 9 needs); later rounds are only generated where no consensus was reached
+    max_rounds_by_task: dict[str, int] = Field(default_factory=dict)
     batch_size: int = Field(32, ge=1)
     parse_retries: int = Field(1, ge=0)
     http_retries: int = Field(5, ge=0)
@@ -212,6 +215,19 @@ class TeachersCfg(_Strict):
     #: (``magdi.cache.CallCache.get_finished``)
     earlier_limits: list[Annotated[int, Field(ge=1)]]
 
+    @field_validator("max_rounds_by_task")
+    @classmethod
+    def _rounds_known(cls, v: dict[str, int]) -> dict[str, int]:
+        per_task_mapping(v)
+        bad = sorted(t for t, n in v.items() if not 0 <= n <= 10)
+        if bad:
+            raise ValueError(f"rounds must be in 0..10, got {[(t, v[t]) for t in bad]}")
+        return v
+
+    def rounds(self, task: str) -> int:
+        """Discussion rounds after round 0 for ``task``: its ``max_rounds_by_task`` entry, else ``max_rounds``."""
+        return self.max_rounds_by_task.get(task, self.max_rounds)
+
     @field_validator("agents")
     @classmethod
     def _unique(cls, v: list[AgentCfg]) -> list[AgentCfg]:
@@ -227,6 +243,18 @@ class LossWeights(_Strict):
     ntp: float = Field(1.0, ge=0)
     contrastive: float = Field(0.1, ge=0)
     graph: float = Field(1.0, ge=0)
+    #: the DPO term of methods dpo and magdi_dpo (``magdi.losses.dpo_loss``); other methods ignore it
+    dpo: float = Field(1.0, ge=0)
+
+
+class DpoCfg(_Strict):
+    """Direct preference optimisation on MAGDi's (correct, incorrect) chain pairs (methods dpo, magdi_dpo)."""
+
+    #: β of L_DPO = −log σ(β [(log π(y⁺) − log π_ref(y⁺)) − (log π(y⁻) − log π_ref(y⁻))])
+    beta: float = Field(0.1, gt=0)
+    #: log-probabilities as per-token means instead of sums (TRL's ``sigmoid_norm``): a long incorrect chain
+    #: cannot dominate a pair by its length alone
+    length_normalized: bool = False
 
 
 class TrainCfg(_Strict):
@@ -254,6 +282,7 @@ class TrainCfg(_Strict):
     seed: int = 0
     weights: LossWeights = LossWeights()
     margin: float = Field(1.0, ge=0)
+    dpo: DpoCfg = DpoCfg()
     graph: GraphKind = "d"
     encoder: EncoderName = "gcn"
     node_repr: NodeRepr = "live"
@@ -499,19 +528,35 @@ class Params(_Strict):
                 return a
         raise KeyError(name)
 
-    def train_for(self, method: str, task: str | None = None) -> tuple[str, TrainCfg]:
-        """Resolve a run name (a base method, sit_<agent> or an ablation) on ``task`` to (base method, train
-        config): ``train``, then ``experiments.task_train[task]``, then the ablation's or scale_<N>'s overrides."""
-        cfg = self.train
+    def train_layers(self, method: str, task: str | None = None) -> tuple[str, list[tuple[str, dict[str, Any]]]]:
+        """A run name (a base method, sit_<agent>, an ablation or scale_<N>) on ``task`` -> (its base method, the
+        override layers applied on ``train`` in order, each with the key it comes from): the task's recipe
+        (``experiments.task_train``), then the ablation's or scale_<N>'s own overrides."""
+        layers: list[tuple[str, dict[str, Any]]] = []
         if task in self.experiments.task_train:
-            cfg = self.train_with(self.experiments.task_train[task], f"experiments.task_train.{task}")
+            layers.append((f"experiments.task_train.{task}", self.experiments.task_train[task]))
+        base = method
         if method in self.experiments.ablations:
             over = dict(self.experiments.ablations[method])
             base = over.pop("method", "magdi")
-            return base, self.train_with(over, f"experiments.ablations.{method}", cfg)
-        if method.startswith("scale_"):
-            return "magdi", self.train_with({"max_mags": int(method.split("_", 1)[1])}, f"--method {method}", cfg)
-        return method, cfg
+            layers.append((f"experiments.ablations.{method}", over))
+        elif method.startswith("scale_"):
+            base = "magdi"
+            layers.append((f"--method {method}", {"max_mags": int(method.split("_", 1)[1])}))
+        return base, layers
+
+    def train_for(self, method: str, task: str | None = None) -> tuple[str, TrainCfg]:
+        """Resolve a run to (base method, train config): every layer of :meth:`train_layers` merged on ``train``
+        as plain mappings, then validated once (each layer alone was validated at start-up, ``_cross``, so an
+        error there names the key a user wrote)."""
+        base, layers = self.train_layers(method, task)
+        merged = self.train.model_dump()
+        for _, over in layers:
+            merged = _deep_merge(merged, over)
+        try:
+            return base, TrainCfg(**merged)
+        except ValidationError as e:
+            raise ValueError(f"{layers[-1][0] if layers else 'train'}.{_first_error(e)}") from None
 
     def magdi_setup(self) -> dict[str, tuple[int, TrainCfg]]:
         """Per headline task: (its number of MAGs, the MAGDi run's resolved training config). The one answer the

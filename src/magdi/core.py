@@ -217,14 +217,13 @@ def _chunk_nll(lm_head, h: Tensor, y: Tensor) -> Tensor:
     return F.cross_entropy(lm_head(h).float(), y, reduction="none")
 
 
-def ntp_from_hidden(lm_head, hidden: Tensor, labels: Tensor, chunk: int = 0) -> Tensor:
-    """L_ntp (``losses.ntp_loss`` with every row positive) from hidden states, projecting only scored positions.
+def row_nll(lm_head, hidden: Tensor, labels: Tensor, chunk: int = 0) -> tuple[Tensor, Tensor]:
+    """Per row: the summed next-token NLL of its target tokens, and how many there are (``[R]`` each).
 
     Position t of a row predicts ``labels[:, t + 1]``; only positions whose next label is not -100 are
     projected onto the vocabulary. With ``chunk`` > 0 the projection + cross-entropy runs ``chunk``
     positions at a time under activation checkpointing, so at most ``[chunk, V]`` logits are alive in
-    forward or backward. Same value as ``ntp_loss(lm_head(hidden), labels, ones)``: token mean per row,
-    then mean over rows that have a target.
+    forward or backward. ``−sum`` is the chain's log-probability under the model (the DPO term's input).
     """
     shift = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], IGNORE_INDEX)], dim=1)
     sel = shift != IGNORE_INDEX
@@ -237,7 +236,20 @@ def ntp_from_hidden(lm_head, hidden: Tensor, labels: Tensor, chunk: int = 0) -> 
     else:
         nll = _chunk_nll(lm_head, h, y)
     count = sel.sum(dim=1)
-    per_row = torch.zeros(labels.shape[0], dtype=nll.dtype, device=nll.device).index_add(0, row, nll)
-    per_row = per_row / count.clamp(min=1).to(nll.dtype)
+    return torch.zeros(labels.shape[0], dtype=nll.dtype, device=nll.device).index_add(0, row, nll), count
+
+
+def mean_over_rows(sums: Tensor, count: Tensor) -> Tensor:
+    """L_ntp from :func:`row_nll`: token mean per row, then mean over the rows that have a target."""
+    per_row = sums / count.clamp(min=1).to(sums.dtype)
     use = count > 0
-    return (per_row * use.to(per_row.dtype)).sum() / use.sum().clamp(min=1).to(per_row.dtype) + hidden.sum() * 0
+    return (per_row * use.to(per_row.dtype)).sum() / use.sum().clamp(min=1).to(per_row.dtype)
+
+
+def ntp_from_hidden(lm_head, hidden: Tensor, labels: Tensor, chunk: int = 0) -> Tensor:
+    """L_ntp (``losses.ntp_loss`` with every row positive) from hidden states, projecting only scored positions
+    (:func:`row_nll`). Same value as ``ntp_loss(lm_head(hidden), labels, ones)``: token mean per row, then mean
+    over rows that have a target.
+    """
+    sums, count = row_nll(lm_head, hidden, labels, chunk)
+    return mean_over_rows(sums, count) + hidden.sum() * 0

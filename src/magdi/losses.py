@@ -8,7 +8,8 @@ Every equation of the student objective lives here once, as a pure tensor functi
 - ``pair_indices`` ...................... positive/negative pairing inside one MAG (App. A)
 - ``margin_ranking_loss`` ............... Objective 2, L_contrastive = mean(max(0, m − s⁺ + s⁻))
 - ``graph_node_loss`` ................... Objective 3, L_graph (node-correctness cross-entropy)
-- ``total_loss`` ........................ L = w_ntp·L_ntp + w_con·L_contrastive + w_graph·L_graph
+- ``dpo_loss`` .......................... beyond the paper: L_DPO on the same (correct, incorrect) pairs
+- ``total_loss`` ........................ L = w_ntp·L_ntp + w_con·L_contrastive + w_graph·L_graph (+ w_dpo·L_DPO)
 
 Degenerate inputs (no positive chain, no pair, no labelled node) give an exact 0 that still belongs to
 the autograd graph, so a training step never sees NaN and ``backward()`` never fails on a constant.
@@ -227,6 +228,24 @@ def graph_node_loss(node_logits: Tensor, labels: Tensor) -> Tensor:
     return per_node.sum() / count.clamp(min=1).to(per_node.dtype)
 
 
+def dpo_loss(pol_pos: Tensor, pol_neg: Tensor, ref_pos: Tensor, ref_neg: Tensor, beta: float) -> Tensor:
+    """Direct preference optimisation (Rafailov et al., 2023, Eq. 7) on (correct, incorrect) chain pairs:
+
+    ``L_DPO = mean_pairs −log σ(β [(log π(y⁺|x) − log π_ref(y⁺|x)) − (log π(y⁻|x) − log π_ref(y⁻|x))])``
+
+    where π is the trained student and π_ref the same student with its adapter disabled. The log-probabilities
+    are per chain (sums of token log-probabilities, or their per-token means for the length-normalised variant:
+    the caller decides). Written with ``logsigmoid`` (never ``log(sigmoid(.))``), so a large margin gives 0, not
+    ``log 0``. Empty input (no pair) → exact 0 attached to the inputs' graph.
+    """
+    if not (pol_pos.shape == pol_neg.shape == ref_pos.shape == ref_neg.shape):
+        raise ValueError(f"dpo_loss: shapes differ: {[tuple(t.shape) for t in (pol_pos, pol_neg, ref_pos, ref_neg)]}")
+    if pol_pos.numel() == 0:
+        return _zero_like_graph(pol_pos, pol_neg)
+    margin = (pol_pos.float() - ref_pos.float()) - (pol_neg.float() - ref_neg.float())
+    return -F.logsigmoid(beta * margin).mean()
+
+
 def total_loss(
     l_ntp: Tensor,
     l_con: Tensor,
@@ -234,13 +253,16 @@ def total_loss(
     w_ntp: float = 1.0,
     w_con: float = 0.1,
     w_graph: float = 1.0,
+    l_dpo: Tensor | None = None,
+    w_dpo: float = 0.0,
 ) -> Tensor:
-    """``L = w_ntp·L_ntp + w_con·L_contrastive + w_graph·L_graph`` (defaults: official code, 1.0/0.1/1.0).
+    """``L = w_ntp·L_ntp + w_con·L_contrastive + w_graph·L_graph (+ w_dpo·L_DPO)`` (defaults: official code,
+    1.0/0.1/1.0; the DPO term only for the methods beyond the paper).
 
     A weight of 0 drops its term entirely (so a disabled, possibly-NaN term cannot poison the sum).
     """
     total = torch.zeros((), device=l_ntp.device, dtype=torch.promote_types(l_ntp.dtype, torch.float32))
-    for w, term in ((w_ntp, l_ntp), (w_con, l_con), (w_graph, l_graph)):
-        if w != 0.0:
+    for w, term in ((w_ntp, l_ntp), (w_con, l_con), (w_graph, l_graph), (w_dpo, l_dpo)):
+        if w != 0.0 and term is not None:
             total = total + w * term
     return total

@@ -325,6 +325,17 @@ def draw_mag(mag: MAG, path: Path, kind: str = "d") -> None:
     ax.set_title(f"{mag.task} · {mag.graph_type} · gold {mag.gold}\n{q}", fontsize=8)
     for side in ("top", "right"):
         ax.spines[side].set_visible(False)
+    from matplotlib.lines import Line2D
+
+    def key(color: str, width: float, label: str) -> Line2D:
+        return Line2D([], [], marker="o", ls="", ms=9, markerfacecolor=color, markeredgecolor="black",
+                      markeredgewidth=width, label=label)
+
+    ax.legend(handles=[key("#2e9e4f", 0.5, "correct"), key("#d1453b", 0.5, "incorrect"),
+                       key("white", 2.0, "invalid reply (thick rim; no parsable answer)"),
+                       Line2D([], [], ls="", label="∅ = no answer given")],
+              loc="upper center", bbox_to_anchor=(0.5, -0.12 - 0.08 / max(1, len(agents))), ncol=2, fontsize=7,
+              frameon=False)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)

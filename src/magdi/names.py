@@ -8,7 +8,11 @@ from typing import Literal, get_args
 
 #: methods by name (besides ``sit_<agent>``, one per teacher): the rows of the paper's Table 1; zero_shot is evaluated
 #: untrained, the others each have a training recipe (``magdi.train.method_spec``)
-BASE_METHODS = ("zero_shot", "dss_mt", "magdi_r0", "magdi_cn", "magdi_an", "magdi")
+PAPER_METHODS = ("zero_shot", "dss_mt", "magdi_r0", "magdi_cn", "magdi_an", "magdi")
+#: beyond the paper: preference optimisation on MAGDi's (correct, incorrect) pairs. ``dpo``: L_ntp + L_DPO;
+#: ``magdi_dpo``: MAGDi with L_DPO in place of the margin ranking loss (``magdi.losses.dpo_loss``)
+BEYOND_PAPER_METHODS = ("dpo", "magdi_dpo")
+BASE_METHODS = PAPER_METHODS + BEYOND_PAPER_METHODS
 TRAINED_METHODS = BASE_METHODS[1:]
 #: the structure encoder of L_graph (``train.encoder``)
 EncoderName = Literal["gcn", "node_attention", "token_attention"]

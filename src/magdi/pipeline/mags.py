@@ -122,7 +122,7 @@ def stage_build_mags(p: Params, task: str) -> dict:
         mags_file(p, task).unlink(missing_ok=True)
         agents = make_agents(p)
         try:
-            mags = build_mags(agents, examples, task, TASK_TYPES[task], mags_file(p, task), p.teachers.max_rounds,
+            mags = build_mags(agents, examples, task, TASK_TYPES[task], mags_file(p, task), p.teachers.rounds(task),
                               p.teachers.batch_size, p.teachers.parse_retries, p.teachers.context_chars,
                               p.teachers.prompt_style, p.teachers.convincing_per_agent)
         finally:  # servers started for this stage stop with it

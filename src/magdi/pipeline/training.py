@@ -38,7 +38,15 @@ def stage_train(p: Params, task: str, method: str, student: str | None = None) -
     from ..evaluate import numerics_fingerprint
     from ..student import attach_lora, load_student
     from ..tracking import mlflow_run
-    from ..train import build_items, method_spec, save_adapter, train, training_precision, truncation_stats
+    from ..train import (
+        build_items,
+        last_epoch_means,
+        method_spec,
+        save_adapter,
+        train,
+        training_precision,
+        truncation_stats,
+    )
 
     _set_threads()
     main = is_main_process()  # before any loading: an inconsistent launch fails at once
@@ -77,6 +85,8 @@ def stage_train(p: Params, task: str, method: str, student: str | None = None) -
                    "updates": sum("grad_norm" in r for r in res.history), "max_grad_norm": cfg.max_grad_norm,
                    **truncation_stats(items, tok, cfg.max_prompt_tokens, cfg.max_target_tokens),
                    "final_loss": res.history[-1]["loss"] if res.history else None,
+                   # each term's mean over the last epoch: the last step alone may have no positive chain
+                   "last_epoch_loss": last_epoch_means(res.history),
                    "adapter_sha256": adapter_sha256,  # two runs trained alike iff equal
                    # what the numbers depend on besides code and data: the kernels and the resolved precision
                    "numerics": {**numerics_fingerprint(),

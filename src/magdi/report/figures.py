@@ -74,6 +74,20 @@ def _avg_over(ctx: Ctx, method: str, key: str, tasks: list[str] | None = None) -
     return (sum(vals) / len(vals) if vals else None), len(vals)
 
 
+def _avg_halfwidth(ctx: Ctx, method: str, tasks: list[str] | None = None) -> float | None:
+    """Half-width (percentage points) of a 95 % interval of the mean accuracy over the tasks: each task's bootstrap
+    interval taken as normal (half-width h_t = (high − low) / 2) and the tasks as independent, so
+    h = √(Σ h_t²) / T. ``None`` if a task lacks its interval."""
+    hs = []
+    for t in ctx.tasks if tasks is None else tasks:
+        m = ctx.m.eval(method, t)
+        lo, hi = (_num(m.get("ci95_low")), _num(m.get("ci95_high"))) if m else (None, None)
+        if lo is None or hi is None:
+            return None
+        hs.append((hi - lo) / 2)
+    return 100 * (sum(h * h for h in hs) ** 0.5) / len(hs) if hs else None
+
+
 def _merge_close_labels(pts: list[tuple[str, float, float, str]], rel_x: float = 0.15,
                         abs_y: float = 1.0) -> list[tuple[str, float, float, str]]:
     """Points that (nearly) coincide get one joined label: on tiny test sets several methods often share an
@@ -93,12 +107,14 @@ def _merge_close_labels(pts: list[tuple[str, float, float, str]], rel_x: float =
 
 def fig4(ctx: Ctx, out: Path) -> Path:
     path = out / "fig4_accuracy_vs_tokens.png"
-    pts = []
+    pts, errs = [], {}
     for meth in ctx.main_methods():
         a, n = _avg_over(ctx, meth, "accuracy")
         tok, _ = _avg_over(ctx, meth, "mean_tokens")
         if a is not None and tok is not None:
-            pts.append((meth + ("*" if n < len(ctx.tasks) else ""), tok, 100 * a, "C0"))
+            lab = meth + ("*" if n < len(ctx.tasks) else "")
+            pts.append((lab, tok, 100 * a, "C0"))
+            errs[lab] = _avg_halfwidth(ctx, meth) if n == len(ctx.tasks) else None
     st = [s for s in (ctx.m.mag_stats(t) for t in ctx.tasks) if s]
     ta = [_num(s.get("team_accuracy")) for s in st]
     tt = [_num(s.get("teacher_tokens_per_question")) for s in st]
@@ -111,6 +127,9 @@ def fig4(ctx: Ctx, out: Path) -> Path:
         return _placeholder(path, "Fig. 4: accuracy vs tokens", "no evaluation metrics yet")
     plt = _plt()
     fig, ax = plt.subplots(figsize=(7, 4.5))
+    for lab, x, y, c in pts:
+        if errs.get(lab) is not None:
+            ax.errorbar([x], [y], yerr=[errs[lab]], color=c, capsize=3, lw=0.8, zorder=2)
     for lab, x, y, c in _merge_close_labels(pts):
         ax.scatter([x], [y], color=c, s=40, zorder=3)
         ax.annotate(lab, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=7)
@@ -125,40 +144,53 @@ def fig4(ctx: Ctx, out: Path) -> Path:
     ax.set_xlabel("average generated tokens per question")
     ax.set_ylabel("average accuracy %")
     ax.set_title(f"Fig. 4: accuracy vs inference tokens, student {ctx.student_name()}\n"
-                 f"avg over {', '.join(ctx.tasks)} (* = some tasks missing)", fontsize=9)
+                 f"avg over {', '.join(ctx.tasks)} (* = some tasks missing); bars: 95 % interval of the average",
+                 fontsize=9)
     return _save(fig, ax, path)
 
 
 def fig5(ctx: Ctx, out: Path) -> Path:
-    """Accuracy vs student size, zero-shot and MAGDi, averaged over the tasks every student ran on."""
+    """Accuracy vs student size, zero-shot and MAGDi with 95 % intervals: one panel per task that every student
+    ran (each scaling task), so no panel mixes students evaluated on different tasks."""
     path = out / "fig5_student_scaling.png"
-    runs = ctx.students()
+    runs = [r for r in ctx.students() if r.parameters]
     common = [t for t in runs[0].tasks if all(t in r.tasks for r in runs)] if runs else []
     title = "Fig. 5: student scaling"
 
-    def avg(method: str) -> float | None:  # only over every common task, so the students stay comparable
-        a, n = _avg_over(ctx, method, "accuracy", common)
-        return 100 * a if a is not None and n == len(common) else None
+    def point(method: str, task: str) -> tuple[float, float, float] | None:
+        m = ctx.m.eval(method, task)
+        if m is None:
+            return None
+        a, lo, hi = 100 * float(m["accuracy"]), _num(m.get("ci95_low")), _num(m.get("ci95_high"))
+        return a, a - (100 * lo if lo is not None else a), (100 * hi if hi is not None else a) - a
 
-    pts = [(r, avg(r.zero_shot), avg(r.magdi)) for r in runs]
-    pts = [(r, z, g) for r, z, g in pts if r.parameters and (z is not None or g is not None)]
-    if not pts:
+    panels = {t: [(r, point(r.zero_shot, t), point(r.magdi, t)) for r in runs] for t in common}
+    panels = {t: [p for p in pts if p[1] or p[2]] for t, pts in panels.items()}
+    panels = {t: pts for t, pts in panels.items() if pts}
+    if not panels:
         return _placeholder(path, title, "no zero_shot / magdi metrics with a student size yet")
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(6, 4))
-    xs = [r.parameters / 1e6 for r, _, _ in pts]
-    for i, lab, c in ((1, "No Teacher (zero-shot)", "C7"), (2, "MAGDi", "C0")):
-        ys = [p[i] for p in pts]
-        ax.plot([x for x, y in zip(xs, ys, strict=True) if y is not None], [y for y in ys if y is not None],
-                "o-", color=c, label=lab, zorder=3)
-    for (r, _, _), x in zip(pts, xs, strict=True):
-        ax.annotate(r.label, (x, 0), xycoords=("data", "axes fraction"), xytext=(0, 4), textcoords="offset points",
-                    ha="center", fontsize=7)
-    ax.set_xscale("log")
-    ax.set_xlabel("student parameters (millions)")
-    ax.set_ylabel("average accuracy %")
-    ax.set_title(f"{title}\navg over {', '.join(common)}", fontsize=9)
-    return _save(fig, ax, path, legend_fontsize=8)
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
+    for ax, (task, pts) in zip(axes[0], panels.items(), strict=True):
+        xs = [r.parameters / 1e6 for r, _, _ in pts]
+        for i, lab, c in ((1, "No Teacher (zero-shot)", "C7"), (2, "MAGDi", "C0")):
+            have = [(x, p[i]) for x, p in zip(xs, pts, strict=True) if p[i] is not None]
+            ax.errorbar([x for x, _ in have], [v[0] for _, v in have],
+                        yerr=[[v[1] for _, v in have], [v[2] for _, v in have]], fmt="o-", color=c, capsize=3,
+                        label=lab, zorder=3)
+        for (r, _, _), x in zip(pts, xs, strict=True):
+            ax.annotate(r.label, (x, 0), xycoords=("data", "axes fraction"), xytext=(0, 4),
+                        textcoords="offset points", ha="center", fontsize=7)
+        ax.set_xscale("log")
+        ax.set_xlabel("student parameters (millions)")
+        ax.set_ylabel("accuracy % [95% CI]")
+        ax.set_title(f"{title}: {task}", fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
 
 
 def _scaling_runs(ctx: Ctx) -> list[tuple[str, int | None]]:
@@ -208,12 +240,21 @@ def training_curves(ctx: Ctx, out: Path) -> Path:
     curves = {m: h for m in methods if task and (h := ctx.m.history(m, task)) is not None}
     if not curves:
         return _placeholder(path, "training curves", f"no training history for task {task} yet")
+    terms = [t for t in ("loss", "ntp", "contrastive", "graph", "dpo") if any(t in h.columns for h in curves.values())]
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for meth, h in curves.items():
-        ax.plot(h["step"], h["loss"], label=meth, lw=1)
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("total training loss")
-    ax.set_title(f"Training loss per method on {task}\n(metrics/train/<method>/{task}_history.csv)", fontsize=9)
-    return _save(fig, ax, path, legend_fontsize=7, ncol=2)
-
+    fig, axes = plt.subplots(1, len(terms), figsize=(3.4 * len(terms), 3.8), squeeze=False)
+    for ax, term in zip(axes[0], terms, strict=True):
+        for i, (meth, h) in enumerate(curves.items()):
+            if term in h.columns:
+                ax.plot(h["step"], h[term], label=meth, lw=1, color=f"C{i % 10}")
+        ax.set_title({"loss": "total loss", "ntp": "L_ntp", "contrastive": "L_contrastive", "graph": "L_graph",
+                      "dpo": "L_DPO"}[term], fontsize=9)
+        ax.set_xlabel("micro-step")
+        ax.grid(alpha=0.3)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(6, len(labels)), fontsize=7, frameon=False)
+    fig.suptitle(f"Training loss terms per method on {task} (metrics/train/<method>/{task}_history.csv)", fontsize=9)
+    fig.tight_layout(rect=(0, 0.1, 1, 0.95))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -8,6 +8,7 @@ from pathlib import Path
 from ..config import MT_METHOD
 from .format import PAPER_LABEL, PARTIAL, loss_weights, per_task
 from .loader import Ctx
+from .stats import ordering_verdicts, significance
 
 DESCRIPTIONS = {
     "table1_main": "Main results: methods × tasks accuracy with 95% CIs and average (paper Table 1).",
@@ -97,6 +98,16 @@ def numerics_lines(metrics_dir: Path) -> list[str]:
             "(compare `outputs_sha256` and `numerics` in the metrics files)."]
 
 
+def _accuracies(ctx: Ctx) -> dict[str, dict[str, float]]:
+    """task -> method -> accuracy % of every main-matrix run evaluated (what the ordering verdicts read)."""
+    out: dict[str, dict[str, float]] = {}
+    for t in ctx.tasks:
+        for m in ctx.main_methods():
+            if (a := ctx.m.acc(m, t)) is not None:
+                out.setdefault(t, {})[m] = 100 * a
+    return out
+
+
 def write_readme(ctx: Ctx, out: Path, files: list[Path]) -> Path:
     p = ctx.params
     have, total, missing = _coverage(ctx)
@@ -114,7 +125,8 @@ def write_readme(ctx: Ctx, out: Path, files: list[Path]) -> Path:
         f"- params profile: `{p.profile}`",
         f"- student: `{p.student.model}`",
         f"- teachers: {', '.join(f'`{a.name}` ({a.backend})' for a in p.teachers.agents)}, "
-        f"up to {p.teachers.max_rounds} discussion rounds",
+        f"up to {per_task({t: p.teachers.rounds(t) + 1 for t in p.experiments.tasks})} rounds per question "
+        "(round 0, then discussion rounds until consensus)",
         f"- data: {per_task(mags)} training questions per task (→ MAGs), n_test={p.data.n_test} test questions "
         f"per task, source `{p.data.source}`",
         f"- tasks: {', '.join(p.experiments.tasks)}; OOD: {', '.join(p.experiments.ood_tasks) or 'none'}; "
@@ -127,6 +139,14 @@ def write_readme(ctx: Ctx, out: Path, files: list[Path]) -> Path:
         f"- evaluation cells found: {have} of {total}" + (
             f" (missing, shown as —: {', '.join(missing[:20])}"
             + (f", … {len(missing) - 20} more" if len(missing) > 20 else "") + ")" if missing else ""),
+        "",
+        "## What these results show",
+        "",
+        "Per task, is the paper's ordering reproduced? (accuracy % on the test questions; a step is shown only where "
+        "its paired McNemar p < 0.05, `significance.md`)",
+        "",
+        *(ordering_verdicts(_accuracies(ctx), [c.row() for c in significance(ctx)])
+          or ["- not enough runs evaluated to compare."]),
         "",
         "## Caution",
         "",

@@ -6,6 +6,7 @@ from typing import Any
 
 from ..config import MT_METHOD, MT_TASK
 from ..mag import LOOP_RATIO, LOOP_TAIL_CHARS, MAG
+from ..names import BEYOND_PAPER_METHODS
 from ..pipeline.paths import run_name
 from .format import (
     DASH,
@@ -81,7 +82,9 @@ def table1(ctx: Ctx) -> Table:
     rows, recs = [], []
     marks = table1_marks(ctx)
     for meth in ctx.main_methods():
-        r, rec = _acc_row(ctx, meth, ctx.tasks, marks=marks)
+        beyond = meth in BEYOND_PAPER_METHODS
+        r, rec = _acc_row(ctx, meth, ctx.tasks, label=f"{meth} (beyond the paper)" if beyond else None, marks=marks)
+        rec["beyond_paper"] = beyond
         rows.append(r)
         recs.append(rec)
     secs = [Section(["method", *ctx.tasks, "Avg"], rows,
@@ -94,7 +97,11 @@ def table1(ctx: Ctx) -> Table:
                             paper=True))
         recs += precs
     return Table("table1_main", "Table 1: main results (methods × tasks)", secs, recs,
-                 [f"Rows in params order: zero_shot, experiments.methods, {MT_METHOD} (multi-task).",
+                 ["Rows in params order: zero_shot, experiments.methods"
+                  + (f", {MT_METHOD} (multi-task)." if ctx.params.experiments.multitask else "."),
+                  *([f"Beyond the paper: {', '.join(b)} (preference optimisation on MAGDi's (correct, incorrect) "
+                     "pairs; docs/methods.md); their `*` compares them with MAGDi."]
+                    if (b := [m for m in ctx.params.experiments.methods if m in BEYOND_PAPER_METHODS]) else []),
                   "Cells: accuracy % on the test split [95% bootstrap CI]; — = metrics file missing.",
                   f"`*` after a number: on that task the row differs significantly (McNemar exact p < {ALPHA}, "
                   "same test questions) from its comparison partner: MAGDi for zero_shot and sit_* rows, the next "
@@ -137,17 +144,71 @@ def table2(ctx: Ctx) -> Table:
         secs.append(Section(["row", *cols], prow, "Table 10, per-dataset tokens and accuracy %", paper=True))
     return Table("table2_tokens", "Table 2: inference tokens, ReConcile teachers vs MAGDi student", secs, recs,
                  ["Teachers: all output tokens of all agents over all rounds of one discussion (MAG), averaged "
-                  "over the training questions (metrics/mags teacher_tokens_per_question). The offline "
-                  "`reference` agent counts words+4 of the dataset explanation.",
+                  "over the training questions (metrics/mags teacher_tokens_per_question)"
+                  + (". The offline `reference` agent counts words+4 of the dataset explanation."
+                     if _has_reference(ctx) else "."),
                   "Student: mean generated tokens per test question (metrics/eval/magdi mean_tokens), student "
                   "tokenizer; teachers and student may use different tokenizers.",
                   "Avg row: tasks with both numbers; reduction = avg teacher tokens / avg student tokens.",
                   PAPER_NOTE])
 
 
+def _has_reference(ctx: Ctx) -> bool:
+    """Whether the run has the offline ``reference`` agent (an oracle): only then do the notes describe it."""
+    return any(a.backend == "reference" for a in ctx.params.teachers.agents)
+
+
 def _round0_acc(mags: list[MAG], agent: str) -> float | None:
     nodes = [n for m in mags for n in m.nodes if n.agent == agent and n.round == 0]
     return sum(n.correct for n in nodes) / len(nodes) if nodes else None
+
+
+def _agent_answers(mags: list[MAG], agent: str, final: bool) -> dict[str, dict]:
+    """MAG id -> {"correct": ...} of ``agent``'s round-0 (or its last round's) answer: paired per question."""
+    out = {}
+    for m in mags:
+        nodes = sorted((n for n in m.nodes if n.agent == agent), key=lambda n: n.round)
+        if nodes:
+            out[m.id] = {"correct": bool((nodes[-1] if final else nodes[0]).correct)}
+    return out
+
+
+def discussion_effect(ctx: Ctx, task: str) -> tuple[list[Any], dict[str, Any]] | None:
+    """Did the discussion help on ``task``'s training questions? The team's final answer against its best member
+    alone at round 0 (the agent with the highest round-0 accuracy), paired per question (McNemar, bootstrap
+    interval), and per agent how many answers the discussion turned right -> wrong and wrong -> right."""
+    from .stats import compare
+
+    mags = ctx.m.mags(task)
+    if not mags:
+        return None
+    agents = [a.name for a in ctx.params.teachers.agents if a.backend != "reference"]
+    accs = {a: _round0_acc(mags, a) for a in agents}
+    accs = {a: v for a, v in accs.items() if v is not None}
+    if not accs:
+        return None
+    best = max(accs, key=lambda a: accs[a])
+    team = {m.id: {"correct": bool(m.team_correct)} for m in mags}
+    ev = ctx.params.evaluate
+    c = compare(task, "team", best, team, _agent_answers(mags, best, False), "team vs best member at round 0",
+                ev.bootstrap_samples, ev.seed)
+    if c is None:
+        return None
+    flips = []
+    for a in agents:
+        r0, last = _agent_answers(mags, a, False), _agent_answers(mags, a, True)
+        rw = sum(r0[i]["correct"] and not last[i]["correct"] for i in r0)
+        wr = sum(not r0[i]["correct"] and last[i]["correct"] for i in r0)
+        flips.append(f"{a} {rw}/{wr}")
+    verdict = ("helped" if c.diff > 0 else "hurt" if c.diff < 0 else "changed nothing") + (
+        f" (p = {c.p_mcnemar:.3g}{', significant' if c.significant else ', not significant'})")
+    row = [task, c.n, f"{100 * c.acc_a:.1f}", f"{best} {100 * c.acc_b:.1f}", f"{100 * c.diff:+.1f}",
+           f"[{100 * c.ci_low:+.1f}, {100 * c.ci_high:+.1f}]", f"{c.a_only} / {c.b_only}", f"{c.p_mcnemar:.3g}",
+           verdict, ", ".join(flips)]
+    rec = {"row": "discussion_effect", "task": task, "source": OURS, "n": c.n, "team": _r(c.acc_a),
+           "best_member": best, "best_member_round0": _r(c.acc_b), "diff": _r(c.diff), "ci_low": _r(c.ci_low),
+           "ci_high": _r(c.ci_high), "p_mcnemar": round(c.p_mcnemar, 6), "flips_right_wrong_wrong_right": flips}
+    return row, rec
 
 
 def table3(ctx: Ctx) -> Table:
@@ -170,6 +231,14 @@ def table3(ctx: Ctx) -> Table:
             add(f"{meth} (student, test)", meth, [ctx.m.acc(meth, t) for t in tasks])
     add("magdi (student, test)", "magdi", [ctx.m.acc("magdi", t) for t in tasks])
     secs = [Section(["row", *tasks, "Avg"], rows, "accuracy %")]
+    effects = [e for t in tasks if (e := discussion_effect(ctx, t))]
+    if effects:
+        secs.append(Section(["task", "questions", "team %", "best member alone, round 0 %", "diff", "95% CI (paired)",
+                             "only team / only member right", "p McNemar", "the discussion",
+                             "per agent: right→wrong / wrong→right"], [r for r, _ in effects],
+                            "did the discussion help? the team's final answer vs its best member alone "
+                            "(training questions, paired per question)"))
+        recs += [rec for _, rec in effects]
     p = ctx.paper.get("table3_teachers_vs_students", {})
     if p:
         cols = _paper_task_cols(p)
@@ -180,8 +249,14 @@ def table3(ctx: Ctx) -> Table:
                  ["Teacher rows are measured on the TRAINING questions (the MAGs: team_accuracy from "
                   "metrics/mags, round-0 node accuracy per agent from data/mags); student rows on the TEST "
                   "questions. They are not the same questions.",
-                  "The offline `reference` agent replays the gold answer (an oracle); it is excluded from the "
-                  "team vote, and its round-0 accuracy is not a real teacher's accuracy.",
+                  "Did the discussion help: the team's answer (the weighted vote after the last round) against the "
+                  "round-0 answer of the agent that was most accurate at round 0, on the same training questions: "
+                  "McNemar's exact test on the questions where exactly one is right, and a paired bootstrap 95% "
+                  "interval. right→wrong / wrong→right: an agent's answer at its last round against its round-0 "
+                  "answer.",
+                  *(["The offline `reference` agent replays the gold answer (an oracle); it is excluded from the "
+                     "team vote, and its round-0 accuracy is not a real teacher's accuracy."]
+                    if _has_reference(ctx) else []),
                   PARTIAL_NOTE, PAPER_NOTE])
 
 
@@ -242,7 +317,7 @@ def table5(ctx: Ctx) -> Table:
                   f"experiments.self_consistency_tasks ({', '.join(ctx.params.experiments.self_consistency_tasks) or 'all tasks'}); "
                   "rows appear only where the metrics contain an `sc` entry.",
                   "The paper's rows are the base model, the best single-teacher student (SiT-GPT4) and MAGDi on "
-                  "GSM8K; our analogues are zero_shot, sit_reference (the dataset-explanation teacher) and magdi.",
+                  "GSM8K; ours are the methods listed in experiments.self_consistency_methods.",
                   PAPER_NOTE])
 
 
@@ -378,7 +453,7 @@ def table12(ctx: Ctx) -> Table:
     stats = {t: ctx.m.mag_stats(t) for t in ctx.tasks}
     present = [s for s in stats.values() if s]
     rounds = sorted({int(k.split("_")[1]) for s in present for k in (s.get("nodes_per_round") or {})}
-                    | set(range(ctx.params.teachers.max_rounds + 1)))
+                    | set(range(max(ctx.params.teachers.rounds(t) for t in ctx.tasks) + 1 if ctx.tasks else 1)))
     agents = list(dict.fromkeys([a.name for a in ctx.params.teachers.agents]
                                 + [a for s in present for a in (s.get("nodes_per_agent") or {})]))
     gtypes = sorted({g for s in present for g in (s.get("graph_types") or {})} | {"G0", "G1", "G2", "G3"},
@@ -434,8 +509,9 @@ def table12(ctx: Ctx) -> Table:
                  ["G_k = MAGs with k discussion rounds after round 0 (G0 = immediate consensus). Absent rounds "
                   "are absent nodes, so per-agent counts can differ when an agent's reply is missing.",
                   "invalid = replies that could not be parsed after retries (kept as incorrect nodes).",
-                  "team acc = the teachers' final-round majority on the training questions (oracle "
-                  "`reference` agent excluded from the vote). test n = test questions evaluated (zero_shot).",
+                  "team acc = the teachers' final answer (weighted vote after the last round) on the training "
+                  "questions" + (" (oracle `reference` agent excluded from the vote)" if _has_reference(ctx) else "")
+                  + ". test n = test questions evaluated (zero_shot).",
                   f"cut = replies that reached the agent's `max_new_tokens`; loop = cut and the last {LOOP_TAIL_CHARS} "
                   f"characters of the raw reply compress (zlib) below {LOOP_RATIO:.0%} of their size "
                   "(`magdi.mag.tail_compression`); the rest were cut while still reasoning.",
@@ -468,26 +544,35 @@ def training_runs(ctx: Ctx) -> Table:
     runs += [(t, a) for t in ctx.abl_tasks for a in ex.ablations]
     runs += [(t, run_name("magdi", s)) for t in ex.scaling_tasks for s in ex.scaling_students]
     runs += [(MT_TASK, MT_METHOD)] if ex.multitask else []
-    keys = ["n_mags", "lr", "epochs", "w_ntp", "w_contrastive", "w_graph", "steps", "updates", "tokens", "seconds",
-            "tokens_per_s", "targets_truncated_fraction", "final_loss", "adapter_sha256"]
-    heads = ["task", "run", "MAGs", "lr", "epochs", "w ntp", "w con", "w graph", "steps", "updates", "tokens seen",
-             "train s", "tokens/s", "targets cut %", "final loss", "adapter sha256"]
+    runs += [(t, f"scale_{n}") for t in ctx.abl_tasks for n in ex.data_scaling]
+    keys = ["n_mags", "lr", "epochs", "w_ntp", "w_contrastive", "w_graph", "w_dpo", "steps", "updates", "tokens",
+            "seconds", "tokens_per_s", "targets_truncated_fraction", "adapter_sha256"]
+    terms = ("loss", "ntp", "contrastive", "graph", "dpo")
+    heads = ["task", "run", "MAGs", "lr", "epochs", "w ntp", "w con", "w graph", "w dpo", "steps", "updates",
+             "tokens seen", "train s", "tokens/s", "targets cut %",
+             *(f"last-epoch {t}" for t in terms), "adapter sha256"]
     rows, recs = [], []
     for task, run in runs:
         m = ctx.m.train(run, task) or {}
-        rec = {"task": task, "run": run, "source": OURS, **{k: m.get(k) for k in keys}}
+        last = m.get("last_epoch_loss") or {}
+        rec = {"task": task, "run": run, "source": OURS, **{k: m.get(k) for k in keys},
+               **{f"last_epoch_{t}": last.get(t) for t in terms}}
         cut = _num(rec["targets_truncated_fraction"])
-        rows.append([task, run, *(rec[k] for k in keys[:9]), num(rec["seconds"], ".0f"), num(rec["tokens_per_s"]),
-                     DASH if cut is None else f"{100 * cut:.1f}", num(rec["final_loss"], ".3f"),
+        rows.append([task, run, *(rec[k] for k in keys[:10]), num(rec["seconds"], ".0f"), num(rec["tokens_per_s"]),
+                     DASH if cut is None else f"{100 * cut:.1f}",
+                     *(num(rec[f"last_epoch_{t}"], ".3f") for t in terms),
                      rec["adapter_sha256"][:12] if rec["adapter_sha256"] else DASH])
         recs.append(rec)
     return Table("training_runs", "Training runs: what each run saw", [Section(heads, rows, "metrics/train")], recs,
                  ["tokens seen = tokens through the student's LM over all steps and epochs (each unique prompt and "
                   "chain of a step once); steps = batches of `train.mags_per_step` MAGs, updates = optimiser updates.",
-                  "lr, epochs and the loss weights (w: L = w_ntp L_ntp + w_con L_contrastive + w_graph L_graph; "
-                  "only MAGDi runs with a margin or graph term use the last two) are the run's own: `train` (+ "
+                  "lr, epochs and the loss weights (w: L = w_ntp L_ntp + w_con L_contrastive + w_graph L_graph "
+                  "+ w_dpo L_DPO; a run uses only the terms of its method) are the run's own: `train` (+ "
                   "`experiments.scaling_train` for a scaling student), then the task's `experiments.task_train` "
                   "entry, then the ablation's overrides.",
                   "targets cut % = training chains cut at `train.max_target_tokens`.",
+                  "last-epoch loss and terms: each one's mean over the micro-steps of the run's last epoch (the "
+                  "last step alone can hold no correct chain, so its L_ntp is 0); — = the run has no such term. "
+                  "Curves per term: training_curves.png.",
                   "adapter sha256 = first 12 hex digits of the saved LoRA weights' digest (full in the CSV and "
                   "metrics/train): equal digests mean byte-identical adapters, so a rerun is checked without them."])

@@ -25,6 +25,8 @@ class MethodSpec:
     nodes: str  # "round0_correct" | "correct" | "all" | "agent_round0_correct" | "dss"
     contrastive: bool = False
     graph: bool = False
+    #: L_DPO on the same (correct, incorrect) pairs as L_contrastive (beyond the paper)
+    dpo: bool = False
     agent: str | None = None
 
 
@@ -43,6 +45,10 @@ METHOD_SPECS = {
     "magdi_cn": MethodSpec("correct"),
     "magdi_an": MethodSpec("all", contrastive=True),
     "magdi": MethodSpec("all", contrastive=True, graph=True),
+    # beyond the paper: every chain of the MAG, L_ntp on the correct ones and L_DPO on MAGDi's pairs (dpo), or
+    # MAGDi with L_DPO in place of the margin ranking loss (magdi_dpo)
+    "dpo": MethodSpec("all", dpo=True),
+    "magdi_dpo": MethodSpec("all", graph=True, dpo=True),
 }
 assert set(METHOD_SPECS) == set(TRAINED_METHODS), "magdi.names.TRAINED_METHODS and the recipes disagree"
 

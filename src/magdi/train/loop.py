@@ -245,6 +245,7 @@ def train(
     plans = [plan_steps(items, per_step, cfg.seed, e, cfg.bucket_steps, n_steps) for e in range(cfg.epochs)]
     # every process takes its share of each step's items (DDP); one process on CPU takes all
     flat_steps = [s for p in plans for s in p]
+    epoch_of = [e + 1 for e, p in enumerate(plans) for _ in p]
     total = len(flat_steps)
     windows = update_windows(items, cfg, [len(p) for p in plans])
     ends = list(itertools.accumulate(windows))  # micro-step count at the end of each update
@@ -281,8 +282,8 @@ def train(
             out = model(enc, batch_items, cfg.seed * 7919 + step)
             loss = out["loss"] if share == 1 else out["loss"] * share  # one process: share 1, untouched
             accel.backward(loss / window)  # the update is the mean over its micro-steps
-        rec = {"step": step + 1, **step_losses(accel, out, len(own), len(flat_steps[step])),
-               "lr": sched.get_last_lr()[0]}
+        rec = {"step": step + 1, "epoch": epoch_of[step],
+               **step_losses(accel, out, len(own), len(flat_steps[step])), "lr": sched.get_last_lr()[0]}
         if boundary:  # clip the accumulated gradient only, then one update and one scheduler step
             rec["grad_norm"] = grad_norm(accel, params, cfg.max_grad_norm)
             opt.step()
@@ -305,6 +306,22 @@ def train(
                        seconds=time.time() - t0, history=history, resumed_from=start,
                        precision=prec.dtype, precision_reason=prec.reason,
                        warmup_updates=warmup_updates(n_updates, cfg.warmup_ratio, cfg.warmup_steps))
+
+
+#: history keys that are not loss terms
+NOT_LOSSES = ("step", "epoch", "lr", "grad_norm")
+
+
+def last_epoch_means(history: list[dict[str, Any]]) -> dict[str, float]:
+    """Each loss term's mean over the micro-steps of the run's last epoch (what the run ended at; the last step
+    alone can be a step with no positive chain, whose L_ntp is 0). Records without ``epoch`` (a checkpoint of
+    an older run) count as one epoch."""
+    if not history:
+        return {}
+    last = max(r.get("epoch", 1) for r in history)
+    recs = [r for r in history if r.get("epoch", 1) == last]
+    keys = [k for k in recs[0] if k not in NOT_LOSSES]
+    return {k: sum(float(r[k]) for r in recs) / len(recs) for k in keys}
 
 
 def training_precision(setting: bool | str):
@@ -364,4 +381,4 @@ def lr_schedule(opt: torch.optim.Optimizer, n_updates: int, warmup_ratio: float,
 
     return get_linear_schedule_with_warmup(opt, warmup_updates(n_updates, warmup_ratio, warmup_steps), n_updates)
 
-__all__ = ["TrainResult", "_find_ckpt", "_load_ckpt", "_save_ckpt", "canonical_adapter_config", "check_attention", "check_distributed", "checkpoint_id", "grad_norm", "lr_schedule", "rank_share", "same_start", "save_adapter", "step_losses", "summed_over_ranks", "train", "training_precision", "warmup_updates"]
+__all__ = ["TrainResult", "_find_ckpt", "_load_ckpt", "_save_ckpt", "canonical_adapter_config", "check_attention", "last_epoch_means", "check_distributed", "checkpoint_id", "grad_norm", "lr_schedule", "rank_share", "same_start", "save_adapter", "step_losses", "summed_over_ranks", "train", "training_precision", "warmup_updates"]

@@ -10,9 +10,10 @@ import torch
 from torch import nn
 
 from ..config import TrainCfg
-from ..core import lm_hidden, ntp_from_hidden
+from ..core import lm_hidden, mean_over_rows, ntp_from_hidden, row_nll
 from ..losses import (
     ScoreHead,
+    dpo_loss,
     graph_node_loss,
     margin_ranking_loss,
     ntp_loss,
@@ -84,6 +85,8 @@ class MagdiStudent(nn.Module):
             compile_decoder_layers(lm)
         #: node_repr=frozen: (prompt, chain) -> (pooled base-model rep, its chain token states or None)
         self.frozen_cache: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor | None]] = {}
+        #: DPO reference: (prompt, chain) -> (summed NLL, target tokens) under the base model (adapter off)
+        self.ref_cache: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]] = {}
 
     def _backbone(self):
         base = base_model(self.lm)
@@ -96,7 +99,9 @@ class MagdiStudent(nn.Module):
         rows_flat = [r for rows in enc.node_rows for r in rows]
         # L_ntp: logits only for rows that are positive chains (the vocab projection is the costly part)
         pos_rows = sorted({r for r, y in zip(rows_flat, labels_flat, strict=True) if y == 1})
-        if pos_rows and self.cfg.core == "packed":  # only scored positions, in vocab chunks
+        if self.spec.dpo:  # one projection of the positive and paired rows serves L_ntp and L_DPO
+            l_ntp, l_dpo = self._ntp_and_dpo(hidden, lm_head, enc, items, pos_rows, step_seed)
+        elif pos_rows and self.cfg.core == "packed":  # only scored positions, in vocab chunks
             l_ntp = ntp_from_hidden(lm_head, hidden[pos_rows], enc.labels[pos_rows], self.cfg.ntp_chunk)
         elif pos_rows:
             logits = lm_head(hidden[pos_rows])
@@ -104,6 +109,8 @@ class MagdiStudent(nn.Module):
         else:
             l_ntp = hidden.sum() * 0
         out = {"ntp": l_ntp}
+        if self.spec.dpo:
+            out["dpo"] = l_dpo
         if self.spec.contrastive or self.spec.graph:
             reps_live = position_weighted_mean(hidden, enc.chain_mask)
         if self.spec.contrastive:  # the score head always ranks the live student's chains
@@ -113,8 +120,74 @@ class MagdiStudent(nn.Module):
         w = self.cfg.weights
         out["loss"] = total_loss(out["ntp"], out.get("contrastive", l_ntp * 0), out.get("graph", l_ntp * 0),
                                  w.ntp, w.contrastive if self.spec.contrastive else 0.0,
-                                 w.graph if self.spec.graph else 0.0)
+                                 w.graph if self.spec.graph else 0.0,
+                                 out.get("dpo"), w.dpo if self.spec.dpo else 0.0)
         return out
+
+    def _pairs(self, enc, items, step_seed: int) -> tuple[list[int], list[int]]:
+        """The step's (correct, incorrect) chain pairs as rows of ``enc``: ``pair_indices`` inside each MAG, drawn
+        with the step's seed (the pairs L_contrastive ranks and L_DPO prefers)."""
+        gen = torch.Generator().manual_seed(step_seed)
+        pos, neg = [], []
+        for it, rows in zip(items, enc.node_rows, strict=True):
+            p, n = pair_indices(it.labels, gen)
+            pos += [rows[i] for i in p.tolist()]
+            neg += [rows[i] for i in n.tolist()]
+        return pos, neg
+
+    def _ntp_and_dpo(self, hidden, lm_head, enc, items, pos_rows: list[int], step_seed: int):
+        """L_ntp over the positive rows and L_DPO over the step's pairs, from one vocabulary projection of the rows
+        either needs. The reference log-probabilities come from :meth:`_reference`."""
+        pp, nn_ = self._pairs(enc, items, step_seed)
+        rows = sorted(set(pos_rows) | set(pp) | set(nn_))
+        if not rows:
+            zero = hidden.sum() * 0
+            return zero, zero
+        chunk = self.cfg.ntp_chunk if self.cfg.core == "packed" else 0
+        sums, count = row_nll(lm_head, hidden[rows], enc.labels[rows], chunk)
+        at = {r: i for i, r in enumerate(rows)}
+        pos_i = [at[r] for r in pos_rows]
+        l_ntp = (mean_over_rows(sums[pos_i], count[pos_i]) if pos_i else sums.sum() * 0) + hidden.sum() * 0
+        ref_sums, ref_count = self._reference(enc, items, rows)
+        logp, ref = -sums, -ref_sums.to(sums.dtype)
+        if self.cfg.dpo.length_normalized:
+            logp, ref = logp / count.clamp(min=1).to(logp.dtype), ref / ref_count.clamp(min=1).to(ref.dtype)
+        i_pos, i_neg = [at[r] for r in pp], [at[r] for r in nn_]
+        return l_ntp, dpo_loss(logp[i_pos], logp[i_neg], ref[i_pos], ref[i_neg], self.cfg.dpo.beta)
+
+    def _adapter_off(self):
+        """The base model: the student with its LoRA adapter disabled (no second model in memory)."""
+        return self.lm.disable_adapter() if hasattr(self.lm, "disable_adapter") else contextlib.nullcontext()
+
+    @torch.no_grad()
+    def _reference(self, enc, items, rows: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(summed NLL, target tokens) of ``rows`` under the reference policy, the base model with the adapter
+        off. The base weights never change, so a chain's value is computed once, the first step it appears in
+        (one no-grad pass of that step with the adapter disabled), and cached by (prompt, chain): each epoch
+        after the first, and a resumed run's later steps, pay nothing more. Caching per chain rather than a
+        second pass every step: the same cost in a one-epoch run, less in longer ones, and no second model."""
+        keys = _row_keys(enc, items)
+        todo = [r for r in rows if keys[r] not in self.ref_cache]
+        if todo:
+            chunk = self.cfg.ntp_chunk if self.cfg.core == "packed" else 0
+            with self._adapter_off():
+                decoder, lm_head = self._backbone()
+                h = self._rows_hidden(decoder, enc, todo)
+                sums, count = row_nll(lm_head, h, enc.labels[todo], chunk)
+            for j, r in enumerate(todo):
+                self.ref_cache[keys[r]] = (sums[j].detach().float(), count[j].detach())
+        return (torch.stack([self.ref_cache[keys[r]][0] for r in rows]),
+                torch.stack([self.ref_cache[keys[r]][1] for r in rows]))
+
+    @staticmethod
+    def _rows_hidden(decoder, enc, todo: list[int]) -> torch.Tensor:
+        """Last hidden states of rows ``todo``: fused rows are independent, so only they run; a pack holds several
+        rows' prompt, so the whole step goes through and the rows are kept."""
+        if isinstance(enc, Encoded):
+            t = torch.tensor(todo, device=enc.input_ids.device)
+            return lm_hidden(decoder, Encoded(enc.input_ids[t], enc.attention_mask[t], enc.labels[t],
+                                              enc.chain_mask[t], [], 0))
+        return lm_hidden(decoder, enc)[todo]
 
     def _graph_inputs(self, hidden, reps_live, enc: Encoded, items) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The structure encoder's inputs (node reps, token states, token mask), one row per sequence.
@@ -147,15 +220,9 @@ class MagdiStudent(nn.Module):
         todo = [r for r, k in enumerate(keys) if k not in self.frozen_cache]
         if not todo:
             return
-        off = self.lm.disable_adapter() if hasattr(self.lm, "disable_adapter") else contextlib.nullcontext()
-        with off:
+        with self._adapter_off():
             decoder, _ = self._backbone()
-            if isinstance(enc, Encoded):  # fused rows are independent: run only the new ones
-                t = torch.tensor(todo, device=enc.input_ids.device)
-                h = lm_hidden(decoder, Encoded(enc.input_ids[t], enc.attention_mask[t], enc.labels[t],
-                                               enc.chain_mask[t], [], 0))
-            else:  # a pack holds several rows' prompt: the whole step goes through, then the new rows are kept
-                h = lm_hidden(decoder, enc)[todo]
+            h = self._rows_hidden(decoder, enc, todo)
         mask = enc.chain_mask[todo]
         pooled = position_weighted_mean(h, mask)
         keep_tokens = self.encoder is not None and self.encoder.takes_tokens
@@ -165,12 +232,7 @@ class MagdiStudent(nn.Module):
             self.frozen_cache[keys[r]] = (pooled[j].detach(), toks)
 
     def _contrastive(self, reps, enc, items, step_seed) -> torch.Tensor:
-        gen = torch.Generator().manual_seed(step_seed)
-        pos, neg = [], []
-        for it, rows in zip(items, enc.node_rows, strict=True):
-            p, n = pair_indices(it.labels, gen)
-            pos += [rows[i] for i in p.tolist()]
-            neg += [rows[i] for i in n.tolist()]
+        pos, neg = self._pairs(enc, items, step_seed)
         if not pos:
             return reps.sum() * 0
         scores = self.score_head(reps)
