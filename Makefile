@@ -16,7 +16,7 @@ export MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR := false
 WARM    ?= 0
 WARM_RUN = $(if $(filter 1,$(WARM)),$(BIN)/python -m magdi.warm run --)
 
-.PHONY: repro test test-fast env lint clean-runs llama-server
+.PHONY: repro quick test test-fast env lint clean-runs llama-server
 
 $(BIN)/.installed: requirements.txt pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -55,6 +55,11 @@ repro: env $(BIN)/.models
 	@[ -d .dvc ] || $(BIN)/dvc init -q
 	$(BIN)/dvc config core.analytics false
 	$(WARM_RUN) $(BIN)/dvc repro
+
+# a first look (configs/quick.yaml: one task, 32 MAGs, 50 test questions) in a scratch copy (.quick/): the committed
+# results stay untouched
+quick: env $(BIN)/.models
+	$(BIN)/python tools/quick.py
 
 test: env
 	$(BIN)/python -m pytest

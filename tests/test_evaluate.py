@@ -175,35 +175,6 @@ def test_generate_rejects_inconsistent_sampling_arguments(make_lm, tiny_tokenize
         generate(model, tiny_tokenizer, ["hi", "yo"], 2, [0.5], [1.0, 1.0])
 
 
-def _upto_eos(row: list[int], eos: set[int]) -> list[int]:
-    for i, t in enumerate(row):
-        if t in eos:
-            return row[: i + 1]
-    return row
-
-
-@pytest.mark.parametrize("share", [0.0, 0.125, 1.0])
-def test_greedy_shrinking_equals_model_generate(make_lm, tiny_tokenizer, share: float) -> None:
-    """Dropping finished rows (and their cache) leaves every row's greedy tokens as model.generate makes them:
-    EOS ids chosen from the model's own outputs so that rows end at different steps, prompts of different
-    lengths (left padding), pruning at every finish (0.0), at the default share and never (1.0)."""
-    from magdi.student import greedy_shrinking
-
-    model = make_lm(lora=False).eval()
-    prompts = ["What is 2 plus 3?", "Tom has 3 apples and buys 2 more apples. How many?", "yes", "The answer is"]
-    tiny_tokenizer.padding_side = "left"
-    enc = tiny_tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
-    free = model.generate(**enc, max_new_tokens=12, do_sample=False, pad_token_id=tiny_tokenizer.pad_token_id,
-                          eos_token_id=None)[:, enc["input_ids"].shape[1]:].tolist()
-    eos = {free[0][2], free[1][6]}  # row 0 ends by step 3, row 1 by step 7, others maybe never
-    ref = model.generate(**enc, max_new_tokens=12, do_sample=False, pad_token_id=tiny_tokenizer.pad_token_id,
-                         eos_token_id=sorted(eos))[:, enc["input_ids"].shape[1]:].tolist()
-    with torch.no_grad():
-        got = greedy_shrinking(model, enc["input_ids"], enc["attention_mask"], 12, eos, shrink_share=share)
-    assert got == [_upto_eos(r, eos) for r in ref]
-    assert len(got[0]) <= 3 and len(got[1]) <= 7 and max(len(r) for r in got) <= 12
-
-
 def test_generate_keeps_model_generate_when_greedy_is_altered(make_lm, tiny_tokenizer, monkeypatch) -> None:
     """A repetition penalty (or any processor) in the model's generation_config keeps model.generate."""
     import magdi.student as st
@@ -212,7 +183,9 @@ def test_generate_keeps_model_generate_when_greedy_is_altered(make_lm, tiny_toke
     assert st.plain_greedy(model)
     model.generation_config.repetition_penalty = 1.3
     assert not st.plain_greedy(model)
-    monkeypatch.setattr(st, "greedy_shrinking", lambda *a, **k: pytest.fail("must not be used"))
+    import magdi.decoding as dec
+
+    monkeypatch.setattr(dec, "greedy_decode", lambda *a, **k: pytest.fail("must not be used"))
     model.generation_config.eos_token_id = tiny_tokenizer.eos_token_id
     assert len(generate(model, tiny_tokenizer, ["hi"], 3)) == 1
 

@@ -46,9 +46,10 @@ TINY = {
                  "self_consistency": {"k": 2}},
     "experiments": {
         "tasks": ["strategyqa", "gsm8k"],
-        "methods": ["magdi_r0", "magdi"],
+        "methods": ["magdi_r0", "magdi", "dpo"],
         "ablation_tasks": ["strategyqa"],
-        "ablations": {"magdi_fc": {"graph": "fc"}},
+        "ablations": {"magdi_fc": {"graph": "fc"}, "magdi_dpo": {"method": "magdi_dpo"}},
+        "data_scaling": [2],
         "ood_tasks": ["svamp"],
         "self_consistency_methods": ["magdi"],
         "multitask_methods": ["magdi_mt"],
@@ -107,7 +108,8 @@ def test_dvc_repro_tiny(tmp_path: Path) -> None:
     assert summary["strategyqa"]["status"] == "ok"
 
     # every trained run left an adapter in safetensors and no pickle anywhere
-    for task, method in [("strategyqa", "magdi"), ("gsm8k", "magdi_r0"), ("strategyqa", "magdi_fc")]:
+    for task, method in [("strategyqa", "magdi"), ("gsm8k", "magdi_r0"), ("strategyqa", "magdi_fc"),
+                         ("gsm8k", "dpo"), ("strategyqa", "magdi_dpo"), ("strategyqa", "scale_2")]:
         weights = work / f"runs/train/{task}/{method}/adapter/adapter_model.safetensors"
         # the metrics name the adapter's bytes (the adapters are not committed; their digest is)
         digest = json.loads((work / f"metrics/train/{method}/{task}.json").read_text())["adapter_sha256"]
@@ -124,7 +126,12 @@ def test_dvc_repro_tiny(tmp_path: Path) -> None:
     sig = list(csv.DictReader((reports / "significance.csv").open()))
     assert {(r["task"], r["method_a"], r["method_b"]) for r in sig} == {
         *((t, "magdi", m) for t in ("strategyqa", "gsm8k") for m in ("zero_shot", "magdi_r0")),
+        *((t, "dpo", "magdi") for t in ("strategyqa", "gsm8k")),  # beyond the paper, vs MAGDi
         ("gsm8k", "magdi@smol_b", "zero_shot@smol_b")}
+    assert all(r["p_holm"] for r in sig)
+    dpo = json.loads((work / "metrics/train/dpo/gsm8k.json").read_text())
+    assert dpo["w_dpo"] == 1.0 and "dpo" in dpo["last_epoch_loss"]  # the DPO term was trained and logged
+    assert json.loads((work / "metrics/train/scale_2/strategyqa.json").read_text())["n_mags"] == 2
     assert all(r["n"] == "3" for r in sig)
     # student scaling: the second student ran zero-shot and MAGDi on the scaling task, from its own folder
     assert (work / "runs/train/gsm8k/magdi@smol_b/adapter/adapter_model.safetensors").exists()
@@ -177,4 +184,5 @@ def test_dvc_repro_tiny(tmp_path: Path) -> None:
     (work / "params.yaml").write_text(yaml.safe_dump(edited))
     stale = set(json.loads(run(sys.executable, "-m", "dvc", "status", "--json")))
     # (+ the report, which prints every run's recipe)
-    assert stale == {"train@gsm8k-magdi_r0", "train@gsm8k-magdi", "train_scaling@gsm8k-smol_b", "report"}, stale
+    assert stale == {"train@gsm8k-magdi_r0", "train@gsm8k-magdi", "train@gsm8k-dpo", "train_scaling@gsm8k-smol_b",
+                     "report"}, stale

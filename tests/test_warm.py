@@ -301,7 +301,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from magdi import warm
-from magdi.student import greedy_shrinking
+from magdi.decoding import greedy_decode
 
 torch.set_num_threads(int(os.environ["MAGDI_THREADS"]))
 model = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.bfloat16).eval()
@@ -311,7 +311,7 @@ mask = torch.ones_like(ids)
 mask[::3, :5] = 0  # left padding on some rows, as a batch of prompts of different lengths
 with torch.no_grad():
     logits = model(input_ids=ids, attention_mask=mask).logits.float()
-    tokens = greedy_shrinking(model, ids, mask, 24, {1, 2})
+    tokens = greedy_decode(model, [r[m == 1].tolist() for r, m in zip(ids, mask)], 24, {1, 2})
 print(json.dumps({"served": warm.in_server_child(), "tokens": tokens,
                   "logits": hashlib.sha256(logits.numpy().tobytes()).hexdigest(),
                   "threads": torch.get_num_threads(), "capability": torch.backends.cpu.get_cpu_capability(),

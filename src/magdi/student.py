@@ -279,51 +279,9 @@ _GREEDY_ALTERING = {"repetition_penalty": 1.0, "no_repeat_ngram_size": 0, "encod
 
 def plain_greedy(model) -> bool:
     """True when greedy decoding of ``model`` is argmax over the raw logits (no processor from its
-    ``generation_config``), so :func:`greedy_shrinking` gives what ``model.generate`` gives."""
+    ``generation_config``), so :func:`magdi.decoding.greedy_decode` gives what ``model.generate`` gives."""
     gc = model.generation_config
     return all(getattr(gc, k, d) in (d, None) for k, d in _GREEDY_ALTERING.items())
-
-
-def greedy_shrinking(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
-                     eos_ids: set[int], shrink_share: float = 0.125) -> list[list[int]]:
-    """Greedy decoding that drops finished rows from the batch (and from its KV cache) as it goes.
-
-    ``model.generate`` keeps every row of a batch until the longest answer ends, so one rambling answer
-    makes the whole batch decode to ``max_new_tokens``, and every step pays attention and MLP for rows that
-    ended long ago (GSM8K at 448 tokens: median answer ~255, reports/benchmark_answer_lengths_gsm8k.md).
-    Here a step computes only the live rows. Finished rows are removed once they are at least
-    ``shrink_share`` of the batch (each removal copies the cache). Same inputs, positions and masks as
-    ``model.generate`` (left padding; position ids from the attention mask), so greedy tokens agree with it
-    up to float rounding of the smaller matrix products. Returns each row's new tokens, up to and including
-    its first EOS.
-    """
-    from transformers import DynamicCache
-
-    cache = DynamicCache()
-    pos = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
-    live = torch.arange(input_ids.shape[0], device=input_ids.device)
-    out: list[list[int]] = [[] for _ in range(input_ids.shape[0])]
-    eos = torch.tensor(sorted(eos_ids), device=input_ids.device)
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=pos, cache=cache,
-                   use_cache=True, logits_to_keep=1).logits[:, -1]
-    done = torch.zeros(len(live), dtype=torch.bool, device=input_ids.device)
-    for step in range(max_new_tokens):
-        nxt = logits.argmax(-1)
-        for row, tok, fin in zip(live.tolist(), nxt.tolist(), done.tolist(), strict=True):
-            if not fin:
-                out[row].append(tok)
-        done |= torch.isin(nxt, eos)
-        if bool(done.all()) or step == max_new_tokens - 1:
-            break
-        if int(done.sum()) >= max(1, int(shrink_share * len(live))):
-            keep = (~done).nonzero().flatten()
-            cache.batch_select_indices(keep)
-            live, nxt, attention_mask, done = live[keep], nxt[keep], attention_mask[keep], done[keep]
-        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(attention_mask.shape[0], 1)], dim=1)
-        pos = attention_mask.long().sum(-1, keepdim=True) - 1
-        logits = model(input_ids=nxt[:, None], attention_mask=attention_mask, position_ids=pos, cache=cache,
-                       use_cache=True, logits_to_keep=1).logits[:, -1]
-    return out
 
 
 @torch.no_grad()
@@ -371,9 +329,12 @@ def generate(
         temperature, top_p = 1.0, 1.0
     eos_cfg = model.generation_config.eos_token_id
     eos_ids = {eos_cfg} if isinstance(eos_cfg, int) else set(eos_cfg or [])
-    if not sample and num_samples == 1 and eos_ids and plain_greedy(model):
-        rows = greedy_shrinking(model, enc["input_ids"], enc["attention_mask"], max_new_tokens, eos_ids)
-        return _decoded(tokenizer, rows)
+    if not per_row and eos_ids and plain_greedy(model):  # greedy, or one sampling setting for every row
+        from .decoding import decode
+
+        ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+        return _decoded(tokenizer, decode(model, ids, max_new_tokens, eos_ids, num_samples,
+                                          temperature if sample else 0.0, top_p, top_k, seed))
     out = model.generate(
         **enc,
         max_new_tokens=max_new_tokens,
