@@ -69,6 +69,13 @@ def evaluate_on(p, adapter: Path | None, task: str, questions: list[dict], limit
     return preds, time.perf_counter() - t0
 
 
+def bare_answer(text: str) -> bool:
+    """An answer with (almost) no reasoning: fewer than 5 words before its final "The answer is" (e.g. "The answer
+    is 12."), the pattern found in the MAGDi student's GSM8K outputs (issue on the whole paper, item 4)."""
+    head = text.rsplit("The answer is", 1)[0] if "The answer is" in text else text
+    return len(head.split()) < 5
+
+
 def _scalar(text: str):
     """A YAML scalar, with ``1e-4`` read as a number (YAML 1.1, hence PyYAML, wants ``1.0e-4``)."""
     import yaml
@@ -193,7 +200,7 @@ def main() -> None:
             return cached
         preds, secs = evaluate_on(p, adapter, a.task, val)
         row = {"ids": ids, "correct": [pr.correct for pr in preds], "tokens": [pr.n_tokens for pr in preds],
-               "seconds": round(secs, 1)}
+               "bare": [bare_answer(pr.output) for pr in preds], "seconds": round(secs, 1)}
         f.write_text(json.dumps(row))
         return row
 
@@ -224,7 +231,8 @@ def main() -> None:
                      "diff": 100 * (sum(ev["correct"]) - sum(base["correct"])) / len(val),
                      "ci": (100 * lo, 100 * hi), "p": pv,
                      "truncated": 100 * sum(t >= p.evaluate.limit(a.task) for t in ev["tokens"]) / len(val),
-                     "mean_tokens": sum(ev["tokens"]) / len(val), "eval_s": ev["seconds"]})
+                     "mean_tokens": sum(ev["tokens"]) / len(val), "eval_s": ev["seconds"],
+                     "bare": None if "bare" not in ev else 100 * sum(ev["bare"]) / len(val)})
 
     zs_acc = 100 * sum(base["correct"]) / len(val)
     best = {m: max((r for r in rows if r["method"] == m), key=lambda r: (r["acc"], -r["lr"], -r["order"])) for m in a.method}
@@ -246,16 +254,20 @@ def main() -> None:
         f"{zs_acc:.1f} % ({base['seconds']:.0f} s).",
         "",
         "| method | lr | epochs | set | MAGs | steps | train tokens | train s | final loss | val acc % "
-        "| vs zero-shot (paired 95 % CI) | McNemar p | truncated % | mean tokens |",
-        "|:---|---:|---:|:---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| vs zero-shot (paired 95 % CI) | McNemar p | truncated % | mean tokens | bare answers % |",
+        "|:---|---:|---:|:---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         lines.append(f"| {r['method']} | {r['lr']:g} | {r['epochs']} | {r['set'] or '-'} | {r['n_mags']} | {r['steps']} | {r['tokens']} | {r['seconds']:.0f} "
                      f"| {r['final_loss']:.3f} | {r['acc']:.1f} | {r['diff']:+.1f} [{r['ci'][0]:+.1f}, {r['ci'][1]:+.1f}] "
-                     f"| {r['p']:.3g} | {r['truncated']:.1f} | {r['mean_tokens']:.0f} |")
+                     f"| {r['p']:.3g} | {r['truncated']:.1f} | {r['mean_tokens']:.0f} | "
+                     + ("—" if r["bare"] is None else f"{r['bare']:.1f}") + " |")
     lines += [""] + [f"Highest validation accuracy of {m}: lr {b['lr']:g}, {b['epochs']} epoch(s)"
                      + (f", {b['set']}" if b["set"] else "") + f" ({b['acc']:.1f} %; ties go to the smaller learning "
                      "rate, then to the candidate listed first)." for m, b in best.items()]
+    if "bare" in base:
+        lines += ["", f"bare answers = outputs with fewer than 5 words before their final \"The answer is\" "
+                  f"(`bare_answer`); the base student zero-shot: {100 * sum(base['bare']) / len(val):.1f} %."]
     lines += ["", "With this many questions a difference of a few points is within noise: read the intervals."]
     Path(a.out).write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -1,4 +1,4 @@
-"""Greedy evaluation with finished rows dropped (``magdi.student.greedy_shrinking``) vs ``model.generate``.
+"""Greedy evaluation with finished rows dropped (the evaluation decoder, ``magdi.decoding``) vs ``model.generate``.
 
 The same validation questions (training pool after the MAG questions, never the test set), the same
 ``evaluate`` decoding path (``bench_recipe.evaluate_on``: prompts, batch size, the task's answer limit), once

@@ -301,7 +301,12 @@ def test_significance_files_and_table1_marks(tmp_path: Path) -> None:
     lvl = rows[("magdi", "magdi_r0", False)]  # magdi_cn / magdi_an absent: nearest lower level present
     assert (lvl.diff, lvl.ci_low, lvl.ci_high, lvl.p_mcnemar) == (0.0, 0.0, 0.0, 1.0)
     # dss_mt has no predictions, gsm8k has none: never compared
-    assert set(df["task"]) == {"strategyqa"} and "dss_mt" not in set(df["method_b"]) and len(df) == 4
+    assert set(df["task"]) == {"strategyqa"} and "dss_mt" not in set(df["method_b"]) and len(df) == 5
+    best_vs_zs = rows[("sit_a", "zero_shot", False)]  # the paper's ordering's second step; no Table 1 mark of its own
+    assert best_vs_zs.comparison == "best SiT student vs zero-shot" and best_vs_zs.diff == pytest.approx(50.0)
+    # Holm over the run's 5 comparisons, p sorted 0.03125, 0.0625, 1, 1, 1: 5 x 0.03125, then max(that, 4 x 0.0625)
+    assert (zs.p_holm, best_vs_zs.p_holm) == (pytest.approx(0.15625), pytest.approx(0.25))
+    assert not (zs.p_holm < 0.05)  # significant alone, not once the family is accounted for
     # Table 1: only the zero-shot cell is significantly different from its partner (MAGDi)
     t1 = _md_rows((out / "table1_main.md").read_text())
     assert t1["zero_shot"][0] == "20.0* [10.0, 30.0]"

@@ -7,7 +7,7 @@ difference" each discordant question is a fair coin, so the p-value is a two-sid
 ``n01`` successes in ``n01 + n10`` trials at 0.5. Both are far more sensitive than comparing two unpaired CIs.
 
 Comparisons (only between methods whose predictions exist): MAGDi vs zero-shot, MAGDi vs each ``sit_<agent>``,
-MAGDi vs the best SiT student (the teachers' own accuracy on the TEST questions is never measured, so the best
+MAGDi vs the best SiT student and the best SiT student vs zero-shot (the teachers' own accuracy on the TEST questions is never measured, so the best
 single-teacher *student* stands in for "the best teacher"), and each MAGDi level vs the nearest lower one
 present (magdi_r0 < magdi_cn < magdi_an < magdi); beyond the paper, each preference-optimisation method (dpo,
 magdi_dpo) vs MAGDi and vs the best SiT student.
@@ -163,6 +163,7 @@ def significance(ctx: Ctx) -> list[Comparison]:
                 add(MAGDI, m, "MAGDi vs single-teacher student")
         if (bs := best_sit(ctx, t)) is not None:
             add(MAGDI, bs, f"MAGDi vs {BEST_SIT}")
+            add(bs, ZERO_SHOT, f"{BEST_SIT} vs zero-shot")  # the paper's ordering: MAGDi > best SiT > zero-shot
         present = [lv for lv in LEVELS if lv in have]
         for lower, upper in zip(present, present[1:], strict=False):
             add(upper, lower, "level vs the level below")
@@ -222,7 +223,8 @@ def table1_marks(ctx: Ctx) -> dict[tuple[str, str], str]:
     """``(method, task) -> "*"`` for the Table 1 cells whose comparison partner differs significantly: MAGDi for
     the zero-shot and SiT rows, the next level up for magdi_r0 / magdi_cn / magdi_an."""
     marks = {(c.method_b, c.task): "*" for c in significance(ctx)
-             if c.significant and not c.comparison.startswith(f"MAGDi vs {BEST_SIT}") and BEYOND not in c.comparison}
+             if c.significant and not c.comparison.startswith((f"MAGDi vs {BEST_SIT}", f"{BEST_SIT} vs zero-shot"))
+             and BEYOND not in c.comparison}
     marks.update({(c.method_a, c.task): "*" for c in significance(ctx)
                   if c.significant and c.comparison == f"{c.method_a} vs MAGDi {BEYOND}"})
     return marks

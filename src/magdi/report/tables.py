@@ -78,6 +78,19 @@ def _paper_task_cols(rows: dict[str, dict], extra: tuple[str, ...] = ("avg",)) -
 # ----------------------------------------------------------------------------- tables
 
 
+def _sit_chain_notes(ctx: Ctx) -> list[str]:
+    """How many chains each single-teacher student trained on (its teacher's correct round-0 chains, one per MAG it
+    answered right; metrics/train n_items): a weak teacher gives few."""
+    parts = []
+    for m in ctx.params.experiments.methods:
+        if m.startswith("sit_"):
+            counts = [f"{n} on {t}" for t in ctx.tasks if (n := (ctx.m.train(m, t) or {}).get("n_items")) is not None]
+            if counts:
+                parts.append(f"{m} {', '.join(counts)}")
+    return [f"Training chains of each single-teacher student (its teacher's correct round-0 chains): "
+            f"{'; '.join(parts)}."] if parts else []
+
+
 def table1(ctx: Ctx) -> Table:
     rows, recs = [], []
     marks = table1_marks(ctx)
@@ -97,7 +110,8 @@ def table1(ctx: Ctx) -> Table:
                             paper=True))
         recs += precs
     return Table("table1_main", "Table 1: main results (methods × tasks)", secs, recs,
-                 ["Rows in params order: zero_shot, experiments.methods"
+                 [*_sit_chain_notes(ctx),
+                  "Rows in params order: zero_shot, experiments.methods"
                   + (f", {MT_METHOD} (multi-task)." if ctx.params.experiments.multitask else "."),
                   *([f"Beyond the paper: {', '.join(b)} (preference optimisation on MAGDi's (correct, incorrect) "
                      "pairs; docs/methods.md); their `*` compares them with MAGDi."]
@@ -200,8 +214,8 @@ def discussion_effect(ctx: Ctx, task: str) -> tuple[list[Any], dict[str, Any]] |
         rw = sum(r0[i]["correct"] and not last[i]["correct"] for i in r0)
         wr = sum(not r0[i]["correct"] and last[i]["correct"] for i in r0)
         flips.append(f"{a} {rw}/{wr}")
-    verdict = ("helped" if c.diff > 0 else "hurt" if c.diff < 0 else "changed nothing") + (
-        f" (p = {c.p_mcnemar:.3g}{', significant' if c.significant else ', not significant'})")
+    verdict = ((("helped" if c.diff > 0 else "hurt") + f" (p = {c.p_mcnemar:.3g}, significant)") if c.significant
+               else f"no evidence either way (p = {c.p_mcnemar:.3g})")
     row = [task, c.n, f"{100 * c.acc_a:.1f}", f"{best} {100 * c.acc_b:.1f}", f"{100 * c.diff:+.1f}",
            f"[{100 * c.ci_low:+.1f}, {100 * c.ci_high:+.1f}]", f"{c.a_only} / {c.b_only}", f"{c.p_mcnemar:.3g}",
            verdict, ", ".join(flips)]
