@@ -33,6 +33,8 @@ import platform
 import time
 from pathlib import Path
 
+from peak import machine_line
+
 ROOT = Path(__file__).resolve().parents[1]
 
 from magdi.config import _deep_merge  # noqa: E402  (the merge train_with applies to every override)
@@ -248,6 +250,8 @@ def main() -> None:
         + (" --candidates " + " ".join(f"'{c}'" for c in a.candidates) if a.candidates else "") + f" --n-val {a.n_val}`",
         f"on {platform.machine()} with {torch.get_num_threads()} threads; `train` and `evaluate` as in params, "
         "each candidate changing only the learning rate, epochs" + (" and the keys of `--set`/`--candidates`." if a.set or a.candidates else "."),
+        "",
+        machine_line(),
         "",
         f"Validation: {len(val)} {a.task} training-pool questions after the {p.data.train_size(a.task)} MAG questions of the "
         "seeded draw (disjoint from the MAGs and the test set). The base student zero-shot on them: "

@@ -272,3 +272,22 @@ def test_graph_loss_equals_the_official_log_softmax_then_cross_entropy() -> None
     assert torch.allclose(ours, official) and torch.allclose(g_ours, g_off)
     by_hand = (-(F.log_softmax(logits[0], -1)[0]) - F.log_softmax(logits[1], -1)[1]) / 2
     assert torch.allclose(ours, by_hand)
+
+
+def test_ntp_token_reduction_by_hand() -> None:
+    """Two positive chains, NLL sums 2 (1 token) and 10 (4 tokens): chain reduction (2 + 2.5) / 2 = 2.25; token
+    reduction 12 / 5 = 2.4 (the short chain weighs 1 token of 5, not half)."""
+    from magdi.core import mean_over_rows
+
+    sums, count = torch.tensor([2.0, 10.0]), torch.tensor([1, 4])
+    assert mean_over_rows(sums, count).item() == pytest.approx(2.25)
+    assert mean_over_rows(sums, count, "token").item() == pytest.approx(2.4)
+    # ntp_loss on logits: uniform logits over V give log V per token, whatever the reduction; with one row's
+    # logits sharpened on its labels, the token mean weighs that row by its token count
+    V = 5
+    labels = torch.tensor([[-100, 1, -100, -100, -100], [-100, 2, 3, 4, 1]])
+    logits = torch.zeros(2, 5, V)
+    logits[1, :4] = torch.nn.functional.one_hot(torch.tensor([2, 3, 4, 1]), V) * 50.0  # row 1: ~0 loss
+    mask = torch.tensor([True, True])
+    assert ntp_loss(logits, labels, mask).item() == pytest.approx(math.log(V) / 2, rel=1e-4)
+    assert ntp_loss(logits, labels, mask, "token").item() == pytest.approx(math.log(V) / 5, rel=1e-4)

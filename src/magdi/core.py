@@ -239,17 +239,20 @@ def row_nll(lm_head, hidden: Tensor, labels: Tensor, chunk: int = 0) -> tuple[Te
     return torch.zeros(labels.shape[0], dtype=nll.dtype, device=nll.device).index_add(0, row, nll), count
 
 
-def mean_over_rows(sums: Tensor, count: Tensor) -> Tensor:
-    """L_ntp from :func:`row_nll`: token mean per row, then mean over the rows that have a target."""
+def mean_over_rows(sums: Tensor, count: Tensor, reduction: str = "chain") -> Tensor:
+    """L_ntp from :func:`row_nll`: token mean per row, then mean over the rows that have a target; ``token``: the
+    mean over all their target tokens (``losses.ntp_loss``)."""
+    if reduction == "token":
+        return sums.sum() / count.sum().clamp(min=1).to(sums.dtype)
     per_row = sums / count.clamp(min=1).to(sums.dtype)
     use = count > 0
     return (per_row * use.to(per_row.dtype)).sum() / use.sum().clamp(min=1).to(per_row.dtype)
 
 
-def ntp_from_hidden(lm_head, hidden: Tensor, labels: Tensor, chunk: int = 0) -> Tensor:
+def ntp_from_hidden(lm_head, hidden: Tensor, labels: Tensor, chunk: int = 0, reduction: str = "chain") -> Tensor:
     """L_ntp (``losses.ntp_loss`` with every row positive) from hidden states, projecting only scored positions
     (:func:`row_nll`). Same value as ``ntp_loss(lm_head(hidden), labels, ones)``: token mean per row, then mean
     over rows that have a target.
     """
     sums, count = row_nll(lm_head, hidden, labels, chunk)
-    return mean_over_rows(sums, count) + hidden.sum() * 0
+    return mean_over_rows(sums, count, reduction) + hidden.sum() * 0

@@ -71,7 +71,7 @@ def token_nll(logits: Tensor, labels: Tensor) -> Tensor:
     return per_token.sum(dim=1) / count.clamp(min=1).to(per_token.dtype)
 
 
-def ntp_loss(logits: Tensor, labels: Tensor, positive_mask: Tensor) -> Tensor:
+def ntp_loss(logits: Tensor, labels: Tensor, positive_mask: Tensor, reduction: str = "chain") -> Tensor:
     """Objective 1, next-token prediction on positive (correct) chains.
 
     ``L_ntp = (1/|P|) Σ_{b ∈ P} token_nll_b``: token-mean within each chain, then mean over chains, so a
@@ -83,12 +83,19 @@ def ntp_loss(logits: Tensor, labels: Tensor, positive_mask: Tensor) -> Tensor:
         logits: ``[B, T, V]``; labels: ``[B, T]`` with -100 on prompt/pad; positive_mask: ``[B]`` bool
             (or 0/1) marking the positive chains.
 
+    ``reduction="token"`` (``train.ntp_reduction``): the mean over every target token of the positive rows instead
+    (the official code's causal-LM loss), so each token weighs the same and a short chain ("The answer is 12.")
+    no more than its few tokens.
+
     Returns:
         Scalar float32. Exactly 0, still attached to ``logits``' graph, when there is no positive row.
     """
     per_seq = token_nll(logits, labels)
     has_target = (labels[:, 1:] != IGNORE_INDEX).any(dim=1)
     use = positive_mask.to(device=per_seq.device, dtype=torch.bool) & has_target
+    if reduction == "token":
+        count = (labels[:, 1:] != IGNORE_INDEX).sum(dim=1).to(per_seq.dtype) * use.to(per_seq.dtype)
+        return (per_seq * count).sum() / count.sum().clamp(min=1)
     n = use.sum()
     # ``per_seq * 0`` keeps the result attached to ``logits``' graph even when no row is used.
     return (per_seq * use.to(per_seq.dtype)).sum() / n.clamp(min=1).to(per_seq.dtype)

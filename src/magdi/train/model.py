@@ -102,10 +102,12 @@ class MagdiStudent(nn.Module):
         if self.spec.dpo:  # one projection of the positive and paired rows serves L_ntp and L_DPO
             l_ntp, l_dpo = self._ntp_and_dpo(hidden, lm_head, enc, items, pos_rows, step_seed)
         elif pos_rows and self.cfg.core == "packed":  # only scored positions, in vocab chunks
-            l_ntp = ntp_from_hidden(lm_head, hidden[pos_rows], enc.labels[pos_rows], self.cfg.ntp_chunk)
+            l_ntp = ntp_from_hidden(lm_head, hidden[pos_rows], enc.labels[pos_rows], self.cfg.ntp_chunk,
+                                    self.cfg.ntp_reduction)
         elif pos_rows:
             logits = lm_head(hidden[pos_rows])
-            l_ntp = ntp_loss(logits, enc.labels[pos_rows], torch.ones(len(pos_rows), dtype=torch.bool))
+            l_ntp = ntp_loss(logits, enc.labels[pos_rows], torch.ones(len(pos_rows), dtype=torch.bool),
+                             self.cfg.ntp_reduction)
         else:
             l_ntp = hidden.sum() * 0
         out = {"ntp": l_ntp}
@@ -147,7 +149,8 @@ class MagdiStudent(nn.Module):
         sums, count = row_nll(lm_head, hidden[rows], enc.labels[rows], chunk)
         at = {r: i for i, r in enumerate(rows)}
         pos_i = [at[r] for r in pos_rows]
-        l_ntp = (mean_over_rows(sums[pos_i], count[pos_i]) if pos_i else sums.sum() * 0) + hidden.sum() * 0
+        l_ntp = ((mean_over_rows(sums[pos_i], count[pos_i], self.cfg.ntp_reduction) if pos_i else sums.sum() * 0)
+                 + hidden.sum() * 0)
         ref_sums, ref_count = self._reference(enc, items, rows)
         logp, ref = -sums, -ref_sums.to(sums.dtype)
         if self.cfg.dpo.length_normalized:
