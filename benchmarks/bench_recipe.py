@@ -33,8 +33,6 @@ import platform
 import time
 from pathlib import Path
 
-from peak import machine_line
-
 ROOT = Path(__file__).resolve().parents[1]
 
 from magdi.config import _deep_merge  # noqa: E402  (the merge train_with applies to every override)
@@ -180,6 +178,7 @@ def main() -> None:
     a.out = a.out or f"reports/benchmark_recipe_{a.task}.md"
 
     import torch
+    from peak import machine_line  # benchmarks/peak.py, beside this script
 
     from magdi.config import cli_params
     from magdi.pipeline import _set_threads
