@@ -223,7 +223,7 @@ def test_forward_loss_is_the_weighted_sum_of_its_parts(make_lm, tiny_tokenizer) 
         logits = lm(input_ids=enc.input_ids, attention_mask=enc.attention_mask).logits
         hidden = lm.get_base_model().get_decoder()(input_ids=enc.input_ids,
                                                    attention_mask=enc.attention_mask).last_hidden_state
-        ref_ntp = ntp_loss(logits[pos], enc.labels[pos], torch.ones(len(pos), dtype=torch.bool))
+        ref_ntp = ntp_loss(logits[pos], enc.labels[pos], torch.ones(len(pos), dtype=torch.bool), cfg.ntp_reduction)
         # L_contrastive recomputed with the same pairing seed
         reps = position_weighted_mean(hidden, enc.chain_mask)
         scores = student.score_head(reps)
@@ -548,7 +548,9 @@ def test_accumulated_update_equals_one_big_step(make_lm, tiny_tokenizer, tmp_pat
     spec = method_spec("magdi_r0")
     items = build_items(_train_mags()[:2], spec, tiny_tokenizer)
     lm1, lm2 = make_lm(), make_lm()
-    cfg = dict(epochs=1, warmup_ratio=0.0, checkpoint_every=1)
+    # chain reduction: the mean over micro-steps of per-chain means is the two-item step's mean (a token mean would
+    # weigh the micro-steps by their token counts)
+    cfg = dict(epochs=1, warmup_ratio=0.0, checkpoint_every=1, ntp_reduction="chain")
     train(lm1, tiny_tokenizer, items, spec, _cfg(mags_per_step=1, grad_accum=2, **cfg), tmp_path / "a")
     train(lm2, tiny_tokenizer, items, spec, _cfg(mags_per_step=2, grad_accum=1, **cfg), tmp_path / "b")
     w1, w2 = _lora(lm1), _lora(lm2)
@@ -731,7 +733,9 @@ def test_checkpoint_id_tells_checkpoints_apart(tmp_path: Path) -> None:
 
 
 def _ddp_cfg() -> TrainCfg:
-    return _cfg(mags_per_step=3, grad_accum=2)
+    # chain reduction: a rank's L_ntp weighted by its share of the step's MAGs is then exactly the one-process mean
+    # (with token reduction ranks with more tokens would weigh more; the DDP weighting is by MAGs)
+    return _cfg(mags_per_step=3, grad_accum=2, ntp_reduction="chain")
 
 
 def test_ddp_on_two_cpu_processes(make_lm, tiny_tokenizer, tmp_path: Path) -> None:

@@ -44,9 +44,13 @@ def main() -> None:
             shutil.copy2(src, work / f)
     params = merged(yaml.safe_load((ROOT / "params.yaml").read_text()),
                     yaml.safe_load((ROOT / a.overrides).read_text()))
+    mirror = Path(params["paths"]["mirror_dir"])  # read-only benchmark mirror: where the repository's params point
+    params["paths"]["mirror_dir"] = str(mirror if mirror.is_absolute() else (ROOT / mirror).resolve())
     (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     (work / "reports").mkdir(exist_ok=True)
-    # the copy is not a git repository: DVC without SCM; metrics and reports land in the copy only
+    # the copy is not a git repository: a fresh DVC project without SCM (the tracked .dvc/ belongs to the git one);
+    # metrics and reports land in the copy only
+    shutil.rmtree(work / ".dvc", ignore_errors=True)
     t0 = time.time()
     subprocess.run([sys.executable, "-m", "dvc", "init", "--no-scm", "-q"], cwd=work, check=True)
     subprocess.run([sys.executable, "-m", "dvc", "config", "core.analytics", "false"], cwd=work, check=True)

@@ -281,9 +281,11 @@ class TrainCfg(_Strict):
     max_target_tokens: int = Field(400, ge=8)
     seed: int = 0
     weights: LossWeights = LossWeights()
-    #: L_ntp's average: "chain" = token mean per chain, then mean over chains (each chain weighs the same);
-    #: "token" = mean over every target token of the step (the official causal-LM loss; a short chain weighs little)
-    ntp_reduction: Literal["chain", "token"] = "chain"
+    #: L_ntp's average: "token" = mean over every target token of the step (the official causal-LM loss; a short
+    #: chain weighs little); "chain" = token mean per chain, then mean over chains (each chain weighs the same). With
+    #: grad_accum or DDP the token mean is per micro-step, the micro-steps averaged (as HF Trainer without
+    #: num_items_in_batch)
+    ntp_reduction: Literal["chain", "token"] = "token"
     margin: float = Field(1.0, ge=0)
     dpo: DpoCfg = DpoCfg()
     graph: GraphKind = "d"
