@@ -277,7 +277,7 @@ def test_graph_loss_equals_the_official_log_softmax_then_cross_entropy() -> None
 def test_ntp_token_reduction_by_hand() -> None:
     """Two positive chains, NLL sums 2 (1 token) and 10 (4 tokens): chain reduction (2 + 2.5) / 2 = 2.25; token
     reduction 12 / 5 = 2.4 (the short chain weighs 1 token of 5, not half)."""
-    from magdi.core import mean_over_rows
+    from magdi.losses import mean_over_rows
 
     sums, count = torch.tensor([2.0, 10.0]), torch.tensor([1, 4])
     assert mean_over_rows(sums, count).item() == pytest.approx(2.25)

@@ -19,14 +19,6 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def merged(base: dict, over: dict) -> dict:
-    """``over`` on ``base``, mappings merged key by key, anything else replaced."""
-    out = dict(base)
-    for k, v in over.items():
-        out[k] = merged(base[k], v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
-    return out
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dir", default=".quick")
@@ -42,7 +34,9 @@ def main() -> None:
         if src.is_file() and not f.startswith(("reports/", "metrics/")) and f != "dvc.lock":
             (work / f).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, work / f)
-    params = merged(yaml.safe_load((ROOT / "params.yaml").read_text()),
+    from magdi.config import _deep_merge  # the merge every override of params gets
+
+    params = _deep_merge(yaml.safe_load((ROOT / "params.yaml").read_text()),
                     yaml.safe_load((ROOT / a.overrides).read_text()))
     mirror = Path(params["paths"]["mirror_dir"])  # read-only benchmark mirror: where the repository's params point
     params["paths"]["mirror_dir"] = str(mirror if mirror.is_absolute() else (ROOT / mirror).resolve())

@@ -29,6 +29,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
+from .losses import mean_over_rows
+
 IGNORE_INDEX = -100
 
 
@@ -237,16 +239,6 @@ def row_nll(lm_head, hidden: Tensor, labels: Tensor, chunk: int = 0) -> tuple[Te
         nll = _chunk_nll(lm_head, h, y)
     count = sel.sum(dim=1)
     return torch.zeros(labels.shape[0], dtype=nll.dtype, device=nll.device).index_add(0, row, nll), count
-
-
-def mean_over_rows(sums: Tensor, count: Tensor, reduction: str = "chain") -> Tensor:
-    """L_ntp from :func:`row_nll`: token mean per row, then mean over the rows that have a target; ``token``: the
-    mean over all their target tokens (``losses.ntp_loss``)."""
-    if reduction == "token":
-        return sums.sum() / count.sum().clamp(min=1).to(sums.dtype)
-    per_row = sums / count.clamp(min=1).to(sums.dtype)
-    use = count > 0
-    return (per_row * use.to(per_row.dtype)).sum() / use.sum().clamp(min=1).to(per_row.dtype)
 
 
 def ntp_from_hidden(lm_head, hidden: Tensor, labels: Tensor, chunk: int = 0, reduction: str = "chain") -> Tensor:

@@ -71,6 +71,16 @@ def token_nll(logits: Tensor, labels: Tensor) -> Tensor:
     return per_token.sum(dim=1) / count.clamp(min=1).to(per_token.dtype)
 
 
+def mean_over_rows(sums: Tensor, count: Tensor, reduction: str = "chain") -> Tensor:
+    """L_ntp from per-row NLL sums and target-token counts (``core.row_nll``, ``ntp_loss``): ``chain`` = token mean per
+    row, then mean over the rows that have a target; ``token`` = the mean over all their target tokens."""
+    if reduction == "token":
+        return sums.sum() / count.sum().clamp(min=1).to(sums.dtype)
+    per_row = sums / count.clamp(min=1).to(sums.dtype)
+    use = count > 0
+    return (per_row * use.to(per_row.dtype)).sum() / use.sum().clamp(min=1).to(per_row.dtype)
+
+
 def ntp_loss(logits: Tensor, labels: Tensor, positive_mask: Tensor, reduction: str = "chain") -> Tensor:
     """Objective 1, next-token prediction on positive (correct) chains.
 
@@ -95,7 +105,7 @@ def ntp_loss(logits: Tensor, labels: Tensor, positive_mask: Tensor, reduction: s
     use = positive_mask.to(device=per_seq.device, dtype=torch.bool) & has_target
     if reduction == "token":
         count = (labels[:, 1:] != IGNORE_INDEX).sum(dim=1).to(per_seq.dtype) * use.to(per_seq.dtype)
-        return (per_seq * count).sum() / count.sum().clamp(min=1)
+        return mean_over_rows(per_seq * count, count, "token")
     n = use.sum()
     # ``per_seq * 0`` keeps the result attached to ``logits``' graph even when no row is used.
     return (per_seq * use.to(per_seq.dtype)).sum() / n.clamp(min=1).to(per_seq.dtype)

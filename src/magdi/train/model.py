@@ -10,12 +10,13 @@ import torch
 from torch import nn
 
 from ..config import TrainCfg
-from ..core import lm_hidden, mean_over_rows, ntp_from_hidden, row_nll
+from ..core import lm_hidden, ntp_from_hidden, row_nll
 from ..losses import (
     ScoreHead,
     dpo_loss,
     graph_node_loss,
     margin_ranking_loss,
+    mean_over_rows,
     ntp_loss,
     pair_indices,
     position_weighted_mean,
@@ -145,8 +146,7 @@ class MagdiStudent(nn.Module):
         if not rows:
             zero = hidden.sum() * 0
             return zero, zero
-        chunk = self.cfg.ntp_chunk if self.cfg.core == "packed" else 0
-        sums, count = row_nll(lm_head, hidden[rows], enc.labels[rows], chunk)
+        sums, count = row_nll(lm_head, hidden[rows], enc.labels[rows], self._chunk)
         at = {r: i for i, r in enumerate(rows)}
         pos_i = [at[r] for r in pos_rows]
         l_ntp = ((mean_over_rows(sums[pos_i], count[pos_i], self.cfg.ntp_reduction) if pos_i else sums.sum() * 0)
@@ -157,6 +157,11 @@ class MagdiStudent(nn.Module):
             logp, ref = logp / count.clamp(min=1).to(logp.dtype), ref / ref_count.clamp(min=1).to(ref.dtype)
         i_pos, i_neg = [at[r] for r in pp], [at[r] for r in nn_]
         return l_ntp, dpo_loss(logp[i_pos], logp[i_neg], ref[i_pos], ref[i_neg], self.cfg.dpo.beta)
+
+    @property
+    def _chunk(self) -> int:
+        """Positions per vocabulary-projection chunk (``train.ntp_chunk``; the packed core only)."""
+        return self.cfg.ntp_chunk if self.cfg.core == "packed" else 0
 
     def _adapter_off(self):
         """The base model: the student with its LoRA adapter disabled (no second model in memory)."""
@@ -172,11 +177,10 @@ class MagdiStudent(nn.Module):
         keys = _row_keys(enc, items)
         todo = [r for r in rows if keys[r] not in self.ref_cache]
         if todo:
-            chunk = self.cfg.ntp_chunk if self.cfg.core == "packed" else 0
             with self._adapter_off():
                 decoder, lm_head = self._backbone()
                 h = self._rows_hidden(decoder, enc, todo)
-                sums, count = row_nll(lm_head, h, enc.labels[todo], chunk)
+                sums, count = row_nll(lm_head, h, enc.labels[todo], self._chunk)
             for j, r in enumerate(todo):
                 self.ref_cache[keys[r]] = (sums[j].detach().float(), count[j].detach())
         return (torch.stack([self.ref_cache[keys[r]][0] for r in rows]),
