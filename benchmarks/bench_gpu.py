@@ -205,7 +205,7 @@ def dump(json_dir: Path, name: str, res: dict) -> None:
 
 METHOD_CASES = [
     ("sit_agent_a", {}), ("dss_mt", {}), ("magdi_r0", {}), ("magdi_cn", {}), ("magdi_an", {}),
-    ("magdi", {}), ("magdi", {"core": "fused"}), ("magdi", {"encoder": "node_attention"}),
+    ("magdi", {}), ("magdi", {"core": "fused", "attention": "sdpa"}), ("magdi", {"encoder": "node_attention"}),
     ("magdi", {"encoder": "token_attention"}), ("magdi", {"node_repr": "frozen"}),
     ("magdi", {"gradient_checkpointing": True}),
 ] + ([("magdi", {"attention": "flex"})] if torch.cuda.is_available() else [])  # FlexAttention: no CPU backward

@@ -388,7 +388,9 @@ def train_cfg(params: Path, mags_per_step: int, smoke: bool) -> TrainCfg:
     raw = {}
     if params.exists():
         raw = (yaml.safe_load(params.read_text()) or {}).get("train", {}) or {}
-    over = {"mags_per_step": mags_per_step}
+    # the dense-mask kernel for every variant: this script compares cores (fused rows need a mask), not
+    # attention kernels (benchmarks/bench_train_speed.py does)
+    over = {"mags_per_step": mags_per_step, "attention": "sdpa"}
     if smoke:
         over["hidden_dim"] = 16
     return TrainCfg(**{**raw, **over})

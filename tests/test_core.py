@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from magdi.config import LossWeights, TrainCfg
-from magdi.core import block_mask, encode_packed, ntp_from_hidden
+from magdi.core import block_mask, encode_packed, ntp_from_hidden, segment_attention, segment_runs
 from magdi.losses import ntp_loss
 from magdi.mag import MAG, Node
 from magdi.train import MagdiStudent, TrainItem, build_items, encode_batch, encode_step, method_spec
@@ -153,7 +153,7 @@ def test_packed_core_matches_fused_losses_and_gradients(make_lm, tiny_tokenizer,
     short = [TrainItem(f"{k}+1?", ["easy", f"it is {k}"], [1, 0], [(0, 1)], f"s{k}") for k in (1, 2)]
     items = build_items(_mags(), method_spec("magdi"), tiny_tokenizer) + short
     kw = {"encoder": encoder, "node_repr": node_repr}
-    l_f, g_f, enc_f = _losses_and_grads(make_lm, tiny_tokenizer, items, core="fused", **kw)
+    l_f, g_f, enc_f = _losses_and_grads(make_lm, tiny_tokenizer, items, core="fused", attention="sdpa", **kw)
     l_p, g_p, enc_p = _losses_and_grads(make_lm, tiny_tokenizer, items, core="packed", **kw)
     assert enc_p.n_tokens == enc_f.n_tokens  # same useful tokens...
     assert enc_p.lm_tokens < enc_f.n_tokens  # ...fewer through the LM
@@ -170,7 +170,7 @@ def test_packed_core_matches_fused_losses_and_gradients(make_lm, tiny_tokenizer,
 def test_packed_core_eager_and_flex_attention_match_sdpa(make_lm, tiny_tokenizer) -> None:
     """Forward only: FlexAttention runs forward on CPU, its backward needs CUDA (the CUDA test below)."""
     items = build_items(_mags()[:2], method_spec("magdi"), tiny_tokenizer)
-    cfg = TrainCfg(max_prompt_tokens=48, max_target_tokens=16, hidden_dim=16, core="packed")
+    cfg = TrainCfg(max_prompt_tokens=48, max_target_tokens=16, hidden_dim=16, core="packed", attention="sdpa")
     enc = encode_batch(items, tiny_tokenizer, cfg)
     outs = []
     for impl in ("sdpa", "eager", "flex_attention"):
@@ -200,7 +200,7 @@ def test_flex_attention_training_step_matches_sdpa_on_cuda(make_lm, tiny_tokeniz
 
 def test_encode_batch_follows_train_core(tiny_tokenizer) -> None:
     items = build_items(_mags()[:1], method_spec("magdi"), tiny_tokenizer)
-    fused = encode_batch(items, tiny_tokenizer, TrainCfg(core="fused"))
+    fused = encode_batch(items, tiny_tokenizer, TrainCfg(core="fused", attention="sdpa"))
     assert type(fused) is type(encode_step(items, tiny_tokenizer, 160, 160))
     assert type(encode_batch(items, tiny_tokenizer, TrainCfg())).__name__ == "PackedEncoded"
 
@@ -220,7 +220,7 @@ def _train(lm, tok, tmp_path, **cfg_kw):
 
 
 def test_train_loop_packed_matches_fused(make_lm, tiny_tokenizer, tmp_path) -> None:
-    fused = _train(make_lm(), tiny_tokenizer, tmp_path, core="fused")
+    fused = _train(make_lm(), tiny_tokenizer, tmp_path, core="fused", attention="sdpa")
     packed = _train(make_lm(), tiny_tokenizer, tmp_path, core="packed")
     assert fused.tokens == packed.tokens and len(fused.history) == len(packed.history) == 2
     for hf, hp in zip(fused.history, packed.history, strict=True):
@@ -290,3 +290,47 @@ def test_compiled_layers_match_eager_losses_and_gradients(make_lm, tiny_tokenize
         assert l_c[k] == pytest.approx(l_e[k], rel=1e-5), k
     for k in g_e:
         torch.testing.assert_close(g_c[k], g_e[k], rtol=1e-4, atol=1e-5 * g_e[k].abs().max().item() + 1e-9)
+
+
+def test_segment_runs_by_hand() -> None:
+    # row 0: prompt (seg 0) of 3, chain 1 of 2, chain 2 of 1, padding 2; row 1: prompt 3 of 2, its chain 4 of 2
+    seg = torch.tensor([[0, 0, 0, 1, 1, 2, -1, -1], [3, 3, 4, 4, -1, -1, -1, -1]])
+    own = torch.tensor([[0, 0, 0, 0, 0, 0, -1, -1], [3, 3, 3, 3, -1, -1, -1, -1]])
+    assert segment_runs(seg, own) == [[(0, 3, 0, 0), (3, 5, 0, 3), (5, 6, 0, 3), (6, 8, -1, -1)],
+                                      [(0, 2, 0, 0), (2, 4, 0, 2), (4, 8, -1, -1)]]
+
+
+@pytest.mark.parametrize("heads", [(4, 4), (4, 2)])
+def test_segment_attention_equals_masked_sdpa(heads) -> None:
+    """Same attention as the dense block mask on every real position (GQA too); zeros on padding."""
+    torch.manual_seed(0)
+    seg = torch.tensor([[0, 0, 0, 1, 1, 2, 2, 2, 3, 3, 4, -1], [5, 5, 6, 6, 6, -1, -1, -1, -1, -1, -1, -1]])
+    own = torch.tensor([[0, 0, 0, 0, 0, 0, 0, 0, 3, 3, 3, -1], [5, 5, 5, 5, 5, -1, -1, -1, -1, -1, -1, -1]])
+    h, h_kv = heads
+    q = torch.randn(2, h, 12, 8, dtype=torch.float64)
+    k, v = torch.randn(2, h_kv, 12, 8, dtype=torch.float64), torch.randn(2, h_kv, 12, 8, dtype=torch.float64)
+    mask = block_mask(seg, own, "sdpa", torch.float64)
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.3,
+                                                          enable_gqa=h != h_kv).transpose(1, 2)
+    got, _ = segment_attention(None, q, k, v, None, scaling=0.3, packed_runs=segment_runs(seg, own))
+    real = seg >= 0
+    torch.testing.assert_close(got[real], ref[real])
+    assert not got[~real].any()
+    # without the runs (fused rows, generation): transformers' SDPA with the mask it is given
+    module = torch.nn.Module()
+    module.num_key_value_groups, module.is_causal = h // h_kv, True
+    plain, _ = segment_attention(module, q, k, v, mask, scaling=0.3)
+    torch.testing.assert_close(plain[real], ref[real])
+
+
+def test_segments_training_step_matches_dense_sdpa(make_lm, tiny_tokenizer) -> None:
+    """``train.attention: segments`` (the default): the losses and gradients of the dense-mask step (fp32)."""
+    items = build_items(_mags(), method_spec("magdi"), tiny_tokenizer)
+    (l_s, g_s, _), (l_g, g_g, _) = [_losses_and_grads(make_lm, tiny_tokenizer, items, attention=a)
+                                    for a in ("sdpa", "segments")]
+    for k in l_s:
+        assert l_g[k] == pytest.approx(l_s[k], rel=1e-5), k
+    for k in g_s:
+        torch.testing.assert_close(g_g[k], g_s[k], rtol=1e-5, atol=1e-5 * g_s[k].abs().max().item() + 1e-9)
+    with pytest.raises(ValueError, match="train.attention: segments needs train.core: packed"):
+        TrainCfg(core="fused", attention="segments")

@@ -178,7 +178,7 @@ def test_packed_and_fused_cores_give_the_same_dpo_term(make_lm, tiny_tokenizer) 
     for core in ("fused", "packed"):
         lm = make_lm()
         _perturb_lora(lm)
-        cfg = _cfg(core=core)
+        cfg = _cfg(core=core, attention="segments" if core == "packed" else "sdpa")
         student = MagdiStudent(lm, method_spec("magdi_dpo"), cfg)
         enc = (encode_packed(items, tiny_tokenizer, 32, 16) if core == "packed"
                else encode_step(items, tiny_tokenizer, 32, 16))

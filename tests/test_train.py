@@ -364,9 +364,9 @@ def test_frozen_cache_runs_the_base_model_on_new_fused_rows_only(make_lm, tiny_t
     lm = make_lm()
     items = _items(tiny_tokenizer)
     enc = encode_step(items, tiny_tokenizer, 32, 16)
-    full = MagdiStudent(lm, method_spec("magdi"), _cfg(node_repr="frozen", core="fused"))
+    full = MagdiStudent(lm, method_spec("magdi"), _cfg(node_repr="frozen", core="fused", attention="sdpa"))
     r_full, _, _ = full._graph_inputs(None, None, enc, items)
-    part = MagdiStudent(lm, method_spec("magdi"), _cfg(node_repr="frozen", core="fused"))
+    part = MagdiStudent(lm, method_spec("magdi"), _cfg(node_repr="frozen", core="fused", attention="sdpa"))
     one = [items[0]]
     part._graph_inputs(None, None, encode_step(one, tiny_tokenizer, 32, 16), one)
     seen = []

@@ -308,11 +308,14 @@ class TrainCfg(_Strict):
     core: Literal["packed", "fused"] = "packed"
     #: packed core: positions per vocabulary-projection chunk of L_ntp (recomputed in backward); 0 = one chunk.
     ntp_chunk: int = Field(1024, ge=0)
-    #: attention kernel of the training pass. "sdpa": the packed core's mask is a dense [N, 1, L, L] tensor, so
-    #: the kernel computes every block of every packed row. "flex" (packed core, CUDA only: FlexAttention has
-    #: no CPU backward): the same mask as a block-sparse ``BlockMask``, so blocks where a chain would see
-    #: another chain are skipped (1.25x per step at Mistral-7B shape on an H100, reports/benchmark_gpu.md).
-    attention: Literal["sdpa", "flex"] = "sdpa"
+    #: attention kernel of the training pass. "segments" (packed core): one SDPA call per prompt (causal) and per
+    #: chain (over its prompt and, causally, itself), so no query-key pair a chain never sees is computed
+    #: (magdi.core.segment_attention; benchmarks/bench_train_speed.py). "sdpa": the packed core's mask is a dense
+    #: [N, 1, L, L] tensor, so the kernel computes every block of every packed row (the earlier default; the
+    #: fused core's only choice besides flex's). "flex" (packed core, CUDA only: FlexAttention has no CPU
+    #: backward): the same mask as a block-sparse ``BlockMask``, so blocks where a chain would see another chain
+    #: are skipped (1.25x per step at Mistral-7B shape on an H100, reports/benchmark_gpu.md).
+    attention: Literal["segments", "sdpa", "flex"] = "segments"
     #: ``torch.compile`` each decoder layer (dynamic shapes) so the elementwise work around the matrix products
     #: (RMSNorm, rotary, SwiGLU, LoRA) runs fused; the first step pays the compilation. Measured on an H100 at
     #: Mistral-7B shape with attention flex, 4 MAGs per micro-step, no checkpointing: 2.39 s per step instead of
@@ -329,9 +332,9 @@ class TrainCfg(_Strict):
 
     @model_validator(mode="after")
     def _flex_needs_packed(self) -> TrainCfg:
-        if self.attention == "flex" and self.core != "packed":
-            raise ValueError("train.attention: flex needs train.core: packed (the fused core has no segments to "
-                             "make a block-sparse mask of)")
+        if self.attention in ("flex", "segments") and self.core != "packed":
+            raise ValueError(f"train.attention: {self.attention} needs train.core: packed (the fused core has no "
+                             "segments; use train.attention: sdpa with it)")
         return self
 
     @field_validator("exclude_graph_types")

@@ -84,8 +84,13 @@ def target_ids(tokenizer, chain: str, max_target: int | None = None) -> list[int
     return ids if max_target is None else ids[:max_target]
 
 
-def encode_packed(items: Sequence, tokenizer, max_prompt: int, max_target: int) -> PackedEncoded:
-    """Tokenise each unique prompt and each unique (prompt, chain) once, with ``encode_step``'s truncation."""
+def encode_packed(items: Sequence, tokenizer, max_prompt: int, max_target: int, one_row: bool = False) -> PackedEncoded:
+    """Tokenise each unique prompt and each unique (prompt, chain) once, with ``encode_step``'s truncation.
+
+    ``one_row``: every pack of the step in one row, so no position is padding. Worth it only where attention
+    costs what the segments see, not the row's width squared (``train.attention: segments``); a dense mask
+    keeps rows as wide as the longest pack.
+    """
     packs: dict[str, int] = {}
     prompts: list[list[int]] = []
     chains: list[list[list[int]]] = []  # per pack, its unique chains
@@ -111,7 +116,7 @@ def encode_packed(items: Sequence, tokenizer, max_prompt: int, max_target: int) 
             idx.append(rows[key])
         node_rows.append(idx)
     lengths = [len(p) + sum(len(c) for c in cs) for p, cs in zip(prompts, chains, strict=True)]
-    width = max(lengths)
+    width = sum(lengths) if one_row else max(lengths)
     bins = _first_fit(lengths, width)
     n_bins, n_rows = len(bins), len(row_at)
     cmax = max(len(c) for cs in chains for c in cs)
@@ -194,9 +199,102 @@ def block_mask(segments: Tensor, owners: Tensor, attn_implementation: str, dtype
                      "(use fused)")
 
 
+#: ``train.attention: segments``: the transformers attention implementation registered by
+#: :func:`register_segment_attention` (one SDPA call per segment, :func:`segment_attention`)
+SEGMENTS_ATTN = "magdi_segments"
+
+#: one run of a packed row: ``(start, end, prefix_start, prefix_end)``. A prompt's prefix is empty (it attends
+#: causally to itself), a chain's prefix is its prompt, padding has prefix ``(-1, -1)``
+Run = tuple[int, int, int, int]
+
+
+def segment_runs(segments: Tensor, owners: Tensor) -> list[list[Run]]:
+    """Each packed row cut into its runs of one segment, with the prompt each chain attends to.
+
+    The layout :func:`block_mask` describes as an ``L x L`` mask, as the few index ranges it is made of; a pack
+    never straddles rows (``encode_packed``), so a chain's prompt is found in its own row.
+    """
+    out: list[list[Run]] = []
+    for seg_row, own_row in zip(segments.tolist(), owners.tolist(), strict=True):
+        runs: list[Run] = []
+        prompt_at: dict[int, tuple[int, int]] = {}
+        start = 0
+        for t in range(1, len(seg_row) + 1):
+            if t < len(seg_row) and seg_row[t] == seg_row[start]:
+                continue
+            seg, own = seg_row[start], own_row[start]
+            if seg < 0:
+                runs.append((start, t, -1, -1))
+            elif seg == own:
+                prompt_at[seg] = (start, t)
+                runs.append((start, t, start, start))
+            else:
+                runs.append((start, t, *prompt_at[own]))
+            start = t
+        out.append(runs)
+    return out
+
+
+def segment_attention(module, query: Tensor, key: Tensor, value: Tensor, attention_mask, dropout: float = 0.0,
+                      scaling: float | None = None, packed_runs: list[list[Run]] | None = None,
+                      **kwargs) -> tuple[Tensor, None]:
+    """:func:`block_mask`'s attention computed segment by segment (transformers attention interface).
+
+    A dense mask makes SDPA score all ``L x L`` query-key pairs of a packed row although a chain sees only its
+    prompt and itself: with k chains of length c after a prompt of length P, ``(P + kc)^2`` pairs instead of
+    ``P^2/2 + k(cP + c^2/2)``. Here each prompt attends causally to itself and each chain to ``[its prompt;
+    itself]`` (causal within the chain), one SDPA call each; padding positions get zeros (nothing reads them).
+    Same scores and softmax as the masked kernel, so the same output up to float rounding (tested). Without
+    ``packed_runs`` (any pass but the packed core's) it is transformers' SDPA attention, mask and all.
+    ``query`` ``[B, H, L, d]``, ``key``/``value`` ``[B, H_kv, L, d]``; returns ``[B, L, H, d]`` as transformers'
+    ``sdpa_attention_forward`` does.
+    """
+    if packed_runs is None:  # any other pass (fused rows, a plain lm(...) call, generation): transformers' SDPA
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    gqa = query.shape[1] != key.shape[1]
+    rows = []
+    for b, runs in enumerate(packed_runs):
+        q, k, v = query[b : b + 1], key[b : b + 1], value[b : b + 1]
+        parts = []
+        for s, e, ps, pe in runs:
+            if ps < 0:
+                parts.append(q.new_zeros(1, q.shape[1], e - s, value.shape[-1]))
+                continue
+            if ps == pe:  # a prompt: causal over itself
+                parts.append(F.scaled_dot_product_attention(q[:, :, s:e], k[:, :, s:e], v[:, :, s:e], is_causal=True,
+                                                            dropout_p=dropout, scale=scaling, enable_gqa=gqa))
+                continue
+            c = e - s
+            allowed = torch.ones(c, pe - ps + c, dtype=torch.bool, device=q.device)
+            allowed[:, pe - ps :] = torch.ones(c, c, dtype=torch.bool, device=q.device).tril()
+            kk = torch.cat([k[:, :, ps:pe], k[:, :, s:e]], dim=2)
+            vv = torch.cat([v[:, :, ps:pe], v[:, :, s:e]], dim=2)
+            parts.append(F.scaled_dot_product_attention(q[:, :, s:e], kk, vv, attn_mask=allowed, dropout_p=dropout,
+                                                        scale=scaling, enable_gqa=gqa))
+        rows.append(torch.cat(parts, dim=2))
+    return torch.cat(rows).transpose(1, 2).contiguous(), None
+
+
+def register_segment_attention() -> None:
+    """Make ``SEGMENTS_ATTN`` a transformers attention implementation (idempotent), with SDPA's mask function: a
+    packed pass hands no mask (:func:`packed_hidden`), any other pass gets SDPA's."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(SEGMENTS_ATTN, segment_attention)
+    AttentionMaskInterface.register(SEGMENTS_ATTN, sdpa_mask)
+
+
 def packed_hidden(decoder, enc: PackedEncoded) -> Tensor:
     """One pass over the packs; returns the row view ``[R, 1 + C, D]`` of the last hidden layer."""
     impl = getattr(decoder.config, "_attn_implementation", None) or "eager"
+    if impl == SEGMENTS_ATTN:
+        hidden = decoder(input_ids=enc.input_ids, attention_mask=None, position_ids=enc.position_ids, use_cache=False,
+                         packed_runs=segment_runs(enc.segments, enc.owners)).last_hidden_state
+        return hidden.reshape(-1, hidden.shape[-1])[enc.gather]
     dtype = decoder.get_input_embeddings().weight.dtype
     if torch.is_autocast_enabled(enc.input_ids.device.type):
         dtype = torch.get_autocast_dtype(enc.input_ids.device.type)

@@ -163,7 +163,8 @@ def truncation_stats(items: Sequence[TrainItem], tokenizer, max_prompt: int, max
 def encode_batch(items: Sequence[TrainItem], tokenizer, cfg: TrainCfg) -> Encoded | PackedEncoded:
     """The step's LM input for ``train.core``: one row per (prompt, chain), or one pack per prompt."""
     if cfg.core == "packed":
-        return encode_packed(items, tokenizer, cfg.max_prompt_tokens, cfg.max_target_tokens)
+        return encode_packed(items, tokenizer, cfg.max_prompt_tokens, cfg.max_target_tokens,
+                             one_row=cfg.attention == "segments")
     return encode_step(items, tokenizer, cfg.max_prompt_tokens, cfg.max_target_tokens)
 
 
