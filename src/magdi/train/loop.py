@@ -26,7 +26,7 @@ from .items import (
     plan_steps,
     update_windows,
 )
-from .model import MagdiStudent, store_frozen_linears
+from .model import MagdiStudent
 
 # ----------------------------------------------------------------------------- checkpoints (no pickle)
 
@@ -237,8 +237,6 @@ def train(
                         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
     check_distributed(accel.distributed_type)
     check_attention(cfg.attention, accel.device)
-    if prec.bf16:  # the casts bf16 autocast would make on every call, made once (same products, bit for bit)
-        store_frozen_linears(lm, torch.bfloat16)
     model = MagdiStudent(lm, spec, cfg)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)

@@ -53,27 +53,6 @@ def compile_decoder_layers(lm: nn.Module) -> None:
         layer.compile(dynamic=True)
 
 
-def store_frozen_linears(lm: nn.Module, dtype: torch.dtype) -> int:
-    """Store the frozen base model's linear layers (and the vocabulary projection) in ``dtype``; returns how many.
-
-    Under bf16 autocast every ``F.linear`` casts its fp32 weight to bf16 on every call, forward and backward:
-    for a frozen weight that cast always gives the same tensor, so storing it once gives the very same matrix
-    products (bit for bit, tested) without re-reading fp32 weights each call, and half their memory. LoRA
-    adapters, the heads, norms and embeddings keep their dtype (the residual stream stays fp32). A vocabulary
-    projection tied to the input embeddings gets its own copy, so embeddings stay fp32.
-    """
-    base = base_model(lm)
-    head, emb = base.get_output_embeddings(), base.get_input_embeddings()
-    if head is not None and emb is not None and head.weight is emb.weight and not head.weight.requires_grad:
-        head.weight = nn.Parameter(head.weight.detach().to(dtype), requires_grad=False)
-    n = 0
-    for m in base.modules():
-        if type(m) is nn.Linear and not any(p.requires_grad for p in m.parameters()):
-            m.to(dtype)
-            n += 1
-    return n
-
-
 # ----------------------------------------------------------------------------- the model
 
 
@@ -284,5 +263,4 @@ class MagdiStudent(nn.Module):
             logits = self.encoder(reps[rows_all], batch.edge_index, batch.batch)
         return graph_node_loss(logits, batch.y)
 
-__all__ = ["MagdiStudent", "_row_keys", "base_model", "compile_decoder_layers", "enable_gradient_checkpointing",
-           "store_frozen_linears"]
+__all__ = ["MagdiStudent", "_row_keys", "base_model", "compile_decoder_layers", "enable_gradient_checkpointing"]
