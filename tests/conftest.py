@@ -54,9 +54,11 @@ def _fp32_machine():
 
 #: the settings params.yaml must give (config.py holds no default for them), empty: what a minimal test config adds
 REQUIRED_EMPTY = {"models": {}, "data": {"n_train_by_task": {}}, "student": {"model": "student"},
-                  "teachers": {"earlier_limits": []}, "evaluate": {"max_new_tokens_by_task": {}},
-                  "experiments": {"ablations": {}, "multitask_methods": [], "scaling_students": [],
-                                  "scaling_tasks": [], "scaling_train": {}, "task_train": {}}}
+                  "teachers": {"earlier_limits": [], "max_rounds_by_task": {}},
+                  "evaluate": {"max_new_tokens_by_task": {}},
+                  "experiments": {"ablations": {}, "ablation_tasks": [], "ood_tasks": [], "self_consistency_methods": [],
+                                  "self_consistency_tasks": [], "data_scaling": [], "multitask_methods": [],
+                                  "scaling_students": [], "scaling_tasks": [], "scaling_train": {}, "task_train": {}}}
 
 
 def minimal(raw: dict) -> dict:

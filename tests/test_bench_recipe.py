@@ -70,7 +70,7 @@ def test_candidate_keeps_the_task_recipe_under_its_overrides(tmp_path: Path) -> 
     b = _bench()
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
     raw["experiments"]["task_train"] = {"svamp": {"lr": 3e-4, "weights": {"contrastive": 0.01, "graph": 0.1}},
-                                        "gsm8k": {}}  # every trained task has an entry (`{}`: plain `train`)
+                                        "gsm8k": {}, "arc_challenge": {}}  # every trained task has an entry (`{}`: plain `train`)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
     p = load_params(tmp_path / "params.yaml")
     base, cfg = b.candidate_cfg(p, "svamp", "magdi", b.parse_grid(["weights.graph=0.5"])[0])

@@ -516,7 +516,7 @@ def test_every_trained_task_needs_its_recipe_entry(tmp_path: Path) -> None:
     an entry fails when the file is read (one line naming the key and the task), not when DVC reaches the stage."""
     raw = _with("experiments.tasks", ["gsm8k", "svamp"])
     raw["data"]["benchmarks"] = sorted({*raw["data"]["benchmarks"], "gsm8k", "svamp"})
-    raw["experiments"]["task_train"] = {"gsm8k": {"lr": 1e-4}}
+    raw["experiments"].update(task_train={"gsm8k": {"lr": 1e-4}}, ablation_tasks=[], multitask_methods=[])
     p = tmp_path / "params.yaml"
     p.write_text(yaml.safe_dump(raw))
     with pytest.raises(ConfigError) as ei:

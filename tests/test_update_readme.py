@@ -25,6 +25,7 @@ def test_setup_sentence_follows_params_and_metrics(tmp_path, monkeypatch) -> Non
     params["train"]["epochs"] = 3
     params["train"]["lr"] = 1e-4
     params["teachers"]["max_rounds"] = 2
+    params["teachers"]["max_rounds_by_task"] = {}
     params["student"]["model"] = "smollm2_135m"
     params["experiments"]["scaling_students"] = []  # it was the scaling student; params must stay valid
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
@@ -39,13 +40,20 @@ def test_setup_sentence_follows_params_and_metrics(tmp_path, monkeypatch) -> Non
     params["data"]["n_train_by_task"] = {params["experiments"]["tasks"][0]: 9}
     params["experiments"]["task_train"] = {params["experiments"]["tasks"][0]: {"lr": 3e-4, "weights": {"graph": 0.1}}}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    t0, t1 = params["experiments"]["tasks"][:2]
+    tasks = params["experiments"]["tasks"]
+    t0, t1 = tasks[:2]
     s = tool.setup_sentence()
-    assert f"discussions (MAGs) per task: 9 on {t0}, 7 on {t1}, with 3 rounds" in s
+    sizes = ", ".join(f"{9 if t == t0 else 7} on {t}" for t in tasks)
+    assert f"discussions (MAGs) per task: {sizes}, with 3 rounds" in s
     assert f"3 epochs at learning rate 0.0003 on {t0}, 0.0001 on {t1}" in s
     w = params["train"]["weights"]
-    assert (f"MAGDi loss weights ntp/contrastive/graph {w['ntp']:g}/{w['contrastive']:g}/0.1 on {t0}, "
-            f"{w['ntp']:g}/{w['contrastive']:g}/{w['graph']:g} on {t1}.") in s
+    plain = f"{w['ntp']:g}/{w['contrastive']:g}/{w['graph']:g}"
+    weights = ", ".join(f"{w['ntp']:g}/{w['contrastive']:g}/0.1 on {t}" if t == t0 else f"{plain} on {t}" for t in tasks)
+    assert f"MAGDi loss weights ntp/contrastive/graph {weights}." in s
+    params["teachers"]["max_rounds_by_task"] = {t1: 3}  # a task with the paper's rounds: said per task
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    rounds = ", ".join(f"{4 if t == t1 else 3} on {t}" for t in tasks)
+    assert f"with at most {rounds} rounds" in tool.setup_sentence()
 
 
 def test_a_pair_answering_two_questions_is_listed_once() -> None:

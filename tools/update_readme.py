@@ -80,8 +80,11 @@ def setup_sentence() -> str:
     sizes = {t: n for t, (n, _) in setup.items()}
     mags = (f"{per_task(sizes)} discussions (MAGs) per task" if len(set(sizes.values())) <= 1
             else f"discussions (MAGs) per task: {per_task(sizes)},")
+    rounds = {t: p.teachers.rounds(t) + 1 for t in setup}  # round 0 + the task's discussion rounds, at most
+    rounds_txt = (f"with {per_task(rounds)} rounds" if len(set(rounds.values())) <= 1
+                  else f"with at most {per_task(rounds)} rounds")
     return (f"The default is a real but small MAGDi experiment: teachers {teachers}; "
-            f"{mags} with {p.teachers.max_rounds + 1} rounds; the student {desc}{size}; "
+            f"{mags} {rounds_txt}; the student {desc}{size}; "
             f"{per_task(epochs)} epoch{plural} at learning rate {per_task({t: c.lr for t, (_, c) in setup.items()}, 'g')}"
             f"; MAGDi loss weights ntp/contrastive/graph {per_task({t: loss_weights(c.weights) for t, (_, c) in setup.items()})}.")
 

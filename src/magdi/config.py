@@ -193,7 +193,7 @@ class TeachersCfg(_Strict):
     max_rounds: int = Field(1, ge=0, le=10)
     #: per-task discussion rounds overriding ``max_rounds`` (e.g. the paper's 3 rounds, ``{arc_challenge: 2}``, on
     #: the ablation task that Table 9 needs); later rounds are only generated where no consensus was reached
-    max_rounds_by_task: dict[str, int] = Field(default_factory=dict)
+    max_rounds_by_task: dict[str, int]
     batch_size: int = Field(32, ge=1)
     parse_retries: int = Field(1, ge=0)
     http_retries: int = Field(5, ge=0)
@@ -347,7 +347,7 @@ class TrainCfg(_Strict):
 
 
 class SelfConsistencyCfg(_Strict):
-    k: int = Field(3, ge=1)
+    k: int = Field(10, ge=1)
     temperature: float = Field(0.7, gt=0)
     top_p: float = Field(0.9, gt=0, le=1)
     #: keep only the k most likely tokens before top-p (0 = off); the official test script uses 50
@@ -389,12 +389,12 @@ class ExperimentsCfg(_Strict):
     methods: list[str]
     #: name -> overrides of ``train`` (and optionally ``method``: the base method, default magdi).
     ablations: dict[str, dict[str, Any]]
-    ablation_tasks: list[str] = Field(default_factory=list)
-    ood_tasks: list[str] = Field(default_factory=list)
+    ablation_tasks: list[str]
+    ood_tasks: list[str]
     #: methods also evaluated with self-consistency (Table 5)
-    self_consistency_methods: list[str] = Field(default_factory=list)
+    self_consistency_methods: list[str]
     #: tasks on which those methods are also decoded with self-consistency (empty: every evaluated task)
-    self_consistency_tasks: list[str] = Field(default_factory=list)
+    self_consistency_tasks: list[str]
     #: the multi-task run (Table 13, and Table 4's OOD column): ``[magdi_mt]``, or ``[]`` to skip it
     #: (a list so that DVC can make the stage a matrix of zero or one run)
     multitask_methods: list[Literal["magdi_mt"]]
@@ -403,7 +403,7 @@ class ExperimentsCfg(_Strict):
     def multitask(self) -> bool:
         return bool(self.multitask_methods)
     #: MAGs per task for the data-scaling figure (Fig. 6), trained with method magdi on ablation_tasks
-    data_scaling: list[int] = Field(default_factory=list)
+    data_scaling: list[int]
     #: student scaling (Table 7 / Fig. 5): more base models (keys of ``models`` or local model folders), each run
     #: zero-shot and with MAGDi on ``scaling_tasks``, trained as the main student on that task: ``train`` +
     #: ``scaling_train``, then the task's ``experiments.task_train`` (``Params.for_student``)
