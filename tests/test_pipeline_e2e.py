@@ -52,6 +52,7 @@ TINY = {
         "data_scaling": [2],
         "ood_tasks": ["svamp"],
         "self_consistency_methods": ["magdi"],
+        "self_consistency_tasks": [],  # every evaluated task
         "multitask_methods": ["magdi_mt"],
         "scaling_students": ["smol_b"],
         "scaling_tasks": ["gsm8k"],
