@@ -53,7 +53,7 @@ def test_setup_sentence_follows_params_and_metrics(tmp_path, monkeypatch) -> Non
     params["teachers"]["max_rounds_by_task"] = {t1: 3}  # a task with the paper's rounds: said per task
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     rounds = ", ".join(f"{4 if t == t1 else 3} on {t}" for t in tasks)
-    assert f"with at most {rounds} rounds" in tool.setup_sentence()
+    assert f"with rounds per task (at most): {rounds};" in tool.setup_sentence()
 
 
 def test_a_pair_answering_two_questions_is_listed_once() -> None:

@@ -82,7 +82,7 @@ def setup_sentence() -> str:
             else f"discussions (MAGs) per task: {per_task(sizes)},")
     rounds = {t: p.teachers.rounds(t) + 1 for t in setup}  # round 0 + the task's discussion rounds, at most
     rounds_txt = (f"with {per_task(rounds)} rounds" if len(set(rounds.values())) <= 1
-                  else f"with at most {per_task(rounds)} rounds")
+                  else f"with rounds per task (at most): {per_task(rounds)}")
     return (f"The default is a real but small MAGDi experiment: teachers {teachers}; "
             f"{mags} {rounds_txt}; the student {desc}{size}; "
             f"{per_task(epochs)} epoch{plural} at learning rate {per_task({t: c.lr for t, (_, c) in setup.items()}, 'g')}"
