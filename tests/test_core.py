@@ -316,6 +316,12 @@ def test_segment_attention_equals_masked_sdpa(heads) -> None:
     real = seg >= 0
     torch.testing.assert_close(got[real], ref[real])
     assert not got[~real].any()
+    runs = segment_runs(seg, own)  # longest look-back: row 0's chain 2 (3 tokens) over its prompt (3 tokens)
+    assert segment_attention(None, q, k, v, None, scaling=0.3, packed_runs=runs, sliding_window=6)[0].shape == got.shape
+    with pytest.raises(ValueError, match="sliding window"):
+        segment_attention(None, q, k, v, None, scaling=0.3, packed_runs=runs, sliding_window=5)
+    with pytest.raises(ValueError, match="softcap"):
+        segment_attention(None, q, k, v, None, packed_runs=runs, softcap=30.0)
     # without the runs (fused rows, generation): transformers' SDPA with the mask it is given
     module = torch.nn.Module()
     module.num_key_value_groups, module.is_causal = h // h_kv, True

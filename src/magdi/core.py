@@ -254,6 +254,14 @@ def segment_attention(module, query: Tensor, key: Tensor, value: Tensor, attenti
 
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
+    if kwargs.get("softcap") is not None:  # as transformers' SDPA: the kernel has no logit soft-capping
+        raise ValueError(f"attention '{SEGMENTS_ATTN}' does not support softcap (use train.attention: sdpa or flex "
+                         "with eager attention)")
+    window = kwargs.get("sliding_window")
+    # the longest distance a query looks back: a prompt over itself, a chain over its prompt and itself
+    if window is not None and max((e - s) + (pe - ps) for runs in packed_runs for s, e, ps, pe in runs if ps >= 0) > window:
+        raise ValueError(f"attention '{SEGMENTS_ATTN}': a prompt + chain spans more than the model's sliding window "
+                         f"({window}); use train.attention: sdpa")
     gqa = query.shape[1] != key.shape[1]
     rows = []
     for b, runs in enumerate(packed_runs):
