@@ -11,7 +11,8 @@ an equally valid sample). A packed batch goes through ordinary layers with a 4D 
 under gradient checkpointing (a KV-cache prefix would be dropped by transformers' checkpointing wrapper).
 
 Packs of a step share rows where they fit (first-fit decreasing into rows as wide as the longest pack),
-so short MAGs are not padded to the longest one. After the pass, ``packed_hidden`` gathers a row view ``[R, 1 + C, D]``: column 0 is the last prompt
+so short MAGs are not padded to the longest one; under ``train.attention: segments`` (``segment_attention``: one
+SDPA call per prompt and per chain, no mask) all packs of a step go into one row, so nothing is padded. After the pass, ``packed_hidden`` gathers a row view ``[R, 1 + C, D]``: column 0 is the last prompt
 position (it predicts the first chain token), columns 1… the chain. ``labels`` and ``chain_mask`` of
 ``PackedEncoded`` use the same view, so ``MagdiStudent.forward`` treats both cores alike.
 
