@@ -122,17 +122,8 @@ def _trl_sft(a, p, cfg, pairs, bf16: bool) -> dict:
     from peft import LoraConfig
     from trl import SFTConfig, SFTTrainer
 
-    if a.smoke:
-        from magdi.testing.faults import tiny_student
-
-        torch.manual_seed(0)
-        tok, model, _ = tiny_student()
-        model = model.unload()  # a plain model: TRL attaches its own LoRA
-    else:
-        from magdi.student import load_student
-
-        torch.manual_seed(0)
-        model, tok = load_student(p.paths.student_dir, p.student.dtype, p.student.trust_remote_code)
+    model, tok = _fresh_student(a, p)
+    model = model.unload()  # the plain model: TRL attaches its own LoRA from the same settings
     tok.padding_side = "right"
     lora = p.student.lora
     with tempfile.TemporaryDirectory() as d:

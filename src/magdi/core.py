@@ -22,6 +22,7 @@ recomputed in backward: the ``[N, V]`` logits of a 49k vocabulary never exist al
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
@@ -276,15 +277,22 @@ def segment_attention(module, query: Tensor, key: Tensor, value: Tensor, attenti
                 parts.append(F.scaled_dot_product_attention(q[:, :, s:e], k[:, :, s:e], v[:, :, s:e], is_causal=True,
                                                             dropout_p=dropout, scale=scaling, enable_gqa=gqa))
                 continue
-            c = e - s
-            allowed = torch.ones(c, pe - ps + c, dtype=torch.bool, device=q.device)
-            allowed[:, pe - ps :] = torch.ones(c, c, dtype=torch.bool, device=q.device).tril()
+            allowed = _chain_mask(e - s, pe - ps, q.device)
             kk = torch.cat([k[:, :, ps:pe], k[:, :, s:e]], dim=2)
             vv = torch.cat([v[:, :, ps:pe], v[:, :, s:e]], dim=2)
             parts.append(F.scaled_dot_product_attention(q[:, :, s:e], kk, vv, attn_mask=allowed, dropout_p=dropout,
                                                         scale=scaling, enable_gqa=gqa))
         rows.append(torch.cat(parts, dim=2))
     return torch.cat(rows).transpose(1, 2).contiguous(), None
+
+
+@functools.lru_cache(maxsize=4096)
+def _chain_mask(c: int, p: int, device: torch.device) -> Tensor:
+    """``[c, p + c]``: a chain's c queries see all p prompt keys and, causally, the chain's own. Built once per
+    shape (every layer of every step asks for the same few), never written to."""
+    allowed = torch.ones(c, p + c, dtype=torch.bool, device=device)
+    allowed[:, p:] = torch.ones(c, c, dtype=torch.bool, device=device).tril()
+    return allowed
 
 
 def register_segment_attention() -> None:
@@ -300,18 +308,17 @@ def register_segment_attention() -> None:
 def packed_hidden(decoder, enc: PackedEncoded) -> Tensor:
     """One pass over the packs; returns the row view ``[R, 1 + C, D]`` of the last hidden layer."""
     impl = getattr(decoder.config, "_attn_implementation", None) or "eager"
-    if impl == SEGMENTS_ATTN:
-        hidden = decoder(input_ids=enc.input_ids, attention_mask=None, position_ids=enc.position_ids, use_cache=False,
-                         packed_runs=segment_runs(enc.segments, enc.owners)).last_hidden_state
-        return hidden.reshape(-1, hidden.shape[-1])[enc.gather]
-    dtype = decoder.get_input_embeddings().weight.dtype
-    if torch.is_autocast_enabled(enc.input_ids.device.type):
-        dtype = torch.get_autocast_dtype(enc.input_ids.device.type)
-    mask = block_mask(enc.segments, enc.owners, impl, dtype)
+    if impl == SEGMENTS_ATTN:  # the segment runs, computed once, stand in for the mask in every layer
+        mask, extra = None, {"packed_runs": segment_runs(enc.segments, enc.owners)}
+    else:
+        dtype = decoder.get_input_embeddings().weight.dtype
+        if torch.is_autocast_enabled(enc.input_ids.device.type):
+            dtype = torch.get_autocast_dtype(enc.input_ids.device.type)
+        mask, extra = block_mask(enc.segments, enc.owners, impl, dtype), {}
     # use_cache=False: a training pass has no later step to reuse keys/values (without checkpointing the decoder
     # would otherwise fill a KV cache every step, and torch.compile recompiles the layers on its state)
-    hidden = decoder(input_ids=enc.input_ids, attention_mask=mask, position_ids=enc.position_ids,
-                     use_cache=False).last_hidden_state
+    hidden = decoder(input_ids=enc.input_ids, attention_mask=mask, position_ids=enc.position_ids, use_cache=False,
+                     **extra).last_hidden_state
     return hidden.reshape(-1, hidden.shape[-1])[enc.gather]
 
 
